@@ -1,0 +1,136 @@
+"""`CoRaConfig`: one validated dataclass for the whole CoRa workflow.
+
+The defaults are the paper's settings (METHOD.md sections 1 and 3): 4-bit per-tensor
+weights with normal clipping (k = 4), 8-bit min-max adapters, budget 5 %, NBK order 4,
+penalty 1, Adam lr 0.01, 250 iterations, gradient clip 0.2, initial normalized rank 0.9,
+cross-entropy loss.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
+
+GRANULARITIES = ("per_tensor", "per_channel")
+CLIPPINGS = ("normal", "minmax")
+LOSSES = ("ce", "kl")
+DEPTHWISE_POLICIES = ("skip", "residual", "float")
+
+#: Fields that only steer the rank search; `search_ranks(..., **overrides)` may change them.
+SEARCH_FIELDS = frozenset(
+    {"budget", "nbk_order", "penalty", "lr", "iterations", "grad_clip", "init_rank", "loss", "seed"}
+)
+
+LossFn = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class CoRaConfig:
+    """Settings of one CoRa run; every field is checked in `__post_init__`.
+
+    Attributes:
+        bits: weight bit-width n of the main convs (and of Linear layers), 2..8.
+        adapter_bits: bit-width of the adapters A and B (min-max, METHOD.md s.1);
+            ``None`` keeps them in float.
+        granularity: ``"per_tensor"`` (paper) or ``"per_channel"`` (per output channel).
+        clipping: ``"normal"`` (mu +- k*sigma, paper), ``"minmax"``, or any torch.ao
+            observer class / ``with_args`` factory; it is built with ``dtype=torch.int8``
+            and the n-bit ``quant_min``/``quant_max``.
+        k: width of the normal clipping range in standard deviations.
+        budget: target adapter parameters as a fraction b of the conv parameters, in (0, 1].
+        nbk_order: order k of the normalized Butterworth kernel (METHOD.md s.3).
+        penalty: lambda of the budget term lambda * exp(ReLU(running_budget - b)).
+        lr: Adam learning rate on the normalized ranks r_l / R_l.
+        iterations: maximum number of search steps.
+        grad_clip: each rank gradient is clipped to [-grad_clip, grad_clip].
+        init_rank: initial normalized rank (also the rank right after `prepare_cora`).
+        loss: ``"ce"`` (labels), ``"kl"`` (distil the float model's soft outputs) or a
+            callable ``loss(output, float_output, labels) -> scalar``.
+        quantize_linear: weight-quantize nn.Linear layers at ``bits`` (no adapter).
+        seed: seed of the search's random state.
+        depthwise: policy for convs whose residual has rank 1 per group (depthwise):
+            ``"skip"`` quantizes them with no adapter (reference code), ``"residual"``
+            keeps the whole residual as a fixed rank-1 adapter at ``adapter_bits``
+            (counted in the budget), ``"float"`` leaves them in float (counted as 32 bits).
+    """
+
+    bits: int = 4
+    adapter_bits: Optional[int] = 8
+    granularity: str = "per_tensor"
+    clipping: Union[str, Callable[..., Any]] = "normal"
+    k: float = 4.0
+    budget: float = 0.05
+    nbk_order: float = 4.0
+    penalty: float = 1.0
+    lr: float = 0.01
+    iterations: int = 250
+    grad_clip: float = 0.2
+    init_rank: float = 0.9
+    loss: Union[str, LossFn] = "ce"
+    quantize_linear: bool = True
+    seed: int = 0
+    depthwise: str = "skip"
+
+    def __post_init__(self) -> None:
+        def bad(field: str, why: str) -> ValueError:
+            return ValueError(f"CoRaConfig.{field}={getattr(self, field)!r}: {why}")
+
+        if not _is_int(self.bits) or not 2 <= self.bits <= 8:
+            raise bad("bits", "must be an integer in 2..8")
+        if self.adapter_bits is not None and (
+            not _is_int(self.adapter_bits) or not 2 <= self.adapter_bits <= 8
+        ):
+            raise bad("adapter_bits", "must be an integer in 2..8 or None (float adapters)")
+        if self.granularity not in GRANULARITIES:
+            raise bad("granularity", f"must be one of {GRANULARITIES}")
+        if isinstance(self.clipping, str):
+            if self.clipping not in CLIPPINGS:
+                raise bad("clipping", f"must be one of {CLIPPINGS} or a torch.ao observer class/factory")
+        elif not callable(self.clipping):
+            raise bad("clipping", "must be a string or a torch.ao observer class/factory")
+        if not _is_number(self.k) or self.k <= 0:
+            raise bad("k", "must be a positive number")
+        if not _is_number(self.budget) or not 0 < self.budget <= 1:
+            raise bad("budget", "must be in (0, 1]")
+        if not _is_number(self.nbk_order) or self.nbk_order <= 0:
+            raise bad("nbk_order", "must be a positive number")
+        if not _is_number(self.penalty) or self.penalty < 0:
+            raise bad("penalty", "must be >= 0")
+        if not _is_number(self.lr) or self.lr <= 0:
+            raise bad("lr", "must be > 0")
+        if not _is_int(self.iterations) or self.iterations < 0:
+            raise bad("iterations", "must be an integer >= 0")
+        if not _is_number(self.grad_clip) or self.grad_clip <= 0:
+            raise bad("grad_clip", "must be > 0")
+        if not _is_number(self.init_rank) or not 0 < self.init_rank <= 1:
+            raise bad("init_rank", "must be in (0, 1]")
+        if isinstance(self.loss, str):
+            if self.loss not in LOSSES:
+                raise bad("loss", f"must be one of {LOSSES} or a callable loss(output, float_output, labels)")
+        elif not callable(self.loss):
+            raise bad("loss", "must be a string or a callable")
+        if not isinstance(self.quantize_linear, bool):
+            raise bad("quantize_linear", "must be a bool")
+        if not _is_int(self.seed):
+            raise bad("seed", "must be an integer")
+        if self.depthwise not in DEPTHWISE_POLICIES:
+            raise bad("depthwise", f"must be one of {DEPTHWISE_POLICIES}")
+
+    def replace(self, **changes: Any) -> "CoRaConfig":
+        """A validated copy with ``changes`` applied (unknown names raise ValueError)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"CoRaConfig has no field(s) {sorted(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def per_channel(self) -> bool:
+        return self.granularity == "per_channel"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value

@@ -1,0 +1,73 @@
+"""`convert_cora` (the lowering pipeline) and `quantize_cora` (prepare -> search -> convert)."""
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable, Optional
+
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.infra.pass_base import PassResult
+
+from .config import CoRaConfig
+from .lowering import Cleanup, ConversionPlan, FoldRanks, LowerToOps, QuantizeAdapters
+from .passes import run_passes
+from .prepare import prepare_cora
+from .rank_search import search_ranks
+from .state import CONVERTED, META_KEY, PREPARED, CoRaState, get_state
+from .summary import layer_infos
+
+
+def convert_passes(config: CoRaConfig) -> list:
+    plan = ConversionPlan(config.adapter_bits)
+    return [FoldRanks(plan), QuantizeAdapters(plan), LowerToOps(plan), Cleanup()]
+
+
+def convert_cora(prepared: fx.GraphModule) -> fx.GraphModule:
+    """Lower a prepared model to integer codes + dequantize ops (``prepared`` is not changed).
+
+    The result stores every main and adapter weight as packed uint8 codes with float scale
+    and zero-point buffers, has no observers, SVD factors or search state, and is accepted
+    by ``torch.export.export`` and ``torch.compile``.
+    """
+    state = get_state(prepared, PREPARED, "prepared")
+    return _convert_in_place(copy.deepcopy(prepared), state, [])
+
+
+def _convert_in_place(gm: fx.GraphModule, state: CoRaState, before: list) -> fx.GraphModule:
+    layers = []
+
+    def record_layers(graph_module: fx.GraphModule) -> PassResult:
+        layers.extend(layer_infos(graph_module))
+        return PassResult(graph_module, False)
+
+    gm = run_passes(gm, before + [record_layers] + convert_passes(state.config))
+    gm.meta[META_KEY] = CoRaState(state.config, CONVERTED, state.conv_params, dict(state.skipped),
+                                  state.float_conv_params, state.search_result, layers)
+    return gm
+
+
+class RankSearchPass:
+    """`search_ranks` as a pass, so one PassManager runs search and then the conversion."""
+
+    def __init__(self, batches: Iterable, **kwargs: Any) -> None:
+        self.batches = batches
+        self.kwargs = kwargs
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        search_ranks(gm, self.batches, **self.kwargs)
+        return PassResult(gm, True)
+
+
+def quantize_cora(
+    model: nn.Module, calib_batches: Iterable, config: Optional[CoRaConfig] = None,
+    example_inputs: Optional[tuple] = None, *, leaf_modules: Iterable = (), progress: bool = True,
+) -> fx.GraphModule:
+    """One shot: prepare, search the ranks on ``calib_batches``, convert (model untouched).
+
+    The search result is kept in ``result.meta["cora_fx"].search_result``.
+    """
+    prepared = prepare_cora(model, config, example_inputs=example_inputs, leaf_modules=leaf_modules)
+    if not isinstance(prepared, fx.GraphModule):
+        return prepared  # no Conv2d: prepare_cora warned and returned the model unchanged
+    state = get_state(prepared, PREPARED)
+    return _convert_in_place(prepared, state, [RankSearchPass(calib_batches, progress=progress)])

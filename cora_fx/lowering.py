@@ -1,0 +1,185 @@
+"""Convert-side passes: fold the final ranks, quantize the adapters, lower to tensors and ops.
+
+Run in this order by torch.fx's PassManager (`convert_cora`):
+
+1. `FoldRanks`: A_r, B_r truncated at each layer's integer rank (METHOD.md section 3).
+2. `QuantizeAdapters`: min-max quantization of A_r and B_r at ``adapter_bits``.
+3. `LowerToOps`: every CoRa branch and QuantLinear becomes get_attr of packed integer codes,
+   unpack + dequantize ops, and F.conv2d / F.linear calls; the modules are removed.
+4. `Cleanup`: dead code and unused submodules (observers, SVD factors) are deleted.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.passes.infra.pass_base import PassResult
+
+from .modules import ConvSpec, QuantLinear
+from .observers import QuantizedWeight, minmax_quantize
+from .packing import field_bits, pack_codes, unpack_shifts
+from .passes import merge_nodes, module_calls, set_submodule
+
+Weight = Union[QuantizedWeight, torch.Tensor]
+
+
+@dataclass
+class LoweredLayer:
+    """What one conv becomes: main weight, bias, conv spec, and adapter A/B (or none)."""
+
+    main: QuantizedWeight
+    bias: Optional[torch.Tensor]
+    spec: ConvSpec
+    adapter_a: Optional[Weight] = None
+    adapter_b: Optional[Weight] = None
+
+
+@dataclass
+class ConversionPlan:
+    """Shared by the convert passes: layer name -> `LoweredLayer`."""
+
+    adapter_bits: Optional[int]
+    layers: dict[str, LoweredLayer] = field(default_factory=dict)
+
+
+class FoldRanks:
+    """Truncate every adapter to its hard integer rank (float A_r, B_r)."""
+
+    def __init__(self, plan: ConversionPlan) -> None:
+        self.plan = plan
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        for name, main, _, _ in merge_nodes(gm):
+            layer = gm.get_submodule(name)
+            rank = int(layer.adapter.hard_rank)
+            lowered = LoweredLayer(layer.quantized.quantized_weight(), layer.quantized.bias, layer.quantized.spec)
+            if rank > 0:
+                lowered.adapter_a, lowered.adapter_b = layer.adapter.factors.adapter_weights(rank)
+            self.plan.layers[name] = lowered
+        return PassResult(gm, False)
+
+
+class QuantizeAdapters:
+    """Min-max quantize the folded A_r and B_r at ``adapter_bits`` (METHOD.md section 1)."""
+
+    def __init__(self, plan: ConversionPlan) -> None:
+        self.plan = plan
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        bits = self.plan.adapter_bits
+        if bits is not None:
+            for lowered in self.plan.layers.values():
+                if isinstance(lowered.adapter_a, torch.Tensor) and isinstance(lowered.adapter_b, torch.Tensor):
+                    lowered.adapter_a = minmax_quantize(lowered.adapter_a, bits)
+                    lowered.adapter_b = minmax_quantize(lowered.adapter_b, bits)
+        return PassResult(gm, False)
+
+
+class _Emitter:
+    """Inserts the unpack / dequantize nodes for stored weights into a graph."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.graph = gm.graph
+
+    def attr(self, owner: nn.Module, path: str, name: str, value: torch.Tensor) -> fx.Node:
+        owner.register_buffer(name, value)
+        return self.graph.get_attr(f"{path}.{name}" if path else name)
+
+    def shifts(self, bits: int) -> fx.Node:
+        name = f"cora_unpack_shifts_{field_bits(bits)}"
+        if not hasattr(self.gm, name):
+            self.gm.register_buffer(name, unpack_shifts(bits))
+        return self.graph.get_attr(name)
+
+    def weight(self, owner: nn.Module, path: str, prefix: str, weight: Weight) -> fx.Node:
+        """Nodes computing the float weight: scale * (unpack(packed) - zero_point)."""
+        g = self.graph
+        if isinstance(weight, torch.Tensor):
+            return self.attr(owner, path, prefix, weight.detach().to(torch.float32).clone())
+        shape = tuple(weight.codes.shape)
+        unsigned = (weight.codes.to(torch.int32) - weight.qmin).to(torch.uint8)
+        packed = self.attr(owner, path, f"{prefix}_packed", pack_codes(unsigned, weight.bits))
+        numel = unsigned.numel()
+        codes = packed
+        if field_bits(weight.bits) < 8:
+            mask = (1 << field_bits(weight.bits)) - 1
+            spread = g.call_function(torch.bitwise_right_shift, (g.call_method("unsqueeze", (packed, -1)), self.shifts(weight.bits)))
+            flat = g.call_method("reshape", (g.call_function(torch.bitwise_and, (spread, mask)), (-1,)))
+            if flat_len(numel, weight.bits) != numel:
+                flat = g.call_function(operator.getitem, (flat, slice(0, numel)))
+            codes = flat
+        w = g.call_method("to", (g.call_method("reshape", (codes, shape)), torch.float32))
+        zp = self.attr(owner, path, f"{prefix}_zero_point", weight.zero_point - weight.qmin)
+        scale = self.attr(owner, path, f"{prefix}_scale", weight.scale.clone())
+        return g.call_function(operator.mul, (g.call_function(operator.sub, (w, zp)), scale))
+
+
+def flat_len(numel: int, bits: int) -> int:
+    per_byte = 8 // field_bits(bits)
+    return -(-numel // per_byte) * per_byte
+
+
+class LowerToOps:
+    """Replace CoRa branches and QuantLinear calls by plain tensor ops on stored codes."""
+
+    def __init__(self, plan: ConversionPlan) -> None:
+        self.plan = plan
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        emit = _Emitter(gm)
+        g = gm.graph
+        for name, main, adapter, merged in merge_nodes(gm):
+            lowered = self.plan.layers[name]
+            owner = nn.Module()
+            set_submodule(gm, name, owner)
+            (x,) = main.args
+            with g.inserting_before(merged):
+                spec = lowered.spec
+                if spec.padding_mode != "zeros":
+                    x = g.call_function(F.pad, (x, spec.reversed_padding), {"mode": spec.padding_mode})
+                    padding: object = 0
+                else:
+                    padding = spec.padding
+                w = g.call_method("type_as", (emit.weight(owner, name, "weight", lowered.main), x))
+                bias = None
+                if lowered.bias is not None:
+                    bias = g.call_method("type_as", (emit.attr(owner, name, "bias", lowered.bias.detach().clone()), x))
+                out = g.call_function(F.conv2d, (x, w, bias, spec.stride, padding, spec.dilation, spec.groups))
+                if lowered.adapter_a is not None and lowered.adapter_b is not None:
+                    a = g.call_method("type_as", (emit.weight(owner, name, "adapter_a", lowered.adapter_a), x))
+                    hidden = g.call_function(F.conv2d, (x, a, None, spec.stride, padding, spec.dilation, spec.groups))
+                    b = g.call_method("type_as", (emit.weight(owner, name, "adapter_b", lowered.adapter_b), x))
+                    out = g.call_function(operator.add, (out, g.call_function(F.conv2d, (hidden, b, None, 1, 0, 1, spec.groups))))
+            merged.replace_all_uses_with(out)
+            for node in (merged, adapter, main):
+                g.erase_node(node)
+        for node, linear in module_calls(gm, QuantLinear):
+            owner = nn.Module()
+            name = str(node.target)
+            set_submodule(gm, name, owner)
+            with g.inserting_before(node):
+                (x,) = node.args
+                w = g.call_method("type_as", (emit.weight(owner, name, "weight", linear.quantized_weight()), x))
+                bias = None
+                if linear.bias is not None:
+                    bias = g.call_method("type_as", (emit.attr(owner, name, "bias", linear.bias.detach().clone()), x))
+                out = g.call_function(F.linear, (x, w, bias))
+            node.replace_all_uses_with(out)
+            g.erase_node(node)
+        return PassResult(gm, True)
+
+
+class Cleanup:
+    """Drop dead nodes and the modules nothing calls any more (observers, SVD factors)."""
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        gm.graph.eliminate_dead_code()
+        gm.delete_all_unused_submodules()
+        gm.graph.lint()
+        return PassResult(gm, True)

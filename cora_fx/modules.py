@@ -1,0 +1,231 @@
+"""Modules of a prepared model: the quantized main conv, the low-rank adapter, their container.
+
+`prepare_cora` puts a `CoRaConv2d` container at each rewritten conv's qualified name; the
+prepared graph calls its two children in parallel and adds them (METHOD.md section 2):
+
+    main    = <name>.quantized(x)      # conv(x, [W]_n) + bias
+    adapter = <name>.adapter(x)        # conv(conv(x, A_r), B_r), hard integer rank r
+    out     = main + adapter
+
+Calling the container itself runs the folded single-conv form of METHOD.md section 4,
+conv(x, [W]_n + fold(B o A)), which the rank search uses. `QuantLinear` is the weight-only
+quantized nn.Linear (no adapter).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .observers import QuantizedWeight, dequantize, minmax_quantize
+from .residual import ResidualFactors, fold_two_conv, nbk_mask
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """Everything of an nn.Conv2d call but its weights: shared by main conv and adapter A."""
+
+    stride: tuple[int, int]
+    padding: Union[str, tuple[int, int]]
+    dilation: tuple[int, int]
+    groups: int
+    padding_mode: str
+    reversed_padding: tuple[int, ...]
+
+    @classmethod
+    def of(cls, conv: nn.Conv2d) -> "ConvSpec":
+        return cls(
+            tuple(conv.stride), conv.padding if isinstance(conv.padding, str) else tuple(conv.padding),
+            tuple(conv.dilation), conv.groups, conv.padding_mode,
+            tuple(getattr(conv, "_reversed_padding_repeated_twice", ())),
+        )
+
+    def conv(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """conv2d of x exactly as the original layer computes it (padding mode included)."""
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self.reversed_padding, mode=self.padding_mode)
+            return F.conv2d(x, weight, bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def store_quantized(module: nn.Module, prefix: str, qw: QuantizedWeight) -> None:
+    """Register ``qw``'s codes, scale and zero point as buffers ``<prefix>_codes`` etc."""
+    module.register_buffer(f"{prefix}_codes", qw.codes)
+    module.register_buffer(f"{prefix}_scale", qw.scale)
+    module.register_buffer(f"{prefix}_zero_point", qw.zero_point)
+
+
+def load_quantized(module: nn.Module, prefix: str, bits: int) -> QuantizedWeight:
+    codes = getattr(module, f"{prefix}_codes")
+    scale = getattr(module, f"{prefix}_scale")
+    zero_point = getattr(module, f"{prefix}_zero_point")
+    return QuantizedWeight(codes, scale, zero_point, bits, scale.new_tensor(0.0), scale.new_tensor(0.0))
+
+
+class QuantizedWeightMixin:
+    """Holds [W]_n as codes + affine parameters and the dequantized float32 copy."""
+
+    weight: torch.Tensor
+
+    def _init_quantized(self, qw: QuantizedWeight, bias: Optional[torch.Tensor]) -> None:
+        self.bits = qw.bits
+        self.weight_dtype = bias.dtype if bias is not None else torch.float32
+        store_quantized(self, "weight", qw)  # type: ignore[arg-type]
+        self.register_buffer("weight", qw.dequantize())  # type: ignore[attr-defined]
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+
+    def quantized_weight(self) -> QuantizedWeight:
+        return load_quantized(self, "weight", self.bits)  # type: ignore[arg-type]
+
+
+class QuantConv2d(QuantizedWeightMixin, nn.Module):
+    """Main branch: conv(x, [W]_n) + bias, with the observer that chose the clipping range."""
+
+    def __init__(self, conv: nn.Conv2d, qw: QuantizedWeight, observer: nn.Module) -> None:
+        super().__init__()
+        self.spec = ConvSpec.of(conv)
+        self._init_quantized(qw, conv.bias)
+        self.weight_observer = observer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias
+        return self.spec.conv(x, self.weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+class QuantLinear(QuantizedWeightMixin, nn.Module):
+    """Weight-only quantized nn.Linear; ``use_float`` switches to the kept float weight."""
+
+    def __init__(self, linear: nn.Linear, qw: QuantizedWeight, observer: nn.Module) -> None:
+        super().__init__()
+        self._init_quantized(qw, linear.bias)
+        self.register_buffer("float_weight", linear.weight.detach().to(torch.float32).clone())
+        self.weight_observer = observer
+        self.use_float = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.float_weight if self.use_float else self.weight
+        bias = self.bias
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+#: Adapter policies: searched rank, fixed full rank (depthwise "residual"), or no adapter.
+SEARCH, FIXED, OFF = "search", "fixed", "off"
+
+
+class LowRankAdapter(nn.Module):
+    """Adapter branch conv(conv(x, A_r), B_r) built from the residual's SVD (Theorem 1).
+
+    ``rank`` is the soft normalized rank r_l / R_l optimized by the search; ``hard_rank``
+    the integer rank used by the two-conv forward and by `convert_cora`. The hard A and B
+    are cached already quantized to ``adapter_bits`` (min-max, METHOD.md section 1).
+    """
+
+    hard_rank: torch.Tensor
+
+    def __init__(
+        self, factors: ResidualFactors, spec: ConvSpec, adapter_bits: Optional[int], policy: str,
+        init_rank: float,
+    ) -> None:
+        super().__init__()
+        self.factors = factors
+        self.spec = spec
+        self.adapter_bits = adapter_bits
+        self.policy = OFF if factors.is_zero() else policy
+        self.rank = nn.Parameter(torch.tensor(float(init_rank)), requires_grad=False)
+        self.register_buffer("hard_rank", torch.tensor(0, dtype=torch.int64))
+        initial = {SEARCH: math.ceil(init_rank * self.max_rank), FIXED: self.max_rank, OFF: 0}[self.policy]
+        self.set_hard_rank(min(max(initial, 0), self.max_rank))
+
+    @property
+    def max_rank(self) -> int:
+        return self.factors.max_rank
+
+    @property
+    def searchable(self) -> bool:
+        return self.policy == SEARCH
+
+    def parameter_count(self, rank: Optional[int] = None) -> int:
+        """Adapter parameters at ``rank`` (default: the hard rank): rank * (m + n*k1*k2)."""
+        return (int(self.hard_rank) if rank is None else rank) * self.factors.params_per_rank
+
+    def set_hard_rank(self, rank: int) -> None:
+        """Fix the integer rank and cache the (quantized) A_r, B_r weights."""
+        if not 0 <= rank <= self.max_rank:
+            raise ValueError(f"rank {rank} outside 0..{self.max_rank}")
+        self.hard_rank.fill_(rank)
+        a, b = self.factors.adapter_weights(rank)
+        if self.adapter_bits is not None and rank > 0:
+            qa, qb = minmax_quantize(a, self.adapter_bits), minmax_quantize(b, self.adapter_bits)
+            store_quantized(self, "a", qa)
+            store_quantized(self, "b", qb)
+            a, b = qa.dequantize(), qb.dequantize()
+        self.register_buffer("weight_a", a.detach().clone())
+        self.register_buffer("weight_b", b.detach().clone())
+
+    def quantized_factors(self) -> tuple[QuantizedWeight, QuantizedWeight]:
+        bits = self.adapter_bits
+        assert bits is not None
+        return load_quantized(self, "a", bits), load_quantized(self, "b", bits)
+
+    def soft_mask(self) -> torch.Tensor:
+        """NBK Phi at the continuous rank r = rank * R (METHOD.md section 3)."""
+        return nbk_mask(self.rank * self.max_rank, self.max_rank, self.nbk_order)
+
+    nbk_order: float = 4.0
+
+    def two_conv(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        hidden = self.spec.conv(x, a.to(x.dtype))
+        return F.conv2d(hidden, b.to(x.dtype), None, 1, 0, 1, self.spec.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if int(self.hard_rank) == 0:
+            return x.new_zeros(())
+        return self.two_conv(x, self.weight_a, self.weight_b)
+
+    def soft_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The soft adapter in two-conv form (equals the folded form, property 4)."""
+        a, b = self.factors.adapter_weights(self.max_rank, self.soft_mask())
+        return self.two_conv(x, a, b)
+
+    def extra_repr(self) -> str:
+        return f"policy={self.policy}, rank={int(self.hard_rank)}/{self.max_rank}, adapter_bits={self.adapter_bits}"
+
+
+#: Folded-forward modes of `CoRaConv2d`.
+SOFT, HARD, FLOAT = "soft", "hard", "float"
+
+
+class CoRaConv2d(nn.Module):
+    """Container of one rewritten conv; calling it runs the folded single-conv form.
+
+    ``mode``: ``"soft"`` (NBK-thresholded adapter, the search), ``"hard"`` (integer-rank
+    adapter), ``"float"`` (full-rank float residual: the original float conv, the teacher).
+    """
+
+    def __init__(self, quantized: QuantConv2d, adapter: LowRankAdapter) -> None:
+        super().__init__()
+        self.quantized = quantized
+        self.adapter = adapter
+        self.mode = SOFT
+
+    def folded_weight(self) -> torch.Tensor:
+        adapter = self.adapter
+        if self.mode == FLOAT:
+            delta = adapter.factors.folded_delta(torch.ones_like(adapter.factors.S[0]))
+        elif self.mode == HARD or not adapter.searchable:
+            rank = int(adapter.hard_rank)
+            if rank == 0:
+                return self.quantized.weight
+            delta = fold_two_conv(adapter.weight_a, adapter.weight_b, adapter.spec.groups)
+        else:
+            delta = adapter.factors.folded_delta(adapter.soft_mask())
+        return self.quantized.weight + delta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.quantized.bias
+        weight = self.folded_weight().to(x.dtype)
+        return self.quantized.spec.conv(x, weight, None if bias is None else bias.to(x.dtype))

@@ -1,0 +1,171 @@
+"""Clipping ranges from torch.ao observers and n-bit asymmetric weight quantization.
+
+METHOD.md section 1: scale = (beta - alpha) / (2^n - 1), codes q = clamp(round(W / scale) + zp),
+[W]_n = scale * (q - zp). The range [alpha, beta] comes from a torch.ao observer built with
+``dtype=torch.int8`` and the n-bit ``quant_min = -2^(n-1)``, ``quant_max = 2^(n-1) - 1``; the
+observer's own ``calculate_qparams`` gives scale and zero point, so any torch.ao observer
+(MinMax, MovingAverage, Histogram, ...) can supply the range.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch.ao.quantization.observer import (
+    MinMaxObserver,
+    PerChannelMinMaxObserver,
+    UniformQuantizationObserverBase,
+)
+
+
+class NormalObserver(UniformQuantizationObserverBase):
+    """Range mu - k*sigma .. mu + k*sigma of the observed tensor (the paper's "normal" clipping).
+
+    With ``ch_axis`` set, mu and sigma are taken per slice along that axis (per channel).
+    """
+
+    min_val: torch.Tensor
+    max_val: torch.Tensor
+
+    def __init__(
+        self,
+        k: float = 4.0,
+        ch_axis: Optional[int] = None,
+        dtype: torch.dtype = torch.int8,
+        qscheme: Optional[torch.qscheme] = None,
+        quant_min: Optional[int] = None,
+        quant_max: Optional[int] = None,
+        eps: float = torch.finfo(torch.float32).eps,
+        **kwargs: Any,
+    ) -> None:
+        if qscheme is None:
+            qscheme = torch.per_tensor_affine if ch_axis is None else torch.per_channel_affine
+        super().__init__(
+            dtype=dtype, qscheme=qscheme, quant_min=quant_min, quant_max=quant_max, eps=eps, **kwargs
+        )
+        self.k = float(k)
+        self.ch_axis = ch_axis
+        self.register_buffer("min_val", torch.tensor(float("inf")))
+        self.register_buffer("max_val", torch.tensor(float("-inf")))
+
+    def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
+        x = x_orig.detach().float()
+        if self.ch_axis is None:
+            mu, sigma = x.mean(), x.std(unbiased=False)
+        else:
+            flat = x.transpose(0, self.ch_axis).reshape(x.shape[self.ch_axis], -1)
+            mu, sigma = flat.mean(dim=1), flat.std(dim=1, unbiased=False)
+        self.min_val = mu - self.k * sigma
+        self.max_val = mu + self.k * sigma
+        return x_orig
+
+    @torch.jit.export
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        return self._calculate_qparams(self.min_val, self.max_val)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, ch_axis={self.ch_axis}, min_val={self.min_val}, max_val={self.max_val}"
+
+
+def quant_range(bits: int) -> tuple[int, int]:
+    """Signed n-bit code range used with ``dtype=torch.int8`` observers."""
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+ObserverSpec = Union[str, Callable[..., Any]]
+
+
+def make_observer(
+    clipping: ObserverSpec, bits: int, per_channel: bool, k: float = 4.0
+) -> UniformQuantizationObserverBase:
+    """Build the torch.ao observer that supplies the clipping range of one weight tensor.
+
+    ``clipping`` is ``"normal"``, ``"minmax"`` or a torch.ao observer class / factory
+    (e.g. ``HistogramObserver`` or ``MinMaxObserver.with_args(eps=1e-6)``); a factory is
+    called with ``dtype=torch.int8``, the n-bit ``quant_min``/``quant_max`` and the affine
+    qscheme of the granularity (per-channel observers must accept ``ch_axis=0``).
+    """
+    qmin, qmax = quant_range(bits)
+    qscheme = torch.per_channel_affine if per_channel else torch.per_tensor_affine
+    kwargs: dict[str, Any] = dict(dtype=torch.int8, qscheme=qscheme, quant_min=qmin, quant_max=qmax)
+    if clipping == "normal":
+        return NormalObserver(k=k, ch_axis=0 if per_channel else None, **kwargs)
+    if clipping == "minmax":
+        cls = PerChannelMinMaxObserver if per_channel else MinMaxObserver
+        return cls(**kwargs) if not per_channel else cls(ch_axis=0, **kwargs)
+    try:
+        observer = clipping(**kwargs)
+    except TypeError as err:
+        raise ValueError(
+            f"CoRaConfig.clipping={clipping!r} could not be built as a torch.ao observer "
+            f"with {kwargs}: {err}"
+        ) from err
+    if not hasattr(observer, "calculate_qparams"):
+        raise ValueError(f"CoRaConfig.clipping={clipping!r} did not build a torch.ao observer")
+    return observer
+
+
+@dataclass
+class QuantizedWeight:
+    """Integer codes of a weight with their affine parameters (METHOD.md section 1).
+
+    ``codes`` are signed (``int8``) in ``[qmin, qmax]``; ``scale`` and ``zero_point`` are
+    float32 and broadcast against the weight (shape ``()`` per tensor, ``(m, 1, ...)`` per
+    channel). ``clip_min``/``clip_max`` is the observer's range.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    bits: int
+    clip_min: torch.Tensor
+    clip_max: torch.Tensor
+
+    @property
+    def qmin(self) -> int:
+        return quant_range(self.bits)[0]
+
+    @property
+    def qmax(self) -> int:
+        return quant_range(self.bits)[1]
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.codes, self.scale, self.zero_point)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """[W]_n = scale * (q - zp), in float32. The converted graph emits the same two ops."""
+    return (codes.to(torch.float32) - zero_point) * scale
+
+
+def quantize_weight(weight: torch.Tensor, observer: UniformQuantizationObserverBase, bits: int) -> QuantizedWeight:
+    """Quantize ``weight`` on the n-bit grid of the range the observer reports."""
+    w = weight.detach().to(torch.float32)
+    observer(w)
+    scale, zero_point = observer.calculate_qparams()
+    scale = scale.detach().to(torch.float32)
+    zero_point = zero_point.detach().to(torch.float32)
+    per_channel = getattr(observer, "qscheme", None) in (torch.per_channel_affine, torch.per_channel_symmetric)
+    if per_channel or scale.numel() > 1:
+        view = (-1,) + (1,) * (w.dim() - 1)
+        scale, zero_point = scale.reshape(view), zero_point.reshape(view)
+    else:
+        scale, zero_point = scale.reshape(()), zero_point.reshape(())
+    qmin, qmax = quant_range(bits)
+    codes = torch.clamp(torch.round(w / scale) + zero_point, qmin, qmax).to(torch.int8)
+    lo, hi = _observed_range(observer, w)
+    return QuantizedWeight(codes, scale, zero_point, bits, lo, hi)
+
+
+def _observed_range(observer: Any, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    lo = getattr(observer, "min_val", None)
+    hi = getattr(observer, "max_val", None)
+    if not isinstance(lo, torch.Tensor) or not isinstance(hi, torch.Tensor):
+        return w.min(), w.max()
+    return lo.detach().float().clone(), hi.detach().float().clone()
+
+
+def minmax_quantize(weight: torch.Tensor, bits: int) -> QuantizedWeight:
+    """Per-tensor min-max quantization (the adapters' scheme, METHOD.md section 1)."""
+    return quantize_weight(weight, make_observer("minmax", bits, per_channel=False), bits)

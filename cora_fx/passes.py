@@ -1,0 +1,188 @@
+"""Graph rewrites of the prepare side, each a small pass returning `PassResult`.
+
+- `RewriteConvs`: every traced nn.Conv2d call -> quantized conv + parallel adapter + add.
+- `QuantizeLinears`: every nn.Linear -> `QuantLinear` (weight-only, no adapter).
+- `FoldAdaptersForSearch`: (main, adapter, add) -> one call of the `CoRaConv2d` container,
+  the folded single-conv form of METHOD.md section 4 used by the rank search.
+They are composed by `torch.fx.passes.infra.pass_manager.PassManager` (see `run_passes`).
+"""
+from __future__ import annotations
+
+import operator
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.infra.pass_base import PassResult
+from torch.fx.passes.infra.pass_manager import PassManager
+
+from .config import CoRaConfig
+from .modules import FIXED, OFF, SEARCH, CoRaConv2d, ConvSpec, LowRankAdapter, QuantConv2d, QuantLinear
+from .observers import make_observer, quantize_weight
+from .residual import ResidualFactors
+from .state import CoRaError
+
+UNSUPPORTED_CONVS = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def run_passes(gm: fx.GraphModule, passes: Sequence[Callable[[fx.GraphModule], PassResult]]) -> fx.GraphModule:
+    """Run ``passes`` once, in order, with torch.fx's PassManager; re-raise our own errors as is."""
+    manager = PassManager(passes=list(passes), steps=1, run_checks_after_each_pass=True)
+    try:
+        return manager(gm).graph_module
+    except Exception as err:  # PassManager wraps every error in a bare Exception
+        cause = err.__cause__
+        if isinstance(cause, (CoRaError, ValueError, TypeError, KeyboardInterrupt)):
+            raise cause from None
+        raise
+
+
+def set_submodule(root: nn.Module, qualname: str, module: nn.Module) -> None:
+    parent_name, _, leaf = qualname.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, leaf, module)
+
+
+def module_calls(gm: fx.GraphModule, kind: type) -> Iterator[tuple[fx.Node, nn.Module]]:
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            if isinstance(module, kind):
+                yield node, module
+
+
+def _plain(module: nn.Module, base: type, method: str) -> bool:
+    """True when ``module`` computes exactly what ``base`` does (no overridden forward)."""
+    cls = type(module)
+    return cls.forward is base.forward and getattr(cls, method) is getattr(base, method)
+
+
+def check_finite(name: str, weight: torch.Tensor) -> None:
+    if not torch.isfinite(weight).all():
+        raise CoRaError(f"layer '{name}' has NaN or Inf weights; fix the checkpoint before quantizing")
+
+
+class RewriteConvs:
+    """Rewrite nn.Conv2d calls into main + adapter branches (METHOD.md sections 1-2).
+
+    Depthwise-like convs (rank 1 per group) follow ``config.depthwise``; convs whose
+    weight the forward reads directly, overridden Conv2d subclasses and other conv types
+    are left float and recorded in ``skipped``.
+    """
+
+    def __init__(self, config: CoRaConfig) -> None:
+        self.config = config
+        self.skipped: dict[str, str] = {}
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        cfg = self.config
+        read_directly = {n.target.rpartition(".")[0] for n in gm.graph.nodes if n.op == "get_attr"}
+        done: dict[str, CoRaConv2d] = {}
+        modified = False
+        for node, conv in module_calls(gm, nn.Module):
+            name = str(node.target)
+            if name in done:
+                pass
+            elif isinstance(conv, UNSUPPORTED_CONVS) or (isinstance(conv, nn.Conv2d) and not _plain(conv, nn.Conv2d, "_conv_forward")):
+                self.skipped[name] = f"{type(conv).__name__} is not supported; left float"
+                continue
+            elif not isinstance(conv, nn.Conv2d):
+                continue
+            elif name in read_directly:
+                self.skipped[name] = "the model reads its weight directly; left float"
+                continue
+            else:
+                check_finite(name, conv.weight)
+                container = self._build(conv)
+                if container is None:
+                    self.skipped[name] = "depthwise conv kept float (depthwise='float')"
+                    continue
+                done[name] = container
+                set_submodule(gm, name, container)
+            with gm.graph.inserting_after(node):
+                main = gm.graph.call_module(f"{name}.quantized", node.args, node.kwargs)
+            with gm.graph.inserting_after(main):
+                adapter = gm.graph.call_module(f"{name}.adapter", node.args, node.kwargs)
+            with gm.graph.inserting_after(adapter):
+                merged = gm.graph.call_function(operator.add, (main, adapter))
+            for new, role in ((main, "main"), (adapter, "adapter"), (merged, "merge")):
+                new.meta.update(node.meta, cora_layer=name, cora_role=role)
+            node.replace_all_uses_with(merged)
+            gm.graph.erase_node(node)
+            modified = True
+        return PassResult(gm, modified)
+
+    def _build(self, conv: nn.Conv2d) -> Optional[CoRaConv2d]:
+        cfg = self.config
+        observer = make_observer(cfg.clipping, cfg.bits, cfg.per_channel, cfg.k)
+        qw = quantize_weight(conv.weight, observer, cfg.bits)
+        residual = conv.weight.detach().to(torch.float32) - qw.dequantize()
+        factors = ResidualFactors(residual, conv.groups)
+        policy = SEARCH
+        if factors.max_rank == 1:  # depthwise-like: rank 1 per group, METHOD.md section 2
+            if cfg.depthwise == "float":
+                return None
+            policy = FIXED if cfg.depthwise == "residual" else OFF
+        spec = ConvSpec.of(conv)
+        adapter = LowRankAdapter(factors, spec, cfg.adapter_bits, policy, cfg.init_rank)
+        adapter.nbk_order = cfg.nbk_order
+        container = CoRaConv2d(QuantConv2d(conv, qw, observer), adapter)
+        return container.to(conv.weight.device)
+
+
+class QuantizeLinears:
+    """Swap nn.Linear modules for weight-only `QuantLinear` at ``config.bits``."""
+
+    def __init__(self, config: CoRaConfig) -> None:
+        self.config = config
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        cfg = self.config
+        swapped: set[str] = set()
+        for node, linear in module_calls(gm, nn.Linear):
+            name = str(node.target)
+            if name in swapped or not _plain(linear, nn.Linear, "forward"):
+                continue
+            check_finite(name, linear.weight)
+            observer = make_observer(cfg.clipping, cfg.bits, cfg.per_channel, cfg.k)
+            qw = quantize_weight(linear.weight, observer, cfg.bits)
+            set_submodule(gm, name, QuantLinear(linear, qw, observer).to(linear.weight.device))
+            swapped.add(name)
+        return PassResult(gm, bool(swapped))
+
+
+def merge_nodes(gm: fx.GraphModule) -> Iterator[tuple[str, fx.Node, fx.Node, fx.Node]]:
+    """(layer name, main, adapter, add) for each parallel CoRa branch in the graph."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not operator.add or len(node.args) != 2:
+            continue
+        main, adapter = node.args
+        if not all(isinstance(a, fx.Node) and a.op == "call_module" for a in (main, adapter)):
+            continue
+        name, _, role = str(main.target).rpartition(".")
+        if (role == "quantized" and adapter.target == f"{name}.adapter"
+                and isinstance(gm.get_submodule(str(main.target)), QuantConv2d)
+                and isinstance(gm.get_submodule(str(adapter.target)), LowRankAdapter)):
+            yield name, main, adapter, node
+
+
+class FoldAdaptersForSearch:
+    """Replace each (main, adapter, add) triplet with a call of a `CoRaConv2d` (folded form).
+
+    Run on a copy of the prepared graph (``fx.GraphModule(prepared, graph)``), whose plain
+    containers get a fresh `CoRaConv2d` sharing the prepared model's branch modules.
+    """
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        modified = False
+        for name, main, adapter, merged in merge_nodes(gm):
+            if not isinstance(gm.get_submodule(name), CoRaConv2d):
+                set_submodule(gm, name, CoRaConv2d(gm.get_submodule(str(main.target)), gm.get_submodule(str(adapter.target))))
+            with gm.graph.inserting_before(merged):
+                folded = gm.graph.call_module(name, main.args, main.kwargs)
+            folded.meta.update(merged.meta, cora_role="folded")
+            merged.replace_all_uses_with(folded)
+            for node in (merged, adapter, main):
+                gm.graph.erase_node(node)
+            modified = True
+        return PassResult(gm, modified)

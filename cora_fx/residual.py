@@ -1,0 +1,94 @@
+"""The quantization residual as an exact two-conv operator (Theorem 1, METHOD.md section 2).
+
+For a Conv2d weight W of shape (m, n/g, k1, k2) with g groups, the residual
+dW = W - [W]_n is split into its g diagonal blocks; each block's mode-1 unfolding
+M_j = dW_j.reshape(m/g, n/g*k1*k2) has the thin SVD U_j diag(S_j) V_j^T with
+R = min(m/g, n/g*k1*k2). Keeping r triplets per group gives
+
+    A = (diag(S^1/2) V^T)[:r] -> (g*r, n/g, k1, k2)   kxk conv, groups g, W's stride/padding
+    B = (U diag(S^1/2))[:, :r] -> (m, r, 1, 1)        1x1 conv, groups g
+
+and conv(x, W) = conv(x, [W]_n) + conv(conv(x, A), B) exactly at r = R.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class ResidualFactors(torch.nn.Module):
+    """Per-group thin SVD of a conv residual, stored as constant buffers.
+
+    Buffers: ``U`` (g, m/g, R), ``S`` (g, R), ``Vh`` (g, R, n/g*k1*k2). They are the
+    search's constants; `convert_cora` drops them.
+    """
+
+    U: torch.Tensor
+    S: torch.Tensor
+    Vh: torch.Tensor
+
+    def __init__(self, residual: torch.Tensor, groups: int) -> None:
+        super().__init__()
+        m, n_per_group, k1, k2 = residual.shape
+        if m % groups:
+            raise ValueError(f"out_channels {m} is not divisible by groups {groups}")
+        self.groups = groups
+        self.weight_shape = tuple(residual.shape)
+        blocks = residual.detach().to(torch.float64).reshape(groups, m // groups, n_per_group * k1 * k2)
+        U, S, Vh = torch.linalg.svd(blocks, full_matrices=False)
+        self.register_buffer("U", U.to(torch.float32))
+        self.register_buffer("S", S.to(torch.float32))
+        self.register_buffer("Vh", Vh.to(torch.float32))
+
+    @property
+    def max_rank(self) -> int:
+        """R: the largest rank per group."""
+        return int(self.S.shape[1])
+
+    @property
+    def params_per_rank(self) -> int:
+        """Adapter parameters per unit of rank: m + n*k1*k2 (n = all input channels)."""
+        m, n_per_group, k1, k2 = self.weight_shape
+        return m + self.groups * n_per_group * k1 * k2
+
+    def is_zero(self) -> bool:
+        return bool(self.S.max() == 0) if self.S.numel() else True
+
+    def adapter_weights(self, rank: int, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float (A, B) conv weights keeping the first ``rank`` triplets per group.
+
+        ``mask`` (length R, e.g. the NBK Phi of the soft search) multiplies S^1/2 in both
+        A and B, so the effective singular values become mask^2 * S (METHOD.md section 3).
+        """
+        g = self.groups
+        m, n_per_group, k1, k2 = self.weight_shape
+        root = self.S[:, :rank].clamp_min(0).sqrt()
+        if mask is not None:
+            root = root * mask[:rank]
+        a = (root.unsqueeze(-1) * self.Vh[:, :rank]).reshape(g * rank, n_per_group, k1, k2)
+        b = (self.U[:, :, :rank] * root.unsqueeze(1)).reshape(m, rank, 1, 1)
+        return a, b
+
+    def folded_delta(self, mask: torch.Tensor) -> torch.Tensor:
+        """fold(B o A) = U diag(mask^2 S) V^T reshaped to W's shape (METHOD.md section 4)."""
+        scaled = self.U * (mask * mask * self.S).unsqueeze(1)
+        return torch.bmm(scaled, self.Vh).reshape(self.weight_shape)
+
+
+def nbk_mask(rank: torch.Tensor, max_rank: int, order: float) -> torch.Tensor:
+    """Normalized Butterworth kernel Phi_i(r) = 1 / sqrt(1 + (i / r)^(2k)), i = 0..R-1.
+
+    Phi_0 = 1, so the kernel is already normalized to a maximum of 1 (METHOD.md section 3).
+    """
+    i = torch.arange(max_rank, dtype=rank.dtype, device=rank.device)
+    return torch.rsqrt(1.0 + (i / rank) ** (2.0 * order))
+
+
+def fold_two_conv(a: torch.Tensor, b: torch.Tensor, groups: int) -> torch.Tensor:
+    """Weight of the single conv equal to conv(conv(x, A), B) for a 1x1 grouped B."""
+    g = groups
+    rank = a.shape[0] // g
+    _, n_per_group, k1, k2 = a.shape
+    m = b.shape[0]
+    a_g = a.reshape(g, rank, n_per_group * k1 * k2)
+    b_g = b.reshape(g, m // g, rank)
+    return torch.bmm(b_g, a_g).reshape(m, n_per_group, k1, k2)

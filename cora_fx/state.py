@@ -1,0 +1,48 @@
+"""What a prepared or converted GraphModule remembers, kept in ``graph_module.meta["cora_fx"]``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch.fx as fx
+
+from .config import CoRaConfig
+
+META_KEY = "cora_fx"
+PREPARED, CONVERTED = "prepared", "converted"
+
+
+class CoRaError(RuntimeError):
+    """A model cannot be handled as asked; the message names the module or argument."""
+
+
+@dataclass
+class CoRaState:
+    """Workflow state of one model.
+
+    ``skipped`` maps qualified names of conv layers that stay float to the reason;
+    ``float_conv_params`` counts their parameters (they cost 32 bits in the accounting);
+    ``layers`` is filled at conversion with the per-layer records `summary` reports.
+    """
+
+    config: CoRaConfig
+    stage: str
+    conv_params: int
+    skipped: dict[str, str] = field(default_factory=dict)
+    float_conv_params: int = 0
+    search_result: Optional[Any] = None
+    layers: list[Any] = field(default_factory=list)
+
+
+def get_state(gm: Any, expected: Optional[str] = None, argument: str = "model") -> CoRaState:
+    """The model's `CoRaState`, or a clear error if it is not at the ``expected`` stage."""
+    state = getattr(gm, "meta", {}).get(META_KEY) if isinstance(gm, fx.GraphModule) else None
+    if state is None:
+        raise CoRaError(
+            f"{argument} is not a cora_fx model (got {type(gm).__name__}); "
+            "create one with cora_fx.prepare_cora(model, config)"
+        )
+    if expected is not None and state.stage != expected:
+        hint = "call prepare_cora on the original float model" if state.stage == CONVERTED else ""
+        raise CoRaError(f"{argument} is already {state.stage}, expected a {expected} model. {hint}".strip())
+    return state

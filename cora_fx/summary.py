@@ -1,0 +1,127 @@
+"""Per-layer report and the budget / equivalent bit-width accounting (METHOD.md section 3)."""
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .modules import CoRaConv2d, QuantLinear
+from .state import CoRaState, get_state, CONVERTED
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One quantized layer: ``bits`` of the main weight, ``max_rank`` R, chosen ``rank``.
+
+    ``kind`` is ``"conv"`` or ``"linear"``; ``policy`` is the adapter policy
+    (``search``, ``fixed`` for depthwise residuals, ``off``, or ``-`` for linear layers).
+    """
+
+    name: str
+    kind: str
+    weight_shape: tuple[int, ...]
+    bits: int
+    max_rank: int
+    rank: int
+    adapter_params: int
+    policy: str
+
+    @property
+    def params(self) -> int:
+        n = 1
+        for s in self.weight_shape:
+            n *= s
+        return n
+
+
+def layer_infos(prepared: fx.GraphModule) -> list[LayerInfo]:
+    """Records of every quantized layer of a prepared model, in module order."""
+    out = []
+    for name, m in prepared.named_modules():
+        if isinstance(m, CoRaConv2d):
+            a = m.adapter
+            out.append(LayerInfo(name, "conv", tuple(m.quantized.weight.shape), m.quantized.bits, a.max_rank,
+                                 int(a.hard_rank), a.parameter_count(), a.policy))
+        elif isinstance(m, QuantLinear):
+            out.append(LayerInfo(name, "linear", tuple(m.weight.shape), m.bits, 0, 0, 0, "-"))
+    return out
+
+
+@dataclass(frozen=True)
+class Accounting:
+    conv_params: int
+    adapter_params: int
+    budget: float
+    equivalent_bits: float
+
+
+def accounting(layers: list[LayerInfo], state: CoRaState) -> Accounting:
+    """Budget b = adapter params / conv params; equivalent bits = weight bits per conv param.
+
+    Equivalent bits = (n * quantized conv params + adapter_bits * adapter params
+    + 32 * float conv params) / conv params, which is n + m*b when every conv is quantized
+    (METHOD.md section 3). Float adapters and convs left float (leaves, depthwise='float',
+    unsupported) count 32 bits. Linear layers are outside the accounting, as in the paper.
+    """
+    cfg = state.config
+    convs = [l for l in layers if l.kind == "conv"]
+    adapter_params = sum(l.adapter_params for l in convs)
+    total = max(state.conv_params, 1)
+    adapter_bits = 32 if cfg.adapter_bits is None else cfg.adapter_bits
+    bits = sum(l.bits * l.params for l in convs) + adapter_bits * adapter_params + 32 * state.float_conv_params
+    return Accounting(state.conv_params, adapter_params, adapter_params / total, bits / total)
+
+
+@dataclass
+class CoRaSummary:
+    """What `summary` reports: ``layers`` plus totals; ``str()`` is a table."""
+
+    layers: list[LayerInfo]
+    conv_params: int
+    adapter_params: int
+    budget: float
+    equivalent_bits: float
+    nbytes: int
+    skipped: dict[str, str] = field(default_factory=dict)
+    stage: str = "prepared"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        width = max([len(l.name) for l in self.layers] + [5])
+        head = f"{'layer':<{width}}  {'kind':<6} {'weight shape':<18} {'bits':>4} {'R':>5} {'rank':>5} {'adapter params':>14}  policy"
+        rows = [head, "-" * len(head)]
+        for l in self.layers:
+            shape = "x".join(map(str, l.weight_shape))
+            r = f"{l.max_rank}" if l.kind == "conv" else "-"
+            rank = f"{l.rank}" if l.kind == "conv" else "-"
+            rows.append(f"{l.name:<{width}}  {l.kind:<6} {shape:<18} {l.bits:>4} {r:>5} {rank:>5} {l.adapter_params:>14,}  {l.policy}")
+        for name, why in self.skipped.items():
+            rows.append(f"{name:<{width}}  skipped: {why}")
+        rows += [
+            "-" * len(head),
+            f"conv params {self.conv_params:,} | adapter params {self.adapter_params:,} | budget {self.budget:.4f}"
+            f" | equivalent bits {self.equivalent_bits:.3f} | serialized {self.nbytes:,} bytes ({self.stage})",
+        ]
+        return "\n".join(rows)
+
+
+def serialized_nbytes(module: nn.Module) -> int:
+    """Bytes of ``torch.save(module.state_dict())``: what the weights cost on disk."""
+    buffer = io.BytesIO()
+    torch.save(module.state_dict(), buffer)
+    return buffer.tell()
+
+
+def summary(model: fx.GraphModule) -> CoRaSummary:
+    """Per-layer and total report of a prepared or converted model."""
+    state = get_state(model)
+    layers = state.layers if state.stage == CONVERTED else layer_infos(model)
+    acc = accounting(layers, state)
+    return CoRaSummary(layers, acc.conv_params, acc.adapter_params, acc.budget, acc.equivalent_bits,
+                       serialized_nbytes(model), dict(state.skipped), state.stage)
