@@ -171,11 +171,12 @@ class LowRankAdapter(nn.Module):
         assert bits is not None
         return load_quantized(self, "a", bits), load_quantized(self, "b", bits)
 
+    #: NBK order k; set from the config by prepare and by each search.
+    nbk_order: float = 4.0
+
     def soft_mask(self) -> torch.Tensor:
         """NBK Phi at the continuous rank r = rank * R (METHOD.md section 3)."""
         return nbk_mask(self.rank * self.max_rank, self.max_rank, self.nbk_order)
-
-    nbk_order: float = 4.0
 
     def two_conv(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         hidden = self.spec.conv(x, a.to(x.dtype))
@@ -187,7 +188,12 @@ class LowRankAdapter(nn.Module):
         return self.two_conv(x, self.weight_a, self.weight_b)
 
     def soft_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The soft adapter in two-conv form (equals the folded form, property 4)."""
+        """The soft adapter in two-conv form (equals the folded form, property 4).
+
+        Adapters outside the search (fixed / off) use their hard weights, as the folded form does.
+        """
+        if not self.searchable:
+            return self(x)
         a, b = self.factors.adapter_weights(self.max_rank, self.soft_mask())
         return self.two_conv(x, a, b)
 

@@ -1,0 +1,346 @@
+"""The public API on small models: prepare -> search / set_ranks -> convert -> summary."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.ao.quantization.observer import HistogramObserver, MinMaxObserver
+
+import cora_fx
+from cora_fx import (CoRaConfig, CoRaError, CoRaSummary, CoRaTraceError, RankSearchResult, convert_cora,
+                     prepare_cora, quantize_cora, search_ranks, set_ranks, summary)
+from cora_fx.modules import CoRaConv2d, LowRankAdapter, QuantLinear
+
+from .conftest import SmallNet, random_batches
+
+X = torch.randn(2, 3, 16, 16)
+
+
+def state_of(model: nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(before: dict, model: nn.Module) -> None:
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+
+
+# ---------------------------------------------------------------- config
+@pytest.mark.parametrize("field,value", [
+    ("bits", 1), ("bits", 9), ("bits", 4.0), ("adapter_bits", 1), ("granularity", "per_row"), ("clipping", "mse"),
+    ("k", -1.0), ("budget", 0.0), ("budget", 1.5), ("nbk_order", 0), ("penalty", -1), ("lr", 0),
+    ("iterations", -1), ("grad_clip", 0), ("init_rank", 0), ("loss", "mse"), ("quantize_linear", 1),
+    ("depthwise", "drop"),
+])
+def test_config_rejects_bad_values_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        CoRaConfig(**{field: value})
+
+
+def test_config_defaults_are_the_papers():
+    cfg = CoRaConfig()
+    assert (cfg.bits, cfg.adapter_bits, cfg.granularity, cfg.clipping, cfg.k) == (4, 8, "per_tensor", "normal", 4.0)
+    assert (cfg.budget, cfg.nbk_order, cfg.penalty, cfg.lr, cfg.iterations) == (0.05, 4.0, 1.0, 0.01, 250)
+    assert (cfg.grad_clip, cfg.init_rank, cfg.loss, cfg.quantize_linear) == (0.2, 0.9, "ce", True)
+    assert CoRaConfig(adapter_bits=None).adapter_bits is None
+    with pytest.raises(ValueError, match="nope"):
+        cfg.replace(nope=1)
+
+
+# ---------------------------------------------------------------- prepare
+def test_prepare_rewrites_every_conv_into_parallel_branches(small_net):
+    before = state_of(small_net)
+    prepared = prepare_cora(small_net, example_inputs=(X,))
+    assert isinstance(prepared, fx.GraphModule)
+    assert_same_state(before, small_net)  # the user's model is not mutated
+    convs = [n for n, m in small_net.named_modules() if isinstance(m, nn.Conv2d)]
+    rewritten = {n for n, m in prepared.named_modules() if isinstance(m, CoRaConv2d)}
+    assert rewritten == set(convs)
+    targets = [n.target for n in prepared.graph.nodes if n.op == "call_module"]
+    for name in convs:
+        assert f"{name}.quantized" in targets and f"{name}.adapter" in targets
+    assert isinstance(prepared.get_submodule("head"), QuantLinear)
+    # initial rank ceil(init_rank * R) on searchable layers; depthwise skipped by default
+    adapter = prepared.get_submodule("stem.0").adapter
+    assert int(adapter.hard_rank) == math.ceil(0.9 * adapter.max_rank)
+    assert prepared.get_submodule("block.2").adapter.policy == "off"
+
+
+def test_prepare_full_ranks_float_adapters_reproduce_the_model(small_net):
+    prepared = prepare_cora(small_net, CoRaConfig(adapter_bits=None, depthwise="residual", quantize_linear=False))
+    set_ranks(prepared, "full")
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(X), small_net(X), rtol=1e-4, atol=1e-5)
+
+
+def test_prepare_accepts_any_torch_ao_observer(small_net):
+    for clipping in (MinMaxObserver, HistogramObserver, MinMaxObserver.with_args(eps=1e-5)):
+        prepared = prepare_cora(small_net, CoRaConfig(clipping=clipping))
+        assert isinstance(prepared.get_submodule("down.quantized").weight_observer, (MinMaxObserver, HistogramObserver))
+    with pytest.raises(ValueError, match="clipping"):
+        prepare_cora(small_net, CoRaConfig(clipping=lambda **kw: None))
+
+
+def test_prepare_argument_errors(small_net):
+    with pytest.raises(TypeError, match="nn.Module"):
+        prepare_cora("resnet18")
+    with pytest.raises(TypeError, match="CoRaConfig"):
+        prepare_cora(small_net, {"bits": 4})
+    with pytest.raises(TypeError, match="example_inputs"):
+        prepare_cora(small_net, example_inputs=X)
+    with pytest.raises(ValueError, match="nothere"):
+        prepare_cora(small_net, leaf_modules=["nothere"])
+    with pytest.raises(CoRaError, match="example_inputs"):
+        prepare_cora(small_net, example_inputs=(torch.randn(2, 5, 16, 16),))
+
+
+def test_prepare_refuses_prepared_and_converted_models(small_net):
+    prepared = prepare_cora(small_net)
+    with pytest.raises(CoRaError, match="already prepared"):
+        prepare_cora(prepared)
+    with pytest.raises(CoRaError, match="already converted"):
+        prepare_cora(convert_cora(prepared))
+    with pytest.raises(CoRaError, match="already"):
+        convert_cora(convert_cora(prepared))
+
+
+def test_model_without_conv_warns_and_is_returned_unchanged():
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.warns(UserWarning, match="no nn.Conv2d"):
+        assert prepare_cora(model) is model
+
+
+class Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # data-dependent control flow
+            return self.conv(x)
+        return -self.conv(x)
+
+
+class WithUntraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 3, 3, padding=1)
+        self.branch = Untraceable()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.branch(self.stem(x))
+
+
+def test_untraceable_module_is_named_and_works_as_a_leaf():
+    model = WithUntraceable().eval()
+    with pytest.raises(CoRaTraceError, match="'branch'.*leaf_modules") as info:
+        prepare_cora(model)
+    assert info.value.module == "branch"
+    for leaf in (["branch"], [Untraceable]):
+        prepared = prepare_cora(model, leaf_modules=leaf, example_inputs=(X[:, :3],))
+        assert isinstance(prepared.get_submodule("stem"), CoRaConv2d)
+        assert "branch.conv" in prepared.meta["cora_fx"].skipped
+        assert "branch.conv" in summary(prepared).skipped
+
+
+def test_nan_weights_are_refused_naming_the_layer(small_net):
+    with torch.no_grad():
+        small_net.down.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(CoRaError, match="'down'"):
+        prepare_cora(small_net)
+
+
+def test_inplace_shares_modules_but_default_copies(small_net):
+    prepared = prepare_cora(small_net)
+    assert prepared.get_submodule("stem.1") is not small_net.stem[1]
+    shared = prepare_cora(small_net, inplace=True)
+    assert shared.get_submodule("stem.1") is small_net.stem[1]
+    assert isinstance(small_net.stem[0], nn.Conv2d)  # the rewritten convs are new modules either way
+
+
+# ---------------------------------------------------------------- ranks
+def test_set_ranks_heuristic_full_and_dict(small_net):
+    prepared = prepare_cora(small_net, CoRaConfig(budget=0.25))
+    heuristic = set_ranks(prepared, "heuristic")
+    adapters = {n: m.adapter for n, m in prepared.named_modules() if isinstance(m, CoRaConv2d)}
+    for name, a in adapters.items():
+        if a.searchable:
+            assert heuristic[name] == math.floor(0.25 * a.max_rank)
+    full = set_ranks(prepared, "full")
+    assert all(full[n] == a.max_rank for n, a in adapters.items() if a.searchable)
+    ranks = set_ranks(prepared, {"down": 3})
+    assert ranks["down"] == 3 and ranks["stem.0"] == adapters["stem.0"].max_rank
+    with pytest.raises(ValueError, match="nothere"):
+        set_ranks(prepared, {"nothere": 1})
+    with pytest.raises(ValueError, match="down"):
+        set_ranks(prepared, {"down": 10_000})
+    with pytest.raises(ValueError, match="block.2"):
+        set_ranks(prepared, {"block.2": 1})
+    with pytest.raises(ValueError, match="ranks"):
+        set_ranks(prepared, "best")
+
+
+def test_search_returns_a_result_and_meets_the_budget(small_net):
+    prepared = prepare_cora(small_net, CoRaConfig(budget=0.1, iterations=12))
+    result = search_ranks(prepared, random_batches(4), progress=False)
+    assert isinstance(result, RankSearchResult)
+    assert set(result.ranks) == {n for n, m in prepared.named_modules() if isinstance(m, CoRaConv2d) and m.adapter.searchable}
+    assert result.iterations == 12 and len(result.history.loss) == 12 == len(result.history.budget)
+    assert result.budget <= 0.1 + 1e-9
+    assert result.soft_budget > 0
+    s = summary(prepared)
+    assert s.budget == pytest.approx(result.budget)
+    assert result.equivalent_bits == pytest.approx(4 + 8 * result.budget)
+    for name, rank in result.ranks.items():
+        assert int(prepared.get_submodule(name).adapter.hard_rank) == rank
+    assert prepared.meta["cora_fx"].search_result is result
+
+
+def test_search_history_moves_ranks_down_under_budget_pressure(small_net):
+    prepared = prepare_cora(small_net, CoRaConfig(budget=0.02, penalty=50.0))
+    result = search_ranks(prepared, random_batches(3), iterations=40, lr=0.05, progress=False)
+    assert result.history.budget[-1] < result.history.budget[0]
+    assert all(result.soft_ranks[n] >= 1.0 for n in result.soft_ranks)
+
+
+def test_search_is_deterministic(small_net):
+    results = []
+    for _ in range(2):
+        prepared = prepare_cora(small_net, CoRaConfig(budget=0.1))
+        results.append(search_ranks(prepared, random_batches(2), iterations=6, progress=False))
+        converted = convert_cora(prepared)
+        results.append({k: v.clone() for k, v in converted.state_dict().items()})
+    assert results[0].ranks == results[2].ranks
+    assert results[0].soft_ranks == results[2].soft_ranks
+    assert all(torch.equal(results[1][k], results[3][k]) for k in results[1])
+
+
+def test_search_kl_callable_and_tuple_inputs(small_net):
+    prepared = prepare_cora(small_net)
+    unlabeled = [(x, None) for x, _ in random_batches(2)]
+    result = search_ranks(prepared, unlabeled, iterations=3, loss="kl", progress=False)
+    assert result.history.task_loss[0] >= 0
+
+    seen = []
+
+    def my_loss(output, float_output, labels):
+        seen.append((output.shape, float_output.shape))
+        return (output - float_output).pow(2).mean()
+
+    search_ranks(prepared, random_batches(2), iterations=2, loss=my_loss, progress=False)
+    assert seen and seen[0][0] == seen[0][1]
+
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(3, 8, 3)
+
+        def forward(self, x, y):
+            return (self.a(x) + self.b(y)).mean(dim=(2, 3))
+
+    two = prepare_cora(TwoInputs())
+    batches = [((torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)), torch.randint(0, 8, (4,))) for _ in range(2)]
+    assert search_ranks(two, batches, iterations=2, progress=False).iterations == 2
+
+
+def test_search_errors_leave_the_model_unchanged(small_net):
+    prepared = prepare_cora(small_net)
+    set_ranks(prepared, "heuristic")
+    before = summary(prepared).layers
+    with pytest.raises(CoRaError, match="empty"):
+        search_ranks(prepared, [], progress=False)
+    with pytest.raises(CoRaError, match="labels out of range"):
+        search_ranks(prepared, [(X, torch.tensor([0, 99]))], progress=False)
+    with pytest.raises(CoRaError, match="pair"):
+        search_ranks(prepared, [X], progress=False)
+    with pytest.raises(ValueError, match="bits"):
+        search_ranks(prepared, random_batches(1), bits=3)
+
+    def failing():
+        yield from random_batches(2)
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        search_ranks(prepared, failing(), iterations=10, progress=False)
+    assert summary(prepared).layers == before
+    assert all(not p.requires_grad or "rank" not in n for n, p in prepared.named_parameters())
+
+
+def test_keyboard_interrupt_keeps_ranks_so_far_and_stays_convertible(small_net):
+    prepared = prepare_cora(small_net, CoRaConfig(budget=0.1))
+
+    def interrupted():
+        yield from random_batches(3)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        search_ranks(prepared, interrupted(), iterations=10, progress=False)
+    result = prepared.meta["cora_fx"].search_result
+    assert result.interrupted and result.iterations == 3 and result.budget <= 0.1 + 1e-9
+    convert_cora(prepared)(X)
+
+
+def test_one_shot_iterator_ends_the_search_when_exhausted(small_net):
+    prepared = prepare_cora(small_net)
+    result = search_ranks(prepared, iter(random_batches(3)), iterations=10, progress=False)
+    assert result.iterations == 3
+
+
+# ---------------------------------------------------------------- convert
+def test_convert_equals_prepared_and_has_only_codes(small_net):
+    prepared = prepare_cora(small_net, CoRaConfig(depthwise="residual"))
+    set_ranks(prepared, "heuristic")
+    before = state_of(prepared)
+    converted = convert_cora(prepared)
+    assert_same_state(before, prepared)  # convert does not touch the prepared model
+    with torch.no_grad():
+        torch.testing.assert_close(converted(X), prepared(X), rtol=0, atol=1e-5)
+    kinds = {type(m) for m in converted.modules()}
+    assert not kinds & {CoRaConv2d, LowRankAdapter, QuantLinear, nn.Conv2d, nn.Linear}
+    buffers = dict(converted.named_buffers())
+    assert buffers["stem.0.weight_packed"].dtype == torch.uint8
+    assert buffers["stem.0.weight_packed"].numel() == 16 * 3 * 9 // 2  # two 4-bit codes per byte
+    assert not any(n.endswith((".U", ".S", ".Vh", "min_val")) for n in buffers)
+    assert converted.meta["cora_fx"].stage == "converted"
+    text = str(summary(converted))
+    assert "stem.0" in text and "equivalent bits" in text
+
+
+def test_quantize_cora_one_shot(small_net):
+    before = state_of(small_net)
+    quantized = quantize_cora(small_net, random_batches(2), CoRaConfig(iterations=3), example_inputs=(X,), progress=False)
+    assert_same_state(before, small_net)
+    assert quantized.meta["cora_fx"].search_result.iterations == 3
+    assert quantized(X).shape == (2, 10)
+
+
+def test_summary_accounting_counts_depthwise_honestly(small_net):
+    skip = summary(set_ranks_and_get(small_net, "skip"))
+    residual = summary(set_ranks_and_get(small_net, "residual"))
+    floated = summary(set_ranks_and_get(small_net, "float"))
+    assert isinstance(skip, CoRaSummary)
+    dw = 32 * 9  # block.2: 32 depthwise 3x3
+    dw_adapter = 32 * 9 + 32  # A (32,1,3,3) + B (32,1,1,1)
+    assert residual.adapter_params - skip.adapter_params == dw_adapter
+    assert residual.equivalent_bits - skip.equivalent_bits == pytest.approx(8 * dw_adapter / skip.conv_params)
+    assert floated.equivalent_bits - skip.equivalent_bits == pytest.approx((32 - 4) * dw / skip.conv_params)
+    assert "block.2" in floated.skipped
+    assert skip.equivalent_bits == pytest.approx(4 + 8 * skip.budget)
+
+
+def set_ranks_and_get(model: nn.Module, depthwise: str) -> fx.GraphModule:
+    prepared = prepare_cora(model, CoRaConfig(depthwise=depthwise))
+    set_ranks(prepared, "heuristic")
+    return prepared
+
+
+def test_public_names_are_exported():
+    for name in ("CoRaConfig", "prepare_cora", "search_ranks", "set_ranks", "convert_cora", "summary", "quantize_cora",
+                 "CoRaSummary", "RankSearchResult"):
+        assert hasattr(cora_fx, name)
