@@ -47,6 +47,7 @@ class RankSearchResult:
         history: per-iteration loss, task loss and running budget.
         soft_ranks: continuous ranks r_l at the end of the search.
         searched_ranks: ceil(r_l) before the budget projection.
+        max_ranks: R_l per layer; target_budget: the b that was asked for.
         iterations, seconds: work done; interrupted: stopped by KeyboardInterrupt.
     """
 
@@ -57,6 +58,8 @@ class RankSearchResult:
     history: SearchHistory
     soft_ranks: dict[str, float]
     searched_ranks: dict[str, int]
+    max_ranks: dict[str, int]
+    target_budget: float
     iterations: int
     seconds: float
     interrupted: bool = False
@@ -311,6 +314,8 @@ def _finish(prepared: fx.GraphModule, state: Any, layers: dict[str, LowRankAdapt
         a.rank.requires_grad_(False)
     acc = accounting(layer_infos(prepared), state)
     soft_budget = (fixed_params + sum(searchable[n].factors.params_per_rank * soft[n] for n in names)) / max(state.conv_params, 1)
-    result = RankSearchResult(final, acc.budget, soft_budget, acc.equivalent_bits, history, soft, searched, done, seconds, interrupted)
+    max_ranks = {n: searchable[n].max_rank for n in names}
+    result = RankSearchResult(final, acc.budget, soft_budget, acc.equivalent_bits, history, soft, searched, max_ranks,
+                              cfg.budget, done, seconds, interrupted)
     state.search_result = result
     return result

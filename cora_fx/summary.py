@@ -78,7 +78,11 @@ def accounting(layers: list[LayerInfo], state: CoRaState) -> Accounting:
 
 @dataclass
 class CoRaSummary:
-    """What `summary` reports: ``layers`` plus totals; ``str()`` is a table."""
+    """What `summary` reports: ``layers`` plus totals; ``str()`` is a table.
+
+    ``budget`` is the achieved adapter fraction, ``target_budget`` the config's b,
+    ``nbytes`` the size of the serialized state dict.
+    """
 
     layers: list[LayerInfo]
     conv_params: int
@@ -88,6 +92,7 @@ class CoRaSummary:
     nbytes: int
     skipped: dict[str, str] = field(default_factory=dict)
     stage: str = "prepared"
+    target_budget: float = 0.05
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -124,4 +129,4 @@ def summary(model: fx.GraphModule) -> CoRaSummary:
     layers = state.layers if state.stage == CONVERTED else layer_infos(model)
     acc = accounting(layers, state)
     return CoRaSummary(layers, acc.conv_params, acc.adapter_params, acc.budget, acc.equivalent_bits,
-                       serialized_nbytes(model), dict(state.skipped), state.stage)
+                       serialized_nbytes(model), dict(state.skipped), state.stage, state.config.budget)
