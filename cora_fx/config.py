@@ -12,13 +12,15 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 GRANULARITIES = ("per_tensor", "per_channel")
-CLIPPINGS = ("normal", "minmax")
+CLIPPINGS = ("normal", "minmax", "mse")
 LOSSES = ("ce", "kl")
-DEPTHWISE_POLICIES = ("skip", "residual", "float")
+DEPTHWISE_POLICIES = ("skip", "residual", "float", "int8")
+ROUNDINGS = ("nearest", "gptq")
+SVDS = ("weight", "activation")
 
 #: Fields that only steer the rank search; `search_ranks(..., **overrides)` may change them.
 SEARCH_FIELDS = frozenset(
-    {"budget", "nbk_order", "penalty", "lr", "iterations", "grad_clip", "init_rank", "loss", "seed"}
+    {"budget", "nbk_order", "penalty", "lr", "iterations", "grad_clip", "init_rank", "loss", "seed", "bn_correction"}
 )
 
 LossFn = Callable[..., Any]
@@ -33,7 +35,8 @@ class CoRaConfig:
         adapter_bits: bit-width of the adapters A and B (min-max, METHOD.md s.1);
             ``None`` keeps them in float.
         granularity: ``"per_tensor"`` (paper) or ``"per_channel"`` (per output channel).
-        clipping: ``"normal"`` (mu +- k*sigma, paper), ``"minmax"``, or any torch.ao
+        clipping: ``"normal"`` (mu +- k*sigma, paper), ``"minmax"``, ``"mse"`` (the range that
+            minimizes the squared rounding error, an extension), or any torch.ao
             observer class / ``with_args`` factory; it is built with ``dtype=torch.int8``
             and the n-bit ``quant_min``/``quant_max``.
         k: width of the normal clipping range in standard deviations.
@@ -51,7 +54,16 @@ class CoRaConfig:
         depthwise: policy for convs whose residual has rank 1 per group (depthwise):
             ``"skip"`` quantizes them with no adapter (reference code), ``"residual"``
             keeps the whole residual as a fixed rank-1 adapter at ``adapter_bits``
-            (counted in the budget), ``"float"`` leaves them in float (counted as 32 bits).
+            (counted in the budget), ``"float"`` leaves them in float (counted as 32 bits),
+            ``"int8"`` quantizes them at 8 bits per channel, min-max (counted as 8 bits).
+        rounding: ``"nearest"`` (paper) or ``"gptq"``: output-error-compensating rounding of
+            the main weights from calibration data (rounding.py), done by `search_ranks`.
+        svd: ``"weight"`` (paper: best rank-r approximation of dW) or ``"activation"``:
+            adapters that minimize the conv's output error on calibration data.
+        rounding_batches: calibration batches used to estimate the inputs' second moments
+            for ``rounding="gptq"`` / ``svd="activation"``.
+        bn_correction: after the search, correct the BatchNorm statistics on this many
+            calibration batches (`correct_batchnorm`); 0 (paper) leaves them alone.
     """
 
     bits: int = 4
@@ -70,6 +82,10 @@ class CoRaConfig:
     quantize_linear: bool = True
     seed: int = 0
     depthwise: str = "skip"
+    bn_correction: int = 0
+    rounding: str = "nearest"
+    svd: str = "weight"
+    rounding_batches: int = 8
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> ValueError:
@@ -113,6 +129,14 @@ class CoRaConfig:
             raise bad("quantize_linear", "must be a bool")
         if not _is_int(self.seed):
             raise bad("seed", "must be an integer")
+        if not _is_int(self.bn_correction) or self.bn_correction < 0:
+            raise bad("bn_correction", "must be an integer >= 0 (number of calibration batches)")
+        if self.rounding not in ROUNDINGS:
+            raise bad("rounding", f"must be one of {ROUNDINGS}")
+        if self.svd not in SVDS:
+            raise bad("svd", f"must be one of {SVDS}")
+        if not _is_int(self.rounding_batches) or self.rounding_batches < 1:
+            raise bad("rounding_batches", "must be an integer >= 1")
         if self.depthwise not in DEPTHWISE_POLICIES:
             raise bad("depthwise", f"must be one of {DEPTHWISE_POLICIES}")
 
@@ -126,6 +150,11 @@ class CoRaConfig:
     @property
     def per_channel(self) -> bool:
         return self.granularity == "per_channel"
+
+    @property
+    def needs_rounding_data(self) -> bool:
+        """True when the base rounding or the residual factors depend on calibration data."""
+        return self.rounding != "nearest" or self.svd != "weight"
 
 
 def _is_int(value: Any) -> bool:

@@ -14,8 +14,9 @@ quantized nn.Linear (no adapter).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -72,11 +73,14 @@ class QuantizedWeightMixin:
     weight: torch.Tensor
 
     def _init_quantized(self, qw: QuantizedWeight, bias: Optional[torch.Tensor]) -> None:
+        self.set_quantized(qw)
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+
+    def set_quantized(self, qw: QuantizedWeight) -> None:
+        """Store new codes / scale / zero point and the dequantized [W]_n."""
         self.bits = qw.bits
-        self.weight_dtype = bias.dtype if bias is not None else torch.float32
         store_quantized(self, "weight", qw)  # type: ignore[arg-type]
         self.register_buffer("weight", qw.dequantize())  # type: ignore[attr-defined]
-        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
 
     def quantized_weight(self) -> QuantizedWeight:
         return load_quantized(self, "weight", self.bits)  # type: ignore[arg-type]
@@ -143,6 +147,13 @@ class LowRankAdapter(nn.Module):
     @property
     def max_rank(self) -> int:
         return self.factors.max_rank
+
+    def set_factors(self, factors: ResidualFactors) -> None:
+        """Replace the residual's factors (e.g. after data-aware rounding); keeps the hard rank."""
+        self.factors = factors
+        if factors.is_zero():
+            self.policy = OFF
+        self.set_hard_rank(0 if self.policy == OFF else min(int(self.hard_rank), self.max_rank))
 
     @property
     def searchable(self) -> bool:
@@ -235,3 +246,19 @@ class CoRaConv2d(nn.Module):
         bias = self.quantized.bias
         weight = self.folded_weight().to(x.dtype)
         return self.quantized.spec.conv(x, weight, None if bias is None else bias.to(x.dtype))
+
+
+@contextmanager
+def folded_modes(wrappers: Sequence[CoRaConv2d], linears: Sequence[QuantLinear], mode: str) -> Iterator[None]:
+    """Run folded wrappers in ``mode`` (FLOAT also switches QuantLinear to its float weight)."""
+    try:
+        for w in wrappers:
+            w.mode = mode
+        for lin in linears:
+            lin.use_float = mode == FLOAT
+        yield
+    finally:
+        for w in wrappers:
+            w.mode = SOFT
+        for lin in linears:
+            lin.use_float = False

@@ -68,6 +68,62 @@ class NormalObserver(UniformQuantizationObserverBase):
         return f"k={self.k}, ch_axis={self.ch_axis}, min_val={self.min_val}, max_val={self.max_val}"
 
 
+class MSEObserver(UniformQuantizationObserverBase):
+    """Clipping range that minimizes the weight's squared rounding error (per tensor or per channel).
+
+    Tries ``grid`` shrink ratios of the min-max range in [``min_ratio``, 1] and keeps, per channel,
+    the one whose quantized weight is closest to the float weight (a cora_fx extension; the
+    paper uses normal or min-max clipping).
+    """
+
+    min_val: torch.Tensor
+    max_val: torch.Tensor
+
+    def __init__(
+        self,
+        ch_axis: Optional[int] = None,
+        grid: int = 64,
+        min_ratio: float = 0.2,
+        dtype: torch.dtype = torch.int8,
+        qscheme: Optional[torch.qscheme] = None,
+        quant_min: Optional[int] = None,
+        quant_max: Optional[int] = None,
+        eps: float = torch.finfo(torch.float32).eps,
+        **kwargs: Any,
+    ) -> None:
+        if qscheme is None:
+            qscheme = torch.per_tensor_affine if ch_axis is None else torch.per_channel_affine
+        super().__init__(dtype=dtype, qscheme=qscheme, quant_min=quant_min, quant_max=quant_max, eps=eps, **kwargs)
+        self.ch_axis = ch_axis
+        self.grid = grid
+        self.min_ratio = min_ratio
+        self.register_buffer("min_val", torch.tensor(float("inf")))
+        self.register_buffer("max_val", torch.tensor(float("-inf")))
+
+    def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
+        x = x_orig.detach().float()
+        flat = x.reshape(1, -1) if self.ch_axis is None else x.transpose(0, self.ch_axis).reshape(x.shape[self.ch_axis], -1)
+        lo, hi = flat.min(dim=1).values.clamp(max=0), flat.max(dim=1).values.clamp(min=0)
+        best_err = torch.full_like(lo, float("inf"))
+        best_lo, best_hi = lo.clone(), hi.clone()
+        for ratio in torch.linspace(self.min_ratio, 1.0, self.grid).tolist():
+            lo_r, hi_r = lo * ratio, hi * ratio
+            scale = ((hi_r - lo_r) / float(self.quant_max - self.quant_min)).clamp(min=self.eps)
+            zero_point = (self.quant_min - torch.round(lo_r / scale)).clamp(self.quant_min, self.quant_max)
+            q = torch.clamp(torch.round(flat / scale[:, None]) + zero_point[:, None], self.quant_min, self.quant_max)
+            err = ((q - zero_point[:, None]) * scale[:, None] - flat).pow(2).sum(dim=1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_lo, best_hi = torch.where(better, lo_r, best_lo), torch.where(better, hi_r, best_hi)
+        self.min_val = best_lo if self.ch_axis is not None else best_lo[0]
+        self.max_val = best_hi if self.ch_axis is not None else best_hi[0]
+        return x_orig
+
+    @torch.jit.export
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        return self._calculate_qparams(self.min_val, self.max_val)
+
+
 def quant_range(bits: int) -> tuple[int, int]:
     """Signed n-bit code range used with ``dtype=torch.int8`` observers."""
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
@@ -81,7 +137,7 @@ def make_observer(
 ) -> UniformQuantizationObserverBase:
     """Build the torch.ao observer that supplies the clipping range of one weight tensor.
 
-    ``clipping`` is ``"normal"``, ``"minmax"`` or a torch.ao observer class / factory
+    ``clipping`` is ``"normal"``, ``"minmax"``, ``"mse"`` or a torch.ao observer class / factory
     (e.g. ``HistogramObserver`` or ``MinMaxObserver.with_args(eps=1e-6)``); a factory is
     called with ``dtype=torch.int8``, the n-bit ``quant_min``/``quant_max`` and the affine
     qscheme of the granularity (per-channel observers must accept ``ch_axis=0``).
@@ -91,6 +147,8 @@ def make_observer(
     kwargs: dict[str, Any] = dict(dtype=torch.int8, qscheme=qscheme, quant_min=qmin, quant_max=qmax)
     if clipping == "normal":
         return NormalObserver(k=k, ch_axis=0 if per_channel else None, **kwargs)
+    if clipping == "mse":
+        return MSEObserver(ch_axis=0 if per_channel else None, **kwargs)
     if clipping == "minmax":
         cls = PerChannelMinMaxObserver if per_channel else MinMaxObserver
         return cls(**kwargs) if not per_channel else cls(ch_axis=0, **kwargs)

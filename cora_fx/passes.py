@@ -114,15 +114,20 @@ class RewriteConvs:
 
     def _build(self, conv: nn.Conv2d) -> Optional[CoRaConv2d]:
         cfg = self.config
-        observer = make_observer(cfg.clipping, cfg.bits, cfg.per_channel, cfg.k)
-        qw = quantize_weight(conv.weight, observer, cfg.bits)
-        residual = conv.weight.detach().to(torch.float32) - qw.dequantize()
-        factors = ResidualFactors(residual, conv.groups)
+        m, n_per_group, k1, k2 = conv.weight.shape
+        depthwise = min(m // conv.groups, n_per_group * k1 * k2) == 1  # rank 1 per group, METHOD.md s.2
         policy = SEARCH
-        if factors.max_rank == 1:  # depthwise-like: rank 1 per group, METHOD.md section 2
+        bits, observer = cfg.bits, None
+        if depthwise:
             if cfg.depthwise == "float":
                 return None
             policy = FIXED if cfg.depthwise == "residual" else OFF
+            if cfg.depthwise == "int8":
+                bits, observer = 8, make_observer("minmax", 8, per_channel=True)
+        observer = observer or make_observer(cfg.clipping, bits, cfg.per_channel, cfg.k)
+        qw = quantize_weight(conv.weight, observer, bits)
+        residual = conv.weight.detach().to(torch.float32) - qw.dequantize()
+        factors = ResidualFactors(residual, conv.groups)
         spec = ConvSpec.of(conv)
         adapter = LowRankAdapter(factors, spec, cfg.adapter_bits, policy, cfg.init_rank)
         adapter.nbk_order = cfg.nbk_order

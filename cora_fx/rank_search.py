@@ -19,8 +19,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import SEARCH_FIELDS, CoRaConfig
-from .modules import FLOAT, SOFT, CoRaConv2d, LowRankAdapter, QuantLinear
+from .modules import FLOAT, CoRaConv2d, LowRankAdapter, QuantLinear, folded_modes
+from .batches import BatchCycle, model_device, split_batch
+from .batchnorm import correct_batchnorm
 from .passes import FoldAdaptersForSearch, run_passes
+from .rounding import calibrate_rounding
 from .prepare import adapters
 from .state import PREPARED, CoRaError, get_state
 from .summary import accounting, layer_infos
@@ -127,47 +130,6 @@ def _task_loss(cfg: CoRaConfig) -> Callable[[torch.Tensor, Optional[torch.Tensor
     return ce
 
 
-def _split_batch(batch: Any, device: torch.device) -> tuple[tuple[torch.Tensor, ...], Any]:
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise CoRaError(f"each calibration batch must be an (inputs, labels) pair, got {type(batch).__name__}")
-    inputs, labels = batch
-    inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-    if not all(isinstance(t, torch.Tensor) for t in inputs):
-        raise CoRaError("calibration inputs must be a tensor or a tuple of tensors")
-    move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
-    return tuple(move(t) for t in inputs), move(labels)
-
-
-class _Batches:
-    """Cycles a re-iterable (list, DataLoader); a one-shot iterator ends when exhausted."""
-
-    def __init__(self, batches: Iterable) -> None:
-        self.batches = batches
-        self.iterator = iter(batches)
-        self.one_shot = self.iterator is batches
-        self.seen = 0
-
-    def next(self) -> Optional[Any]:
-        for attempt in range(2):
-            try:
-                batch = next(self.iterator)
-                self.seen += 1
-                return batch
-            except StopIteration:
-                if self.seen == 0:
-                    raise CoRaError("search_ranks: the calibration batches are empty") from None
-                if self.one_shot or attempt:
-                    return None
-                self.iterator = iter(self.batches)
-        return None
-
-
-def _device(gm: torch.nn.Module) -> torch.device:
-    for t in list(gm.parameters()) + list(gm.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
 def search_ranks(prepared: fx.GraphModule, batches: Iterable, *, progress: bool = True, **config_overrides: Any) -> RankSearchResult:
     """Search the per-layer ranks of ``prepared`` on calibration ``batches``; set them; report.
 
@@ -183,6 +145,8 @@ def search_ranks(prepared: fx.GraphModule, batches: Iterable, *, progress: bool 
     if bad:
         raise ValueError(f"search_ranks: {sorted(bad)} cannot be changed after prepare_cora (search fields: {sorted(SEARCH_FIELDS)})")
     cfg = state.config.replace(**config_overrides)
+    if cfg.needs_rounding_data and not state.rounding_calibrated:
+        calibrate_rounding(prepared, batches)
     layers = adapters(prepared)
     searchable = {n: a for n, a in layers.items() if a.searchable}
     saved_ranks = {n: int(a.hard_rank) for n, a in layers.items()}
@@ -194,7 +158,7 @@ def search_ranks(prepared: fx.GraphModule, batches: Iterable, *, progress: bool 
     was_training = prepared.training
     loss_fn = _task_loss(cfg)
     needs_teacher = cfg.loss != "ce"
-    device = _device(prepared)
+    device = model_device(prepared)
     names = list(searchable)
     ranks = [searchable[n].rank for n in names]
     max_ranks = torch.tensor([searchable[n].max_rank for n in names], dtype=torch.float32, device=device)
@@ -217,7 +181,8 @@ def search_ranks(prepared: fx.GraphModule, batches: Iterable, *, progress: bool 
     for r in ranks:
         r.requires_grad_(True)
     optimizer = torch.optim.Adam(ranks, lr=cfg.lr) if ranks else None
-    data = _Batches(batches)
+    data = BatchCycle(batches)
+    kept: list = []  # the first batches, for the BatchNorm correction
     bar = tqdm(total=cfg.iterations, desc="cora rank search", disable=not progress, leave=False)
     try:
         with torch.random.fork_rng(devices=[]):
@@ -226,7 +191,9 @@ def search_ranks(prepared: fx.GraphModule, batches: Iterable, *, progress: bool 
                 batch = data.next()
                 if batch is None:
                     break
-                inputs, labels = _split_batch(batch, device)
+                inputs, labels = split_batch(batch, device)
+                if len(kept) < cfg.bn_correction:
+                    kept.append(batch)
                 teacher = None
                 if needs_teacher:
                     teacher = _teacher(search_gm, wrappers, linears, inputs)
@@ -272,24 +239,16 @@ def search_ranks(prepared: fx.GraphModule, batches: Iterable, *, progress: bool 
         if not failed:
             result = _finish(prepared, state, layers, searchable, names, importance, cfg, history, done,
                              time.perf_counter() - start, interrupted)
+    if cfg.bn_correction:
+        correct_batchnorm(prepared, kept, max_batches=cfg.bn_correction)
     return result
 
 
 def _teacher(search_gm: fx.GraphModule, wrappers: Sequence[CoRaConv2d], linears: Sequence[QuantLinear],
              inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """The float model's output: full-rank float residuals give back W exactly (Theorem 1)."""
-    try:
-        for w in wrappers:
-            w.mode = FLOAT
-        for lin in linears:
-            lin.use_float = True
-        with torch.no_grad():
-            return search_gm(*inputs).detach()
-    finally:
-        for w in wrappers:
-            w.mode = SOFT
-        for lin in linears:
-            lin.use_float = False
+    with folded_modes(wrappers, linears, FLOAT), torch.no_grad():
+        return search_gm(*inputs).detach()
 
 
 def _restore(layers: dict[str, LowRankAdapter], saved: dict[str, int], soft: dict[str, float]) -> None:

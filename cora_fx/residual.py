@@ -19,22 +19,30 @@ class ResidualFactors(torch.nn.Module):
     """Per-group thin SVD of a conv residual, stored as constant buffers.
 
     Buffers: ``U`` (g, m/g, R), ``S`` (g, R), ``Vh`` (g, R, n/g*k1*k2). They are the
-    search's constants; `convert_cora` drops them.
+    search's constants; `convert_cora` drops them. With ``whitening`` L (g, d, d), the
+    factorization minimizes the output error instead (``svd="activation"``, rounding.py):
+    ``Vh`` is then V^T L^-1, no longer orthonormal, and U diag(S) Vh is still exactly dW.
     """
 
     U: torch.Tensor
     S: torch.Tensor
     Vh: torch.Tensor
 
-    def __init__(self, residual: torch.Tensor, groups: int) -> None:
+    def __init__(self, residual: torch.Tensor, groups: int, whitening: torch.Tensor | None = None) -> None:
         super().__init__()
         m, n_per_group, k1, k2 = residual.shape
         if m % groups:
             raise ValueError(f"out_channels {m} is not divisible by groups {groups}")
         self.groups = groups
         self.weight_shape = tuple(residual.shape)
+        self.whitened = whitening is not None
         blocks = residual.detach().to(torch.float64).reshape(groups, m // groups, n_per_group * k1 * k2)
-        U, S, Vh = torch.linalg.svd(blocks, full_matrices=False)
+        if whitening is None:
+            U, S, Vh = torch.linalg.svd(blocks, full_matrices=False)
+        else:  # output-aware: SVD of dW L with H = L L^T, then V^T L^-1 (rounding.py)
+            L = whitening.to(torch.float64)
+            U, S, Vh = torch.linalg.svd(torch.bmm(blocks, L), full_matrices=False)
+            Vh = torch.linalg.solve_triangular(L, Vh, upper=False, left=False)
         self.register_buffer("U", U.to(torch.float32))
         self.register_buffer("S", S.to(torch.float32))
         self.register_buffer("Vh", Vh.to(torch.float32))

@@ -32,6 +32,7 @@ class CoRaState:
     float_conv_params: int = 0
     search_result: Optional[Any] = None
     layers: list[Any] = field(default_factory=list)
+    rounding_calibrated: bool = False
 
 
 def get_state(gm: Any, expected: Optional[str] = None, argument: str = "model") -> CoRaState:

@@ -1,0 +1,52 @@
+"""Calibration batches: ``(inputs, labels)`` pairs, moved to the model's device, cycled if re-iterable."""
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+import torch
+
+from .state import CoRaError
+
+
+def model_device(module: torch.nn.Module) -> torch.device:
+    """Device of the first parameter or buffer (CPU for a module without tensors)."""
+    for t in list(module.parameters()) + list(module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def split_batch(batch: Any, device: torch.device) -> tuple[tuple[torch.Tensor, ...], Any]:
+    """``(inputs, labels)`` -> (tuple of input tensors on ``device``, labels on ``device``)."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise CoRaError(f"each calibration batch must be an (inputs, labels) pair, got {type(batch).__name__}")
+    inputs, labels = batch
+    inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    if not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise CoRaError("calibration inputs must be a tensor or a tuple of tensors")
+    move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    return tuple(move(t) for t in inputs), move(labels)
+
+
+class BatchCycle:
+    """Cycles a re-iterable (list, DataLoader); a one-shot iterator ends when exhausted."""
+
+    def __init__(self, batches: Iterable) -> None:
+        self.batches = batches
+        self.iterator = iter(batches)
+        self.one_shot = self.iterator is batches
+        self.seen = 0
+
+    def next(self) -> Optional[Any]:
+        """The next batch, or None when a one-shot iterator is exhausted."""
+        for attempt in range(2):
+            try:
+                batch = next(self.iterator)
+                self.seen += 1
+                return batch
+            except StopIteration:
+                if self.seen == 0:
+                    raise CoRaError("search_ranks: the calibration batches are empty") from None
+                if self.one_shot or attempt:
+                    return None
+                self.iterator = iter(self.batches)
+        return None

@@ -1,0 +1,180 @@
+"""Data-aware base rounding and residual factorization (cora_fx extensions, off by default).
+
+The paper rounds to nearest and factors the residual in weight space. The paper's own future
+work is to reclaim the residual of a better rounding; with calibration data cora_fx can:
+
+- ``rounding="gptq"``: round W with GPTQ (Frantar et al., 2022): columns of the unfolded weight are
+  quantized one at a time on the observer's grid, and each rounding error is spread over the
+  not-yet-quantized columns through the inverse of H = X X^T (X: the conv's unfolded inputs),
+  so the conv's *output* error is minimized rather than the weight error.
+- ``svd="activation"``: factor the residual so the adapter minimizes the output error
+  ||(dW - B A) X||_F: with H = L L^T, SVD(dW L) = U S V^T, B = U S^1/2, A = S^1/2 V^T L^-1.
+  Theorem 1 still holds at full rank; the NBK search works on these singular values unchanged.
+
+Both need H per conv (per group), collected by `collect_input_moments` from the float model.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Iterable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from .batches import model_device, split_batch
+from .modules import FLOAT, ConvSpec, CoRaConv2d, QuantLinear, folded_modes
+from .observers import QuantizedWeight, quant_range
+from .passes import FoldAdaptersForSearch, run_passes
+from .residual import ResidualFactors
+from .state import PREPARED, CoRaError, get_state
+
+
+def im2col(x: torch.Tensor, spec: ConvSpec, kernel: tuple[int, int]) -> torch.Tensor:
+    """(B, n, H, W) -> (B, n*k1*k2, L): the columns the conv multiplies, in weight order."""
+    padding = spec.padding
+    if spec.padding_mode != "zeros":
+        x = F.pad(x, spec.reversed_padding, mode=spec.padding_mode)
+        padding = (0, 0)
+    elif padding == "same":
+        pads = []
+        for d, k in zip(reversed(spec.dilation), reversed(kernel)):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        x = F.pad(x, pads)
+        padding = (0, 0)
+    elif padding == "valid":
+        padding = (0, 0)
+    return F.unfold(x, kernel, dilation=spec.dilation, padding=padding, stride=spec.stride)
+
+
+class _InputMoments:
+    """Accumulates H_g = sum X_g X_g^T over a conv's inputs, per group (float64)."""
+
+    def __init__(self, layer: CoRaConv2d) -> None:
+        self.spec = layer.quantized.spec
+        shape = layer.adapter.factors.weight_shape
+        self.kernel = (shape[2], shape[3])
+        self.groups = self.spec.groups
+        self.h: torch.Tensor | None = None
+        self.count = 0
+
+    def __call__(self, module: torch.nn.Module, args: tuple) -> None:
+        x = args[0].detach()
+        for chunk in x.split(4):
+            cols = im2col(chunk.to(torch.float32), self.spec, self.kernel)
+            b, d, length = cols.shape
+            cols = cols.reshape(b, self.groups, d // self.groups, length)
+            h = torch.einsum("bgdl,bgel->gde", cols, cols).to(torch.float64)
+            self.h = h if self.h is None else self.h + h
+            self.count += b * length
+
+
+def collect_input_moments(prepared: fx.GraphModule, batches: Iterable, max_batches: int) -> dict[str, torch.Tensor]:
+    """H (g, d, d) per rewritten conv, averaged over the inputs of the float model."""
+    folded = run_passes(fx.GraphModule(prepared, copy.deepcopy(prepared.graph)), [FoldAdaptersForSearch()])
+    wrappers = {n: m for n, m in folded.named_modules() if isinstance(m, CoRaConv2d)}
+    linears = [m for m in prepared.modules() if isinstance(m, QuantLinear)]
+    moments = {n: _InputMoments(m) for n, m in wrappers.items()}
+    handles = [m.register_forward_pre_hook(moments[n]) for n, m in wrappers.items()]
+    device = model_device(prepared)
+    seen = 0
+    folded.eval()
+    try:
+        with folded_modes(list(wrappers.values()), linears, FLOAT), torch.no_grad():
+            for batch in batches:
+                if seen >= max_batches:
+                    break
+                folded(*split_batch(batch, device)[0])
+                seen += 1
+    finally:
+        for h in handles:
+            h.remove()
+    if not seen:
+        raise CoRaError("calibrate_rounding: the calibration batches are empty")
+    return {n: m.h / max(m.count, 1) for n, m in moments.items() if m.h is not None}
+
+
+def _damped(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """H + damp * mean(diag H) * I per group; dead inputs (zero diagonal) get 1."""
+    h = h.clone()
+    diag = torch.diagonal(h, dim1=-2, dim2=-1)
+    diag[diag == 0] = 1.0
+    mean = diag.mean(dim=-1, keepdim=True)
+    diag += damp * mean
+    return h
+
+
+def gptq_quantize(weight: torch.Tensor, h: torch.Tensor, qw: QuantizedWeight, damp: float = 0.01,
+                  block: int = 128) -> QuantizedWeight:
+    """GPTQ rounding of ``weight`` on the grid of ``qw`` (same scale / zero point), groups batched.
+
+    Columns are processed in descending order of diag(H) ("act order").
+    """
+    g = h.shape[0]
+    m = weight.shape[0]
+    w = weight.detach().to(torch.float64).reshape(g, m // g, -1).clone()
+    d = w.shape[-1]
+    scale = qw.scale.to(torch.float64).reshape(-1)
+    zero_point = qw.zero_point.to(torch.float64).reshape(-1)
+    if scale.numel() == 1:
+        scale, zero_point = scale.expand(m), zero_point.expand(m)
+    scale, zero_point = scale.reshape(g, m // g, 1), zero_point.reshape(g, m // g, 1)
+    qmin, qmax = quant_range(qw.bits)
+    hd = _damped(h, damp)
+    perm = torch.argsort(torch.diagonal(hd, dim1=-2, dim2=-1), dim=-1, descending=True)  # (g, d)
+    w = torch.gather(w, 2, perm.unsqueeze(1).expand_as(w))
+    hd = torch.gather(torch.gather(hd, 1, perm.unsqueeze(2).expand_as(hd)), 2, perm.unsqueeze(1).expand_as(hd))
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hd)), upper=True)
+    codes = torch.zeros_like(w)
+    for start in range(0, d, block):
+        stop = min(start + block, d)
+        w1 = w[:, :, start:stop].clone()
+        err1 = torch.zeros_like(w1)
+        h1 = hinv[:, start:stop, start:stop]
+        for i in range(stop - start):
+            col = w1[:, :, i:i + 1]
+            q = torch.clamp(torch.round(col / scale) + zero_point, qmin, qmax)
+            codes[:, :, start + i:start + i + 1] = q
+            err = (col - (q - zero_point) * scale) / h1[:, i, i].reshape(g, 1, 1)
+            w1[:, :, i:] -= err * h1[:, i, i:].unsqueeze(1)
+            err1[:, :, i:i + 1] = err
+        w[:, :, stop:] -= torch.bmm(err1, hinv[:, start:stop, stop:])
+    inverse = torch.argsort(perm, dim=-1)
+    codes = torch.gather(codes, 2, inverse.unsqueeze(1).expand_as(codes))
+    codes = codes.reshape(weight.shape).to(torch.int8)
+    return QuantizedWeight(codes, qw.scale, qw.zero_point, qw.bits, qw.clip_min, qw.clip_max)
+
+
+def whitening(h: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """Lower Cholesky factor L of the damped H = L L^T, per group (float32)."""
+    return torch.linalg.cholesky(_damped(h, damp)).to(torch.float32)
+
+
+def calibrate_rounding(prepared: fx.GraphModule, batches: Iterable, *, max_batches: int | None = None) -> int:
+    """Re-round the main weights (``rounding="gptq"``) and/or re-factor the residuals
+    (``svd="activation"``) of ``prepared`` from calibration data; returns the layers updated.
+
+    The float weight is recovered exactly from [W]_n plus the full-rank residual (Theorem 1).
+    Hard ranks are kept (clamped to the new R). `search_ranks` calls this first when the
+    config asks for it and it has not run yet.
+    """
+    state = get_state(prepared, PREPARED, "prepared")
+    cfg = state.config
+    moments = collect_input_moments(prepared, batches, max_batches or cfg.rounding_batches)
+    updated = 0
+    for name, layer in prepared.named_modules():
+        if not isinstance(layer, CoRaConv2d) or name not in moments:
+            continue
+        factors = layer.adapter.factors
+        weight = layer.quantized.weight + factors.folded_delta(torch.ones_like(factors.S[0]))
+        qw = layer.quantized.quantized_weight()
+        if cfg.rounding == "gptq":
+            qw = gptq_quantize(weight, moments[name], qw)
+        white = whitening(moments[name]) if cfg.svd == "activation" else None
+        layer.quantized.set_quantized(qw)
+        residual = weight - qw.dequantize()
+        layer.adapter.set_factors(ResidualFactors(residual.to(torch.float32), layer.quantized.spec.groups, white))
+        updated += 1
+    state.rounding_calibrated = True
+    return updated

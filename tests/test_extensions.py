@@ -1,0 +1,131 @@
+"""The cora_fx extensions beyond the paper: MSE clipping, int8 depthwise, BatchNorm correction,
+GPTQ base rounding and output-aware (activation) residual factors."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from cora_fx import CoRaConfig, calibrate_rounding, convert_cora, correct_batchnorm, prepare_cora, search_ranks, set_ranks, summary
+from cora_fx.observers import MSEObserver, make_observer, quantize_weight
+from cora_fx.prepare import adapters
+
+from .conftest import random_batches
+
+
+def test_mse_clipping_has_less_weight_error_than_minmax():
+    w = torch.randn(16, 8, 3, 3)
+    w[0, 0, 0, 0] = 12.0  # an outlier that min-max must cover
+    for per_channel in (False, True):
+        errs = {}
+        for clipping in ("minmax", "mse"):
+            obs = make_observer(clipping, 3, per_channel)
+            errs[clipping] = float((quantize_weight(w, obs, 3).dequantize() - w).pow(2).sum())
+        assert errs["mse"] < errs["minmax"]
+        assert isinstance(make_observer("mse", 3, per_channel), MSEObserver)
+
+
+def test_depthwise_int8_policy_is_counted_at_8_bits(small_net):
+    prepared = prepare_cora(small_net, CoRaConfig(depthwise="int8"))
+    layer = next(l for l in summary(prepared).layers if l.name == "block.2")
+    assert layer.bits == 8 and layer.rank == 0 and layer.policy == "off"
+    skip = summary(prepare_cora(small_net, CoRaConfig(depthwise="skip")))
+    now = summary(prepared)
+    assert now.equivalent_bits - skip.equivalent_bits == pytest.approx(4 * layer.params / now.conv_params)
+    converted = convert_cora(prepared)
+    assert converted.get_buffer("block.2.weight_packed").numel() == layer.params  # one 8-bit code per byte
+
+
+class BNNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        )
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.body(x).mean(dim=(2, 3)))
+
+
+def _trained_bn_net() -> BNNet:
+    net = BNNet()
+    net.train()
+    with torch.no_grad():
+        for x, _ in random_batches(20, batch=16):
+            net(x + 0.5)  # running statistics of a shifted input distribution
+    return net.eval()
+
+
+def test_batchnorm_correction_brings_the_quantized_model_closer_to_float():
+    net = _trained_bn_net()
+    user_stats = net.body[1].running_mean.clone()
+    data = [(x + 0.5, y) for x, y in random_batches(6, batch=16)]
+    prepared = prepare_cora(net, CoRaConfig(bits=2, granularity="per_tensor", clipping="minmax", quantize_linear=False))
+    set_ranks(prepared, {n: 0 for n in adapters(prepared)})
+    x = torch.cat([b[0] for b in data])
+    with torch.no_grad():
+        reference = net(x)
+        before = (prepared(x) - reference).pow(2).mean()
+        assert correct_batchnorm(prepared, data, max_batches=6) == 2
+        after = (prepared(x) - reference).pow(2).mean()
+    assert after < 0.7 * before
+    # the prepared copy was corrected; the user's model keeps its statistics
+    assert not torch.equal(prepared.get_submodule("body.1").running_mean, user_stats)
+    assert torch.equal(net.body[1].running_mean, user_stats)
+
+
+def _output_error(prepared, net, data) -> float:
+    x = torch.cat([b[0] for b in data])
+    with torch.no_grad():
+        return float((prepared(x) - net(x)).pow(2).mean())
+
+
+def test_gptq_rounding_lowers_the_output_error_of_plain_rounding():
+    torch.manual_seed(3)
+    conv = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1)).eval()
+    mix = torch.randn(8, 8)
+    data = [(torch.einsum("ij,bjhw->bihw", mix, torch.randn(16, 8, 12, 12)), None) for _ in range(4)]  # correlated channels
+    errors = {}
+    for rounding in ("nearest", "gptq"):
+        prepared = prepare_cora(conv, CoRaConfig(bits=3, granularity="per_channel", clipping="minmax", rounding=rounding, rounding_batches=4))
+        if rounding == "gptq":
+            assert calibrate_rounding(prepared, data) == 1
+        set_ranks(prepared, {"0": 0})
+        errors[rounding] = _output_error(prepared, conv, data)
+    assert errors["gptq"] < 0.8 * errors["nearest"]
+
+
+@settings(max_examples=10)
+@given(st.integers(1, 3), st.sampled_from(["nearest", "gptq"]))
+def test_activation_factors_stay_exact_at_full_rank_and_win_at_low_rank(seed, rounding):
+    torch.manual_seed(seed)
+    conv = nn.Sequential(nn.Conv2d(8, 12, 3, padding=1, groups=2)).eval()
+    mix = torch.randn(8, 8)
+    data = [(torch.einsum("ij,bjhw->bihw", mix, torch.randn(8, 8, 10, 10)), None) for _ in range(4)]
+    errors = {}
+    for svd in ("weight", "activation"):
+        cfg = CoRaConfig(bits=3, adapter_bits=None, granularity="per_channel", clipping="minmax", rounding=rounding, svd=svd, rounding_batches=4)
+        prepared = prepare_cora(conv, cfg)
+        if cfg.needs_rounding_data:
+            calibrate_rounding(prepared, data)
+        set_ranks(prepared, "full")
+        assert _output_error(prepared, conv, data) < 1e-8  # Theorem 1 holds for any factorization
+        set_ranks(prepared, {"0": 2})
+        errors[svd] = _output_error(prepared, conv, data)
+    assert errors["activation"] <= errors["weight"] * 1.001
+
+
+def test_search_runs_the_data_aware_steps_and_converts(small_net):
+    cfg = CoRaConfig(granularity="per_channel", clipping="mse", depthwise="int8", rounding="gptq", svd="activation",
+                     rounding_batches=2, bn_correction=2, loss="kl")
+    prepared = prepare_cora(small_net, cfg)
+    result = search_ranks(prepared, random_batches(3), iterations=4, progress=False)
+    assert prepared.meta["cora_fx"].rounding_calibrated and result.budget <= 0.05 + 1e-9
+    converted = convert_cora(prepared)
+    x = random_batches(1)[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), prepared(x), rtol=0, atol=1e-5)
