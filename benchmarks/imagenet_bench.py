@@ -1,0 +1,127 @@
+"""ImageNet benchmark: cora_fx against plain rounding and peers on one model, in one run.
+
+    python benchmarks/imagenet_bench.py                       # MobileNetV2, shared weights and images
+    python benchmarks/imagenet_bench.py --quick               # CI smoke test (< 3 minutes)
+    python benchmarks/imagenet_bench.py --arch resnet18 --weights resnet18-f37072fd.pth \\
+        --data /path/to/data                                  # the paper's Table 1 protocol
+
+``--data`` is a folder with ``imagenet/labels.csv`` (path,label,split: calib / eval rows) and
+optionally ``imagenet/tiny64_labels.csv``. Results (JSON, RESULTS.md tables, plots) go to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torchvision
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import batches, data_paths, load_split, normalize, predict, topk_with_ci  # noqa: E402
+from benchmarks.methods import MethodRun, cora, state_dict_bytes  # noqa: E402
+from cora_fx import CoRaConfig  # noqa: E402
+
+
+def paper(bits: int, **kw) -> CoRaConfig:
+    return CoRaConfig(bits=bits, **kw)
+
+
+def per_channel(bits: int, **kw) -> CoRaConfig:
+    return CoRaConfig(bits=bits, granularity="per_channel", clipping="minmax", **kw)
+
+
+def plan(quick: bool) -> list[tuple[str, int, callable]]:
+    """(name, bits, runner(model, calib, example) -> MethodRun) in run order."""
+    runs = []
+    for bits in (3, 4, 5):
+        runs.append((f"RTN per-tensor normal W{bits}", bits, lambda m, c, x, b=bits: cora(f"RTN per-tensor normal W{b}", m, paper(b), c, x, ranks="rtn")))
+        runs.append((f"RTN per-channel min-max W{bits}", bits, lambda m, c, x, b=bits: cora(f"RTN per-channel min-max W{b}", m, per_channel(b), c, x, ranks="rtn")))
+    for bits in (4, 3):
+        for base, make in (("per-tensor", paper), ("per-channel", per_channel)):
+            runs.append((f"CoRa heuristic {base} W{bits}", bits, lambda m, c, x, b=bits, mk=make, n=f"CoRa heuristic {base} W{bits}": cora(n, m, mk(b), c, x, ranks="heuristic")))
+            runs.append((f"CoRa searched {base} W{bits}", bits, lambda m, c, x, b=bits, mk=make, n=f"CoRa searched {base} W{bits}": cora(n, m, mk(b, iterations=5 if quick else 250), c, x, ranks="search")))
+    for bits in (4, 3, 5):
+        for budget in ((0.05,) if quick else (0.02, 0.05, 0.10)):
+            name = f"CoRa recommended W{bits} b={budget}"
+            runs.append((name, bits, lambda m, c, x, b=bits, bu=budget, n=name: cora(n, m, CoRaConfig.recommended(b).replace(budget=bu, **({"iterations": 5, "rounding_batches": 1, "bn_correction": 1} if quick else {})), c, x, ranks="search")))
+    return runs
+
+
+def agreement(model, float_top1: torch.Tensor, images: torch.Tensor) -> float:
+    return 100.0 * float((predict(model, images)[:, 0] == float_top1).float().mean())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="mobilenet_v2")
+    parser.add_argument("--weights", default=None, help="float checkpoint (default: the shared MobileNetV2 weights)")
+    parser.add_argument("--data", default=None, help="data folder (default: $CORA_FX_DATA or ../shared/data)")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--quick", action="store_true", help="few images and iterations: a smoke test")
+    parser.add_argument("--only", default="", help="comma-separated substrings: run only matching methods")
+    parser.add_argument("--peers", default="torchao,brevitas,aimet")
+    parser.add_argument("--no-latency", action="store_true")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    labels_csv, tiny_csv = data_paths(args.data)
+    weights = Path(args.weights) if args.weights else labels_csv.parents[1] / "weights" / "mobilenet_v2-b0353104.pth"
+    model = getattr(torchvision.models, args.arch)()
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    model.eval()
+    calib_n, eval_n, tiny_n = (64, 64, 256) if args.quick else (None, None, None)
+    calib_images, calib_labels = load_split(labels_csv, "calib", limit=calib_n)
+    eval_images, eval_labels = load_split(labels_csv, "eval", limit=eval_n)
+    tiny = load_split(tiny_csv, None, image_size=64, resize=64, limit=tiny_n)[0] if tiny_csv.is_file() else None
+    calib = batches(calib_images, calib_labels, 32)
+    example = normalize(eval_images[:2])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / ("results_quick.json" if args.quick else "results.json")
+    results = json.loads(results_path.read_text()) if results_path.is_file() and not args.quick else {}
+
+    float_top5 = predict(model, eval_images)
+    float_tiny = predict(model, tiny)[:, 0] if tiny is not None else None
+    float_bytes = state_dict_bytes(model)
+    results["float"] = dict(name="float", family="float", bits=32, equivalent_bits=32.0, artifact_bytes=float_bytes,
+                            calib_seconds=0.0, iterations=0, **topk_with_ci(float_top5, eval_labels),
+                            tiny_agreement=100.0 if tiny is not None else None)
+    runs = plan(args.quick)
+    from benchmarks.peers import peer_runs
+    runs += peer_runs([p for p in args.peers.split(",") if p], args.quick)
+    only = [s for s in args.only.split(",") if s]
+    for name, bits, runner in runs:
+        if only and not any(s in name for s in only):
+            continue
+        print(f"== {name}", flush=True)
+        try:
+            run: MethodRun = runner(model, calib, example)
+        except Exception as err:  # a peer that cannot run is reported, not fatal
+            results[name] = dict(name=name, bits=bits, error=f"{type(err).__name__}: {err}".splitlines()[0][:300])
+            print(f"   failed: {results[name]['error']}", flush=True)
+            continue
+        record = {k: v for k, v in asdict(run).items() if k != "model"}
+        if run.model is not None:
+            record.update(topk_with_ci(predict(run.model, eval_images), eval_labels))
+            record["tiny_agreement"] = agreement(run.model, float_tiny, tiny) if tiny is not None else None
+        results[name] = record
+        print(f"   top1 {record.get('top1', float('nan')):.2f} bits {run.equivalent_bits:.3f} "
+              f"calib {run.calib_seconds:.0f}s bytes {run.artifact_bytes:,}", flush=True)
+        results_path.write_text(json.dumps(results, indent=1))
+    meta = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), machine=f"{platform.machine()}, {torch.get_num_threads()} threads",
+                torch=torch.__version__, torchvision=torchvision.__version__, arch=args.arch, quick=args.quick,
+                calib_images=len(calib_images), eval_images=len(eval_images), tiny_images=0 if tiny is None else len(tiny),
+                command="python benchmarks/imagenet_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    results["_meta"] = meta
+    results_path.write_text(json.dumps(results, indent=1))
+    print(json.dumps(meta))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

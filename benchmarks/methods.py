@@ -1,0 +1,74 @@
+"""The quantization methods the ImageNet benchmark compares, each a function model -> artifact.
+
+Every method returns a `MethodRun`: the quantized model (callable on normalized images), the
+calibration wall time and iterations, the equivalent bit-width (conv layers, as in the paper;
+for peers: their weight bits, depthwise included) and the artifact bytes.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from cora_fx import CoRaConfig, convert_cora, prepare_cora, search_ranks, set_ranks, summary
+from cora_fx.prepare import adapters
+
+
+@dataclass
+class MethodRun:
+    name: str
+    family: str
+    bits: int
+    model: Optional[Callable] = None
+    calib_seconds: float = 0.0
+    iterations: int = 0
+    equivalent_bits: float = float("nan")
+    artifact_bytes: int = 0
+    budget: float = 0.0
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def exported_bytes(model: nn.Module, example: torch.Tensor) -> int:
+    """Size of the ``torch.export.save`` file of ``model``."""
+    program = torch.export.export(model, (example,))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "m.pt2")
+        torch.export.save(program, path)
+        return os.path.getsize(path)
+
+
+def state_dict_bytes(model: nn.Module) -> int:
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.tell()
+
+
+def cora(name: str, model: nn.Module, cfg: CoRaConfig, calib: list, example: torch.Tensor, *,
+         ranks: str, progress: bool = False) -> MethodRun:
+    """CoRa with ``ranks`` = "rtn" (all 0), "heuristic" or "search"."""
+    start = time.perf_counter()
+    prepared = prepare_cora(model, cfg, example_inputs=(example[:1],))
+    iterations = 0
+    if ranks == "search":
+        result = search_ranks(prepared, calib, progress=progress)
+        iterations = result.iterations
+    else:
+        if cfg.needs_rounding_data:
+            from cora_fx import calibrate_rounding
+            calibrate_rounding(prepared, calib)
+        set_ranks(prepared, {n: 0 for n, a in adapters(prepared).items() if a.searchable} if ranks == "rtn" else "heuristic")
+        if cfg.bn_correction:
+            from cora_fx import correct_batchnorm
+            correct_batchnorm(prepared, calib, max_batches=cfg.bn_correction)
+    converted = convert_cora(prepared)
+    seconds = time.perf_counter() - start
+    s = summary(converted)
+    return MethodRun(name, "cora" if ranks != "rtn" else "rtn", cfg.bits, converted, seconds, iterations,
+                     s.equivalent_bits, exported_bytes(converted, example[:1]), s.budget)
