@@ -70,5 +70,8 @@ def cora(name: str, model: nn.Module, cfg: CoRaConfig, calib: list, example: tor
     converted = convert_cora(prepared)
     seconds = time.perf_counter() - start
     s = summary(converted)
+    conv_layers = [l for l in s.layers if l.kind == "conv" and l.policy == "search"]
+    extra = {"ranks": {l.name: l.rank for l in conv_layers}, "max_ranks": {l.name: l.max_rank for l in conv_layers},
+             "heuristic": {l.name: int(cfg.budget * l.max_rank) for l in conv_layers}}
     return MethodRun(name, "cora" if ranks != "rtn" else "rtn", cfg.bits, converted, seconds, iterations,
-                     s.equivalent_bits, exported_bytes(converted, example[:1]), s.budget)
+                     s.equivalent_bits, exported_bytes(converted, example[:1]), s.budget, extra=extra)

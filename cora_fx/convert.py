@@ -9,7 +9,7 @@ from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .config import CoRaConfig
-from .lowering import Cleanup, ConversionPlan, FoldRanks, LowerToOps, QuantizeAdapters
+from .lowering import Cleanup, ConversionPlan, FoldBatchNorm, FoldRanks, LowerToOps, QuantizeAdapters
 from .passes import run_passes
 from .prepare import prepare_cora
 from .rank_search import search_ranks
@@ -17,30 +17,33 @@ from .state import CONVERTED, META_KEY, PREPARED, CoRaState, get_state
 from .summary import layer_infos
 
 
-def convert_passes(config: CoRaConfig) -> list:
+def convert_passes(config: CoRaConfig, fold_batchnorm: bool = True) -> list:
     plan = ConversionPlan(config.adapter_bits)
-    return [FoldRanks(plan), QuantizeAdapters(plan), LowerToOps(plan), Cleanup()]
+    fold = [FoldBatchNorm(plan)] if fold_batchnorm else []
+    return [FoldRanks(plan), QuantizeAdapters(plan), *fold, LowerToOps(plan), Cleanup()]
 
 
-def convert_cora(prepared: fx.GraphModule) -> fx.GraphModule:
+def convert_cora(prepared: fx.GraphModule, *, fold_batchnorm: bool = True) -> fx.GraphModule:
     """Lower a prepared model to integer codes + dequantize ops (``prepared`` is not changed).
 
     The result stores every main and adapter weight as packed uint8 codes with float scale
-    and zero-point buffers, has no observers, SVD factors or search state, and is accepted
-    by ``torch.export.export`` and ``torch.compile``.
+    and uint8 zero-point buffers, has no observers, SVD factors or search state, and is
+    accepted by ``torch.export.export`` and ``torch.compile``. With ``fold_batchnorm``
+    (default) an eval-mode BatchNorm2d that directly follows a conv is folded into the
+    conv's per-channel scales and bias (exact up to float rounding; fewer bytes and ops).
     """
     state = get_state(prepared, PREPARED, "prepared")
-    return _convert_in_place(copy.deepcopy(prepared), state, [])
+    return _convert_in_place(copy.deepcopy(prepared), state, [], fold_batchnorm)
 
 
-def _convert_in_place(gm: fx.GraphModule, state: CoRaState, before: list) -> fx.GraphModule:
+def _convert_in_place(gm: fx.GraphModule, state: CoRaState, before: list, fold_batchnorm: bool = True) -> fx.GraphModule:
     layers = []
 
     def record_layers(graph_module: fx.GraphModule) -> PassResult:
         layers.extend(layer_infos(graph_module))
         return PassResult(graph_module, False)
 
-    gm = run_passes(gm, before + [record_layers] + convert_passes(state.config))
+    gm = run_passes(gm, before + [record_layers] + convert_passes(state.config, fold_batchnorm))
     gm.meta[META_KEY] = CoRaState(state.config, CONVERTED, state.conv_params, dict(state.skipped),
                                   state.float_conv_params, state.search_result, layers)
     return gm

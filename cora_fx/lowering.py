@@ -4,9 +4,11 @@ Run in this order by torch.fx's PassManager (`convert_cora`):
 
 1. `FoldRanks`: A_r, B_r truncated at each layer's integer rank (METHOD.md section 3).
 2. `QuantizeAdapters`: min-max quantization of A_r and B_r at ``adapter_bits``.
-3. `LowerToOps`: every CoRa branch and QuantLinear becomes get_attr of packed integer codes,
+3. `FoldBatchNorm` (optional): an eval-mode BatchNorm2d right after a CoRa conv is folded into
+   the per-channel scales of [W]_n and of B, and into the bias (exact: scales stay per channel).
+4. `LowerToOps`: every CoRa branch and QuantLinear becomes get_attr of packed integer codes,
    unpack + dequantize ops, and F.conv2d / F.linear calls; the modules are removed.
-4. `Cleanup`: dead code and unused submodules (observers, SVD factors) are deleted.
+5. `Cleanup`: dead code and unused submodules (observers, SVD factors) are deleted.
 """
 from __future__ import annotations
 
@@ -80,6 +82,46 @@ class QuantizeAdapters:
         return PassResult(gm, False)
 
 
+def _scaled(weight: Weight, factor: torch.Tensor) -> Weight:
+    """``weight`` times a per-output-channel ``factor`` (exact for quantized weights: the scale absorbs it)."""
+    if isinstance(weight, torch.Tensor):
+        return weight * factor.reshape(-1, *[1] * (weight.dim() - 1))
+    scale = weight.scale * factor.reshape(-1, *[1] * (weight.codes.dim() - 1))
+    zero_point = weight.zero_point if weight.zero_point.dim() else weight.zero_point.reshape(())
+    return QuantizedWeight(weight.codes, scale, zero_point, weight.bits, weight.clip_min, weight.clip_max)
+
+
+class FoldBatchNorm:
+    """Fold eval-mode BatchNorm2d layers that directly follow a CoRa conv into it."""
+
+    def __init__(self, plan: ConversionPlan) -> None:
+        self.plan = plan
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        modified = False
+        for name, _, _, merged in merge_nodes(gm):
+            users = list(merged.users)
+            if len(users) != 1 or users[0].op != "call_module":
+                continue
+            bn = gm.get_submodule(str(users[0].target))
+            if not isinstance(bn, nn.BatchNorm2d) or bn.training or bn.running_mean is None:
+                continue
+            lowered = self.plan.layers[name]
+            with torch.no_grad():
+                factor = (bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
+                shift = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
+                bias = lowered.bias if lowered.bias is not None else torch.zeros_like(bn.running_mean)
+                lowered.bias = ((bias - bn.running_mean) * factor + shift).detach().float()
+                factor = factor.detach().float()
+            lowered.main = _scaled(lowered.main, factor)  # type: ignore[assignment]
+            if lowered.adapter_b is not None:
+                lowered.adapter_b = _scaled(lowered.adapter_b, factor)
+            users[0].replace_all_uses_with(merged)
+            gm.graph.erase_node(users[0])
+            modified = True
+        return PassResult(gm, modified)
+
+
 class _Emitter:
     """Inserts the unpack / dequantize nodes for stored weights into a graph."""
 
@@ -115,7 +157,7 @@ class _Emitter:
                 flat = g.call_function(operator.getitem, (flat, slice(0, numel)))
             codes = flat
         w = g.call_method("to", (g.call_method("reshape", (codes, shape)), torch.float32))
-        zp = self.attr(owner, path, f"{prefix}_zero_point", weight.zero_point - weight.qmin)
+        zp = self.attr(owner, path, f"{prefix}_zero_point", (weight.zero_point - weight.qmin).to(torch.uint8))
         scale = self.attr(owner, path, f"{prefix}_scale", weight.scale.clone())
         return g.call_function(operator.mul, (g.call_function(operator.sub, (w, zp)), scale))
 

@@ -344,3 +344,18 @@ def test_public_names_are_exported():
     for name in ("CoRaConfig", "prepare_cora", "search_ranks", "set_ranks", "convert_cora", "summary", "quantize_cora",
                  "CoRaSummary", "RankSearchResult"):
         assert hasattr(cora_fx, name)
+
+
+def test_convert_folds_batchnorm_exactly_or_keeps_it(small_net):
+    prepared = prepare_cora(small_net, CoRaConfig(granularity="per_tensor"))
+    set_ranks(prepared, "heuristic")
+    folded, kept = convert_cora(prepared), convert_cora(prepared, fold_batchnorm=False)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in kept.modules())
+    assert folded.get_buffer("stem.0.weight_scale").shape == (16, 1, 1, 1)  # per-tensor scale absorbed per channel
+    assert folded.get_buffer("stem.0.weight_zero_point").dtype == torch.uint8
+    with torch.no_grad():
+        ref = prepared(X)
+        torch.testing.assert_close(folded(X), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+        torch.testing.assert_close(kept(X), ref, rtol=0, atol=1e-6)
+    assert summary(folded).nbytes < summary(kept).nbytes

@@ -1,0 +1,93 @@
+"""RESULTS.md tables and plots from the benchmark's JSON.
+
+    python benchmarks/report.py benchmarks/results/results.json
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def fmt(v, digits=2):
+    return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
+
+
+def table(results: dict) -> str:
+    rows = ["| method | top-1 (95% CI) | top-5 | tiny64 agreement | eq. bits | budget | artifact bytes | calib s | iters |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        if name.startswith("_"):
+            continue
+        if "error" in r:
+            rows.append(f"| {name} | cannot run: {r['error']} | | | | | | | |")
+            continue
+        ci = f"{r['top1']:.2f} ({r['top1_lo']:.1f}-{r['top1_hi']:.1f})"
+        rows.append(f"| {name} | {ci} | {r['top5']:.2f} | {fmt(r.get('tiny_agreement'))} | {r['equivalent_bits']:.3f} | "
+                    f"{fmt(r.get('budget'), 4)} | {r['artifact_bytes']:,} | {r['calib_seconds']:.0f} | {r.get('iterations', 0)} |")
+    return "\n".join(rows)
+
+
+def pareto_plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 6))
+    families = {}
+    for name, r in results.items():
+        if name.startswith("_") or "error" in r or "top1" not in r:
+            continue
+        family = name.split(" W")[0] if name != "float" else "float"
+        families.setdefault(family, []).append((r["artifact_bytes"] / 1e6, r["top1"], name))
+    for family, pts in sorted(families.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=family)
+    ax.set_xscale("log")
+    ax.set_xlabel("artifact size (MB, log scale)")
+    ax.set_ylabel("top-1 on eval (%)")
+    ax.set_title("Accuracy vs artifact size")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def ranks_plot(record: dict, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    extra = record["extra"]
+    names = list(extra["ranks"])
+    x = range(len(names))
+    fig, ax = plt.subplots(figsize=(max(8, 0.28 * len(names)), 5))
+    ax.bar([i - 0.2 for i in x], [extra["ranks"][n] for n in names], width=0.4, label="searched rank")
+    ax.bar([i + 0.2 for i in x], [extra["heuristic"][n] for n in names], width=0.4, label="heuristic floor(b*R)")
+    ax.plot(list(x), [extra["max_ranks"][n] for n in names], "k.", label="max rank R")
+    ax.set_yscale("symlog", linthresh=10)
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(names, rotation=90, fontsize=6)
+    ax.set_ylabel("rank (symlog)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    path = Path(args[0] if args else Path(__file__).resolve().parent / "results" / "results.json")
+    results = json.loads(path.read_text())
+    print(table(results))
+    pareto_plot(results, path.with_name("pareto.png"))
+    searched = [n for n, r in results.items() if "recommended W4 b=0.05" in n and "extra" in r]
+    if searched:
+        ranks_plot(results[searched[0]], path.with_name("ranks.png"), searched[0])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
