@@ -36,8 +36,18 @@ def per_channel(bits: int, **kw) -> CoRaConfig:
     return CoRaConfig(bits=bits, granularity="per_channel", clipping="minmax", **kw)
 
 
+LATENCY_METHOD = "CoRa recommended W4 b=0.05"
+
+
 def plan(quick: bool) -> list[tuple[str, int, callable]]:
     """(name, bits, runner(model, calib, example) -> MethodRun) in run order."""
+    if quick:
+        return [
+            ("RTN per-tensor normal W4", 4, lambda m, c, x: cora("RTN per-tensor normal W4", m, paper(4), c, x, ranks="rtn")),
+            ("CoRa heuristic per-channel W4", 4, lambda m, c, x: cora("CoRa heuristic per-channel W4", m, per_channel(4), c, x, ranks="heuristic")),
+            ("CoRa searched per-channel W4", 4, lambda m, c, x: cora("CoRa searched per-channel W4", m, per_channel(4, iterations=3), c, x, ranks="search")),
+            (LATENCY_METHOD, 4, lambda m, c, x: cora(LATENCY_METHOD, m, CoRaConfig.recommended(4).replace(budget=0.05, iterations=3, rounding_batches=1, bn_correction=1), c, x, ranks="search")),
+        ]
     runs = []
     for bits in (3, 4, 5):
         runs.append((f"RTN per-tensor normal W{bits}", bits, lambda m, c, x, b=bits: cora(f"RTN per-tensor normal W{b}", m, paper(b), c, x, ranks="rtn")))
@@ -47,9 +57,11 @@ def plan(quick: bool) -> list[tuple[str, int, callable]]:
             runs.append((f"CoRa heuristic {base} W{bits}", bits, lambda m, c, x, b=bits, mk=make, n=f"CoRa heuristic {base} W{bits}": cora(n, m, mk(b), c, x, ranks="heuristic")))
             runs.append((f"CoRa searched {base} W{bits}", bits, lambda m, c, x, b=bits, mk=make, n=f"CoRa searched {base} W{bits}": cora(n, m, mk(b, iterations=5 if quick else 250), c, x, ranks="search")))
     for bits in (4, 3, 5):
-        for budget in ((0.05,) if quick else (0.02, 0.05, 0.10)):
+        for budget in (0.02, 0.05, 0.10):
             name = f"CoRa recommended W{bits} b={budget}"
-            runs.append((name, bits, lambda m, c, x, b=bits, bu=budget, n=name: cora(n, m, CoRaConfig.recommended(b).replace(budget=bu, **({"iterations": 5, "rounding_batches": 1, "bn_correction": 1} if quick else {})), c, x, ranks="search")))
+            runs.append((name, bits, lambda m, c, x, b=bits, bu=budget, n=name: cora(n, m, CoRaConfig.recommended(b).replace(budget=bu), c, x, ranks="search")))
+        name = f"CoRa recommended W{bits}"  # its own budget: <= bits + 0.5 equivalent bits
+        runs.append((name, bits, lambda m, c, x, b=bits, n=name: cora(n, m, CoRaConfig.recommended(b), c, x, ranks="search")))
     return runs
 
 
@@ -110,6 +122,10 @@ def main(argv=None) -> int:
             record.update(topk_with_ci(predict(run.model, eval_images), eval_labels))
             record["tiny_agreement"] = agreement(run.model, float_tiny, tiny) if tiny is not None else None
         results[name] = record
+        if name == LATENCY_METHOD and not args.no_latency:
+            from benchmarks.latency import interleaved
+            record["latency"] = interleaved(model, run.model, repeats=3 if args.quick else 20,
+                                            compile_modes=("eager",) if args.quick else ("eager", "compile"))
         print(f"   top1 {record.get('top1', float('nan')):.2f} bits {run.equivalent_bits:.3f} "
               f"calib {run.calib_seconds:.0f}s bytes {run.artifact_bytes:,}", flush=True)
         results_path.write_text(json.dumps(results, indent=1))

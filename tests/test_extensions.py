@@ -129,3 +129,11 @@ def test_search_runs_the_data_aware_steps_and_converts(small_net):
     x = random_batches(1)[0][0]
     with torch.no_grad():
         torch.testing.assert_close(converted(x), prepared(x), rtol=0, atol=1e-5)
+
+
+def test_recommended_config_is_valid_and_distinct_from_the_paper():
+    for bits in (2, 3, 4, 5, 8):
+        cfg = CoRaConfig.recommended(bits)
+        assert cfg.bits == bits and cfg.needs_rounding_data and cfg.granularity == "per_channel"
+    assert CoRaConfig.recommended(4, budget=0.1).budget == 0.1
+    assert CoRaConfig() != CoRaConfig.recommended(4)
