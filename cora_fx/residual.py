@@ -34,7 +34,14 @@ class ResidualFactors(torch.nn.Module):
         self.groups = groups
         self.weight_shape = tuple(residual.shape)
         blocks = residual.detach().to(torch.float64).reshape(groups, m // groups, n_per_group * k1 * k2)
-        U, S, Vh = torch.linalg.svd(blocks, full_matrices=False)
+        if blocks.shape[1] < blocks.shape[2]:
+            # Wide unfoldings (m/g < n/g*k1*k2, most convs): LAPACK's gesdd is several times
+            # faster on the tall transpose (resnet18 prepare: 48 s -> ~10 s on 2 CPU cores).
+            # M^T = U' S V'^T  =>  M = V' S U'^T: same singular values, vectors swapped.
+            Ut, S, Vht = torch.linalg.svd(blocks.mT, full_matrices=False)
+            U, Vh = Vht.mT, Ut.mT
+        else:
+            U, S, Vh = torch.linalg.svd(blocks, full_matrices=False)
         self.register_buffer("U", U.to(torch.float32))
         self.register_buffer("S", S.to(torch.float32))
         self.register_buffer("Vh", Vh.to(torch.float32))
