@@ -127,7 +127,9 @@ def _task_loss(cfg: CoRaConfig) -> Callable[[torch.Tensor, Optional[torch.Tensor
     return ce
 
 
-def _split_batch(batch: Any, device: torch.device) -> tuple[tuple[torch.Tensor, ...], Any]:
+def _split_batch(batch: Any, device: torch.device,
+                 dtype: Optional[torch.dtype] = None) -> tuple[tuple[torch.Tensor, ...], Any]:
+    """Inputs moved to ``device`` (floating inputs also cast to ``dtype``), labels to ``device``."""
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise CoRaError(f"each calibration batch must be an (inputs, labels) pair, got {type(batch).__name__}")
     inputs, labels = batch
@@ -135,7 +137,20 @@ def _split_batch(batch: Any, device: torch.device) -> tuple[tuple[torch.Tensor, 
     if not all(isinstance(t, torch.Tensor) for t in inputs):
         raise CoRaError("calibration inputs must be a tensor or a tuple of tensors")
     move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
-    return tuple(move(t) for t in inputs), move(labels)
+    cast = lambda t: t.to(device, dtype) if dtype is not None and t.is_floating_point() else t.to(device)  # noqa: E731
+    return tuple(cast(t) for t in inputs), move(labels)
+
+
+def _input_dtype(gm: torch.nn.Module) -> Optional[torch.dtype]:
+    """Floating dtype of the model's own parameters (the search's rank parameters excluded).
+
+    CoRa branches compute in their input's dtype, so only the user's layers (BatchNorm, ...)
+    fix the dtype the inputs need: float32 batches then work for a bfloat16 model.
+    """
+    for name, p in gm.named_parameters():
+        if p.is_floating_point() and not name.endswith(".adapter.rank"):
+            return p.dtype
+    return None
 
 
 class _Batches:
@@ -195,6 +210,7 @@ def search_ranks(prepared: fx.GraphModule, batches: Iterable, *, progress: bool 
     loss_fn = _task_loss(cfg)
     needs_teacher = cfg.loss != "ce"
     device = _device(prepared)
+    dtype = _input_dtype(prepared)
     names = list(searchable)
     ranks = [searchable[n].rank for n in names]
     max_ranks = torch.tensor([searchable[n].max_rank for n in names], dtype=torch.float32, device=device)
@@ -226,11 +242,14 @@ def search_ranks(prepared: fx.GraphModule, batches: Iterable, *, progress: bool 
                 batch = data.next()
                 if batch is None:
                     break
-                inputs, labels = _split_batch(batch, device)
-                teacher = None
-                if needs_teacher:
-                    teacher = _teacher(search_gm, wrappers, linears, inputs)
-                output = search_gm(*inputs)
+                inputs, labels = _split_batch(batch, device, dtype)
+                try:
+                    teacher = _teacher(search_gm, wrappers, linears, inputs) if needs_teacher else None
+                    output = search_gm(*inputs)
+                except Exception as err:  # e.g. a batch of the wrong shape: name the batch, not a conv
+                    shapes = [tuple(t.shape) for t in inputs]
+                    raise CoRaError(f"search_ranks: the model failed on calibration batch {data.seen - 1} "
+                                    f"(input shapes {shapes}): {type(err).__name__}: {err}") from err
                 task = loss_fn(output, teacher, labels)
                 if optimizer is None:
                     history.loss.append(task.item()); history.task_loss.append(task.item()); history.budget.append(fixed_budget)
