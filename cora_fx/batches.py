@@ -15,8 +15,20 @@ def model_device(module: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def split_batch(batch: Any, device: torch.device) -> tuple[tuple[torch.Tensor, ...], Any]:
-    """``(inputs, labels)`` -> (tuple of input tensors on ``device``, labels on ``device``)."""
+def input_dtype(module: torch.nn.Module) -> Optional[torch.dtype]:
+    """Floating dtype of the model's own parameters (the search's rank parameters excluded).
+
+    CoRa branches compute in their input's dtype, so only the user's layers (BatchNorm, ...)
+    fix the dtype the inputs need: float32 batches then work for a bfloat16 model.
+    """
+    for name, p in module.named_parameters():
+        if p.is_floating_point() and not name.endswith(".adapter.rank"):
+            return p.dtype
+    return None
+
+
+def split_batch(batch: Any, device: torch.device, dtype: Optional[torch.dtype] = None) -> tuple[tuple[torch.Tensor, ...], Any]:
+    """``(inputs, labels)`` -> (input tensors on ``device``, floating ones cast to ``dtype``; labels on ``device``)."""
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise CoRaError(f"each calibration batch must be an (inputs, labels) pair, got {type(batch).__name__}")
     inputs, labels = batch
@@ -24,7 +36,8 @@ def split_batch(batch: Any, device: torch.device) -> tuple[tuple[torch.Tensor, .
     if not all(isinstance(t, torch.Tensor) for t in inputs):
         raise CoRaError("calibration inputs must be a tensor or a tuple of tensors")
     move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
-    return tuple(move(t) for t in inputs), move(labels)
+    cast = lambda t: t.to(device, dtype) if dtype is not None and t.is_floating_point() else t.to(device)  # noqa: E731
+    return tuple(cast(t) for t in inputs), move(labels)
 
 
 class BatchCycle:

@@ -45,6 +45,7 @@ def prepare_cora(
     if example_inputs is not None and not isinstance(example_inputs, tuple):
         raise TypeError("prepare_cora: example_inputs must be a tuple of inputs, e.g. (x,)")
     _refuse_cora_models(model)
+    _refuse_meta_tensors(model)
     if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
         warnings.warn(f"prepare_cora: {type(model).__name__} has no nn.Conv2d layer; nothing to do, model returned unchanged")
         return model  # type: ignore[return-value]
@@ -64,6 +65,9 @@ def prepare_cora(
     gm.meta[META_KEY] = CoRaState(config, PREPARED, conv_params, skipped, float_params)
     gm.train(source.training)
     if example_inputs is not None:
+        # Checked in eval mode: a train-mode run would update BatchNorm running statistics
+        # (of the prepared copy, and of the user's own modules when inplace=True).
+        gm.eval()
         try:
             with torch.no_grad():
                 gm(*example_inputs)
@@ -71,7 +75,19 @@ def prepare_cora(
             raise CoRaError(
                 f"the prepared {type(model).__name__} failed on example_inputs: {type(err).__name__}: {err}"
             ) from err
+        finally:
+            gm.train(source.training)
     return gm
+
+
+def _refuse_meta_tensors(model: nn.Module) -> None:
+    """Weights on the ``meta`` device have no values to quantize: say which one, not a pass error."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_meta:
+            raise CoRaError(
+                f"prepare_cora: '{name}' is on the meta device (no data); materialize the model first, "
+                "e.g. model.to_empty(device='cpu') and load_state_dict(...)"
+            )
 
 
 def _refuse_cora_models(model: nn.Module) -> None:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .config import SEARCH_FIELDS, CoRaConfig
 from .modules import FLOAT, CoRaConv2d, LowRankAdapter, QuantLinear, folded_modes
-from .batches import BatchCycle, model_device, split_batch
+from .batches import BatchCycle, input_dtype, model_device, split_batch
 from .batchnorm import correct_batchnorm
 from .passes import FoldAdaptersForSearch, run_passes
 from .rounding import calibrate_rounding
@@ -159,6 +159,7 @@ def search_ranks(prepared: fx.GraphModule, batches: Iterable, *, progress: bool 
     loss_fn = _task_loss(cfg)
     needs_teacher = cfg.loss != "ce"
     device = model_device(prepared)
+    dtype = input_dtype(prepared)
     names = list(searchable)
     ranks = [searchable[n].rank for n in names]
     max_ranks = torch.tensor([searchable[n].max_rank for n in names], dtype=torch.float32, device=device)
@@ -191,13 +192,16 @@ def search_ranks(prepared: fx.GraphModule, batches: Iterable, *, progress: bool 
                 batch = data.next()
                 if batch is None:
                     break
-                inputs, labels = split_batch(batch, device)
+                inputs, labels = split_batch(batch, device, dtype)
                 if len(kept) < cfg.bn_correction:
                     kept.append(batch)
-                teacher = None
-                if needs_teacher:
-                    teacher = _teacher(search_gm, wrappers, linears, inputs)
-                output = search_gm(*inputs)
+                try:
+                    teacher = _teacher(search_gm, wrappers, linears, inputs) if needs_teacher else None
+                    output = search_gm(*inputs)
+                except Exception as err:  # e.g. a batch of the wrong shape: name the batch, not a conv
+                    shapes = [tuple(t.shape) for t in inputs]
+                    raise CoRaError(f"search_ranks: the model failed on calibration batch {data.seen - 1} "
+                                    f"(input shapes {shapes}): {type(err).__name__}: {err}") from err
                 task = loss_fn(output, teacher, labels)
                 if optimizer is None:
                     history.loss.append(task.item()); history.task_loss.append(task.item()); history.budget.append(fixed_budget)

@@ -38,10 +38,10 @@ class ResidualFactors(torch.nn.Module):
         self.whitened = whitening is not None
         blocks = residual.detach().to(torch.float64).reshape(groups, m // groups, n_per_group * k1 * k2)
         if whitening is None:
-            U, S, Vh = torch.linalg.svd(blocks, full_matrices=False)
+            U, S, Vh = thin_svd(blocks)
         else:  # output-aware: SVD of dW L with H = L L^T, then V^T L^-1 (rounding.py)
             L = whitening.to(torch.float64)
-            U, S, Vh = torch.linalg.svd(torch.bmm(blocks, L), full_matrices=False)
+            U, S, Vh = thin_svd(torch.bmm(blocks, L))
             Vh = torch.linalg.solve_triangular(L, Vh, upper=False, left=False)
         self.register_buffer("U", U.to(torch.float32))
         self.register_buffer("S", S.to(torch.float32))
@@ -80,6 +80,18 @@ class ResidualFactors(torch.nn.Module):
         """fold(B o A) = U diag(mask^2 S) V^T reshaped to W's shape (METHOD.md section 4)."""
         scaled = self.U * (mask * mask * self.S).unsqueeze(1)
         return torch.bmm(scaled, self.Vh).reshape(self.weight_shape)
+
+
+def thin_svd(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batched thin SVD; wide matrices are decomposed through their tall transpose.
+
+    LAPACK's gesdd is several times faster on the tall transpose (resnet18 prepare: 48 s ->
+    ~10 s on 2 cores): M^T = U' S V'^T gives M = V' S U'^T, the same factors up to sign.
+    """
+    if blocks.shape[-2] < blocks.shape[-1]:
+        ut, s, vht = torch.linalg.svd(blocks.mT, full_matrices=False)
+        return vht.mT, s, ut.mT
+    return torch.linalg.svd(blocks, full_matrices=False)
 
 
 def nbk_mask(rank: torch.Tensor, max_rank: int, order: float) -> torch.Tensor:
