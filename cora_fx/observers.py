@@ -19,62 +19,8 @@ from torch.ao.quantization.observer import (
 )
 
 
-class NormalObserver(UniformQuantizationObserverBase):
-    """Range mu - k*sigma .. mu + k*sigma of the observed tensor (the paper's "normal" clipping).
-
-    With ``ch_axis`` set, mu and sigma are taken per slice along that axis (per channel).
-    """
-
-    min_val: torch.Tensor
-    max_val: torch.Tensor
-
-    def __init__(
-        self,
-        k: float = 4.0,
-        ch_axis: Optional[int] = None,
-        dtype: torch.dtype = torch.int8,
-        qscheme: Optional[torch.qscheme] = None,
-        quant_min: Optional[int] = None,
-        quant_max: Optional[int] = None,
-        eps: float = torch.finfo(torch.float32).eps,
-        **kwargs: Any,
-    ) -> None:
-        if qscheme is None:
-            qscheme = torch.per_tensor_affine if ch_axis is None else torch.per_channel_affine
-        super().__init__(
-            dtype=dtype, qscheme=qscheme, quant_min=quant_min, quant_max=quant_max, eps=eps, **kwargs
-        )
-        self.k = float(k)
-        self.ch_axis = ch_axis
-        self.register_buffer("min_val", torch.tensor(float("inf")))
-        self.register_buffer("max_val", torch.tensor(float("-inf")))
-
-    def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
-        x = x_orig.detach().float()
-        if self.ch_axis is None:
-            mu, sigma = x.mean(), x.std(unbiased=False)
-        else:
-            flat = x.transpose(0, self.ch_axis).reshape(x.shape[self.ch_axis], -1)
-            mu, sigma = flat.mean(dim=1), flat.std(dim=1, unbiased=False)
-        self.min_val = mu - self.k * sigma
-        self.max_val = mu + self.k * sigma
-        return x_orig
-
-    @torch.jit.export
-    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        return self._calculate_qparams(self.min_val, self.max_val)
-
-    def extra_repr(self) -> str:
-        return f"k={self.k}, ch_axis={self.ch_axis}, min_val={self.min_val}, max_val={self.max_val}"
-
-
-class MSEObserver(UniformQuantizationObserverBase):
-    """Clipping range that minimizes the weight's squared rounding error (per tensor or per channel).
-
-    Tries ``grid`` shrink ratios of the min-max range in [``min_ratio``, 1] and keeps, per channel,
-    the one whose quantized weight is closest to the float weight (a cora_fx extension; the
-    paper uses normal or min-max clipping).
-    """
+class _WeightRangeObserver(UniformQuantizationObserverBase):
+    """Shared plumbing: a per-tensor or per-channel (``ch_axis``) range in ``min_val``/``max_val``."""
 
     min_val: torch.Tensor
     max_val: torch.Tensor
@@ -82,8 +28,6 @@ class MSEObserver(UniformQuantizationObserverBase):
     def __init__(
         self,
         ch_axis: Optional[int] = None,
-        grid: int = 64,
-        min_ratio: float = 0.2,
         dtype: torch.dtype = torch.int8,
         qscheme: Optional[torch.qscheme] = None,
         quant_min: Optional[int] = None,
@@ -95,14 +39,58 @@ class MSEObserver(UniformQuantizationObserverBase):
             qscheme = torch.per_tensor_affine if ch_axis is None else torch.per_channel_affine
         super().__init__(dtype=dtype, qscheme=qscheme, quant_min=quant_min, quant_max=quant_max, eps=eps, **kwargs)
         self.ch_axis = ch_axis
-        self.grid = grid
-        self.min_ratio = min_ratio
         self.register_buffer("min_val", torch.tensor(float("inf")))
         self.register_buffer("max_val", torch.tensor(float("-inf")))
 
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The observed tensor as (channels, -1) rows; one row per tensor without ``ch_axis``."""
+        if self.ch_axis is None:
+            return x.reshape(1, -1)
+        return x.transpose(0, self.ch_axis).reshape(x.shape[self.ch_axis], -1)
+
+    def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        self.min_val, self.max_val = (lo, hi) if self.ch_axis is not None else (lo[0], hi[0])
+
+    @torch.jit.export
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        return self._calculate_qparams(self.min_val, self.max_val)
+
+
+class NormalObserver(_WeightRangeObserver):
+    """Range mu - k*sigma .. mu + k*sigma of the observed tensor (the paper's "normal" clipping).
+
+    With ``ch_axis`` set, mu and sigma are taken per slice along that axis (per channel).
+    """
+
+    def __init__(self, k: float = 4.0, ch_axis: Optional[int] = None, **kwargs: Any) -> None:
+        super().__init__(ch_axis=ch_axis, **kwargs)
+        self.k = float(k)
+
     def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
-        x = x_orig.detach().float()
-        flat = x.reshape(1, -1) if self.ch_axis is None else x.transpose(0, self.ch_axis).reshape(x.shape[self.ch_axis], -1)
+        flat = self.rows(x_orig.detach().float())
+        mu, sigma = flat.mean(dim=1), flat.std(dim=1, unbiased=False)
+        self.set_range(mu - self.k * sigma, mu + self.k * sigma)
+        return x_orig
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, ch_axis={self.ch_axis}, min_val={self.min_val}, max_val={self.max_val}"
+
+
+class MSEObserver(_WeightRangeObserver):
+    """Clipping range that minimizes the weight's squared rounding error (per tensor or per channel).
+
+    Tries ``grid`` shrink ratios of the min-max range in [``min_ratio``, 1] and keeps, per channel,
+    the one whose quantized weight is closest to the float weight (a cora_fx extension; the
+    paper uses normal or min-max clipping).
+    """
+
+    def __init__(self, ch_axis: Optional[int] = None, grid: int = 64, min_ratio: float = 0.2, **kwargs: Any) -> None:
+        super().__init__(ch_axis=ch_axis, **kwargs)
+        self.grid = grid
+        self.min_ratio = min_ratio
+
+    def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
+        flat = self.rows(x_orig.detach().float())
         lo, hi = flat.min(dim=1).values.clamp(max=0), flat.max(dim=1).values.clamp(min=0)
         best_err = torch.full_like(lo, float("inf"))
         best_lo, best_hi = lo.clone(), hi.clone()
@@ -115,13 +103,8 @@ class MSEObserver(UniformQuantizationObserverBase):
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_lo, best_hi = torch.where(better, lo_r, best_lo), torch.where(better, hi_r, best_hi)
-        self.min_val = best_lo if self.ch_axis is not None else best_lo[0]
-        self.max_val = best_hi if self.ch_axis is not None else best_hi[0]
+        self.set_range(best_lo, best_hi)
         return x_orig
-
-    @torch.jit.export
-    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        return self._calculate_qparams(self.min_val, self.max_val)
 
 
 def quant_range(bits: int) -> tuple[int, int]:
