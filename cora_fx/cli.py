@@ -144,11 +144,14 @@ def _first_image(dataset: Any, flag: str) -> torch.Tensor:
 
 
 def _evaluate(model: nn.Module, loader: Any, quiet: bool, desc: str) -> dict[int, float]:
+    """Top-1 and top-5 (top-k with k = number of classes when there are fewer than 5)."""
     from tqdm.auto import tqdm
 
     from .data import evaluate_topk
 
-    return evaluate_topk(model, tqdm(loader, desc=desc, disable=quiet, leave=False), ks=(1, 5))
+    with torch.no_grad():
+        classes = model(next(iter(loader))[0]).shape[-1]
+    return evaluate_topk(model, tqdm(loader, desc=desc, disable=quiet, leave=False), ks=(1, min(5, classes)))
 
 
 def _write_plots(result: Any, out: Path, log: Any) -> list[Path]:
@@ -248,7 +251,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     elif args.weights is not None:
         raise UsageError("--weights needs --model to build the float model")
     for name, s in scores.items():
-        print(f"{name:<8} top-1 {s[1]:6.2f}%  top-5 {s[5]:6.2f}%  ({len(dataset)} images)")
+        top_k = max(s)
+        print(f"{name:<8} top-1 {s[1]:6.2f}%  top-{top_k} {s[top_k]:6.2f}%  ({len(dataset)} images)")
     return 0
 
 
