@@ -157,9 +157,10 @@ def _evaluate(model: nn.Module, loader: Any, quiet: bool, desc: str) -> dict[int
 def _write_plots(result: Any, out: Path, log: Any) -> list[Path]:
     try:
         from .plots import plot_ranks, plot_search
+        from .rank_search import RankSearchResult
 
         paths = [plot_ranks(result, out.with_name(out.stem + "_ranks.png"))]
-        if result.history.loss:
+        if isinstance(result, RankSearchResult) and result.history.loss:
             paths.append(plot_search(result, out.with_name(out.stem + "_search.png")))
         return paths
     except ImportError as err:

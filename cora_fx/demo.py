@@ -114,10 +114,10 @@ class DigitNet(nn.Module):
 class DemoSettings:
     """Step counts of the demo; `fast` is the CI mode (same code, fewer steps)."""
 
-    epochs: int = 6
+    epochs: int = 5
     train_limit: Optional[int] = None
     test_limit: Optional[int] = None
-    search_iterations: int = 150
+    search_iterations: int = 100
     batch_size: int = 32
     budget: float = 0.05
     name: str = "full"

@@ -54,6 +54,9 @@ def plot_ranks(source: Union[RankSearchResult, CoRaSummary], path: PathLike, tit
     ax.scatter([max(r[2], 0.5) for r in rows], y, marker="|", s=160, color="#d62728", zorder=3,
                label="heuristic floor(b·R) (0 drawn at 0.5)")
     ax.set_xscale("log")
+    from matplotlib.ticker import ScalarFormatter
+
+    ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.set_xlim(0.4, max(r[3] for r in rows) * 1.5)
     ax.set_yticks(y)
     ax.set_yticklabels(names, fontsize=8)
