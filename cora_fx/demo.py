@@ -114,10 +114,10 @@ class DigitNet(nn.Module):
 class DemoSettings:
     """Step counts of the demo; `fast` is the CI mode (same code, fewer steps)."""
 
-    epochs: int = 5
+    epochs: int = 6
     train_limit: Optional[int] = None
     test_limit: Optional[int] = None
-    search_iterations: int = 100
+    search_iterations: int = 150
     batch_size: int = 32
     budget: float = 0.05
     name: str = "full"
@@ -168,7 +168,7 @@ def train_digit_net(train: tuple[torch.Tensor, torch.Tensor], settings: DemoSett
 def trained_digit_net(train: tuple[torch.Tensor, torch.Tensor], settings: DemoSettings, progress: bool = True,
                       log: Callable[[str], None] = print) -> DigitNet:
     """The trained net from the cache, or trained now and cached (a damaged cache file is retrained)."""
-    path = cache_dir() / f"demo_digitnet_{settings.name}_v1.pt"
+    path = cache_dir() / f"demo_digitnet_{settings.name}_e{settings.epochs}_v1.pt"
     model = DigitNet()
     if path.is_file():
         try:

@@ -42,11 +42,11 @@ def test_fast_demo_command_trains_caches_quantizes_and_plots(tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "trained the demo net; weights cached in" in out
-    assert (tmp_path / "cache" / "demo_digitnet_fast_v1.pt").is_file()
+    assert (tmp_path / "cache" / "demo_digitnet_fast_e1_v1.pt").is_file()
     rows = [line.split() for line in out.splitlines() if line.startswith(("float", "W4", "W3", "W2"))]
     assert len(rows) == 1 + 3 * 3
     for bits in ("W4", "W3", "W2"):
-        methods = [" ".join(r[1:-5]) for r in rows if r[0] == bits]
+        methods = [" ".join(r[1:-4]) for r in rows if r[0] == bits]
         assert methods == ["RTN (no adapters)", "CoRa heuristic ranks", "CoRa searched ranks"]
         budgets = [float(r[-3]) for r in rows if r[0] == bits]
         assert budgets[0] == 0.0 and 0 < budgets[1] <= 0.05 and 0 < budgets[2] <= 0.05 + 1e-9
@@ -61,5 +61,5 @@ def test_fast_demo_command_trains_caches_quantizes_and_plots(tmp_path):
         model = demo.trained_digit_net(demo.load_mnist()[0], demo.FAST, progress=False, log=log.append)
     finally:
         del os.environ[demo.CACHE_ENV]
-    assert log == [f"using cached weights {tmp_path / 'cache' / 'demo_digitnet_fast_v1.pt'}"]
+    assert log == [f"using cached weights {tmp_path / 'cache' / 'demo_digitnet_fast_e1_v1.pt'}"]
     assert isinstance(model, demo.DigitNet) and not model.training
