@@ -79,14 +79,18 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default="", help="comma-separated substrings: run only matching methods")
     parser.add_argument("--peers", default="torchao,brevitas,aimet")
     parser.add_argument("--no-latency", action="store_true")
+    parser.add_argument("--tiny-limit", type=int, default=None, help="use only the first N tiny64 images")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     labels_csv, tiny_csv = data_paths(args.data)
     weights = Path(args.weights) if args.weights else labels_csv.parents[1] / "weights" / "mobilenet_v2-b0353104.pth"
     model = getattr(torchvision.models, args.arch)()
     model.load_state_dict(torch.load(weights, weights_only=True))
     model.eval()
-    calib_n, eval_n, tiny_n = (64, 64, 256) if args.quick else (None, None, None)
+    calib_n, eval_n, tiny_n = (64, 64, 256) if args.quick else (None, None, args.tiny_limit)
     calib_images, calib_labels = load_split(labels_csv, "calib", limit=calib_n)
     eval_images, eval_labels = load_split(labels_csv, "eval", limit=eval_n)
     tiny = load_split(tiny_csv, None, image_size=64, resize=64, limit=tiny_n)[0] if tiny_csv.is_file() else None

@@ -13,8 +13,11 @@ from .rank_search import RankSearchResult, SearchHistory, search_ranks
 from .state import CoRaError
 from .summary import CoRaSummary, LayerInfo, summary
 from .tracer import CoRaTraceError
+from .serialization import CoRaLoadError, load, read_summary, save
+from .plots import plot_ranks, plot_search
 
 __all__ = [
     "CoRaConfig", "calibrate_rounding", "correct_batchnorm", "prepare_cora", "search_ranks", "set_ranks", "convert_cora", "quantize_cora", "summary",
     "CoRaSummary", "LayerInfo", "RankSearchResult", "SearchHistory", "NormalObserver", "CoRaError", "CoRaTraceError",
+    "save", "load", "read_summary", "CoRaLoadError", "plot_ranks", "plot_search",
 ]

@@ -1,0 +1,135 @@
+"""The `cora-fx` commands, run for real in a subprocess on a tiny model and a few written images."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from .conftest import REPO
+
+TINY_MODEL = '''
+import torch
+from torch import nn
+
+
+def make(num_classes=3):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 24, 3, padding=1, stride=2), nn.ReLU(),
+        nn.Conv2d(24, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes),
+    )
+'''
+
+
+def run(*args: str, cwd: Path, extra_path: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(str(p) for p in (REPO, extra_path) if p)
+    return subprocess.run([sys.executable, "-m", "cora_fx", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode != 0, proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cora-fx: error:"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """tinymodel.py + weights, 12 images as an ImageFolder and as a path,label,split CSV."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("cli")
+    (root / "tinymodel.py").write_text(TINY_MODEL)
+    sys.path.insert(0, str(root))
+    try:
+        import tinymodel
+
+        torch.save(tinymodel.make().state_dict(), root / "tiny.pth")
+    finally:
+        sys.path.remove(str(root))
+        sys.modules.pop("tinymodel", None)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(12):
+        label = i % 3
+        folder = root / "images" / f"class{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (torch.rand(20, 20, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"img{i}.png")
+        rows.append((f"images/class{label}/img{i}.png", label, "calib" if i < 8 else "eval"))
+    with (root / "labels.csv").open("w", newline="") as handle:
+        csv.writer(handle).writerows([("path", "label", "split"), *rows])
+    return root
+
+
+def test_quantize_summary_evaluate_end_to_end(workspace):
+    out = workspace / "out" / "tiny.pt2"
+    proc = run("quantize", "--model", "tinymodel:make", "--weights", "tiny.pth", "--calib", "labels.csv", "--split", "calib",
+               "--bits", "4", "--budget", "0.1", "--iterations", "4", "--batch-size", "4", "--image-size", "16",
+               "--resize", "18", "--out", str(out), "--quiet", cwd=workspace, extra_path=workspace)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # --quiet: no progress bars
+    assert "equivalent bits" in proc.stdout and "wrote" in proc.stdout
+    for suffix in (".pt2", ".json", "_ranks.png", "_search.png"):
+        path = out.with_name("tiny" + suffix) if suffix.startswith("_") else out.with_suffix(suffix)
+        assert path.is_file() and path.stat().st_size > 0, path
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["artifact_bytes"] == out.stat().st_size
+    assert report["search"]["iterations"] == 4 and report["budget"] <= 0.1 + 1e-9
+    assert [l["name"] for l in report["layers"]] == ["0", "2", "4", "8"]
+
+    proc = run("summary", str(out), cwd=workspace)
+    assert proc.returncode == 0, proc.stderr
+    assert "conv params" in proc.stdout and f"{out.stat().st_size:,} bytes on disk" in proc.stdout
+    proc = run("summary", str(out), "--json", cwd=workspace)
+    assert json.loads(proc.stdout)["conv_params"] == report["conv_params"]
+
+    proc = run("evaluate", "--program", str(out), "--data", "images", "--model", "tinymodel:make", "--weights", "tiny.pth",
+               "--image-size", "16", "--resize", "18", "--batch-size", "5", cwd=workspace, extra_path=workspace)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("program  top-1") and lines[1].startswith("float    top-1") and "(12 images)" in lines[0]
+    # 3 classes: top-k is reported with k = 3 and is always 100 %
+    assert all("top-3 100.00%" in line for line in lines)
+
+
+def test_quantize_with_heuristic_ranks_on_an_imagefolder(workspace):
+    out = workspace / "heur.pt2"
+    proc = run("quantize", "--model", "tinymodel:make", "--calib", "images", "--bits", "3", "--per-channel", "--ranks",
+               "heuristic", "--image-size", "16", "--resize", "16", "--out", str(out), "--quiet",
+               cwd=workspace, extra_path=workspace)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["ranks_from"] == "heuristic" and all(l["bits"] == 3 for l in report["layers"])
+    assert out.with_name("heur_ranks.png").is_file() and not out.with_name("heur_search.png").exists()
+
+
+QUANTIZE = ["quantize", "--calib", "labels.csv", "--image-size", "16", "--resize", "16", "--iterations", "1", "--quiet"]
+
+
+@pytest.mark.parametrize("case,args,fragments", [
+    ("missing weights", QUANTIZE + ["--model", "tinymodel:make", "--weights", "nope.pth"], ["--weights", "nope.pth"]),
+    ("unknown torchvision model", QUANTIZE + ["--model", "torchvision:resnet19"], ["resnet19"]),
+    ("unknown module", QUANTIZE + ["--model", "nomodule_here:make"], ["nomodule_here"]),
+    ("bits out of range", QUANTIZE + ["--model", "tinymodel:make", "--bits", "9"], ["--bits", "2..8"]),
+    ("missing calib", ["quantize", "--model", "tinymodel:make", "--calib", "nope.csv"], ["--calib", "nope.csv"]),
+    ("bad csv row", ["quantize", "--model", "tinymodel:make", "--calib", "bad.csv"], ["bad.csv:3", "not an integer"]),
+    ("weights of another model", QUANTIZE + ["--model", "torchvision:resnet18", "--weights", "tiny.pth"], ["--weights", "does not fit"]),
+    ("missing artifact", ["summary", "nope.pt2"], ["nope.pt2"]),
+    ("truncated artifact", ["summary", "truncated.pt2"], ["truncated.pt2", "truncated or corrupted"]),
+    ("no command", [], ["command"]),
+])
+def test_user_mistakes_give_one_line_and_nonzero_exit(workspace, case, args, fragments):
+    (workspace / "bad.csv").write_text("path,label\nimages/class0/img0.png,0\nimages/class1/img1.png,one\n")
+    (workspace / "truncated.pt2").write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    proc = run(*args, cwd=workspace, extra_path=workspace)
+    assert_one_line_error(proc, *fragments)

@@ -1,0 +1,142 @@
+"""cora_fx.save / load: exact round trip, plain torch.export.load, damaged files, low-bit size on disk."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+import torchvision
+
+import cora_fx
+from cora_fx import CoRaConfig, CoRaLoadError, convert_cora, prepare_cora, set_ranks, summary
+from cora_fx.serialization import SUMMARY_FILE, SUMMARY_META_KEY
+
+from .conftest import SmallNet
+
+X = torch.randn(2, 3, 16, 16)
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    torch.manual_seed(0)
+    prepared = prepare_cora(SmallNet().eval(), CoRaConfig(bits=3, depthwise="residual"), example_inputs=(X,))
+    set_ranks(prepared, "heuristic")
+    quantized = convert_cora(prepared)
+    path = tmp_path_factory.mktemp("ser") / "small.pt2"
+    cora_fx.save(quantized, path, (X,))
+    return quantized, path
+
+
+def rewrite_archive(src, dst, edit) -> None:
+    """Copy a zip archive entry by entry, passing each (name, bytes) through ``edit``."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, edit(info.filename, zin.read(info.filename)))
+
+
+def test_round_trip_is_exact(artifact):
+    quantized, path = artifact
+    loaded = cora_fx.load(path)
+    x = torch.randn(5, 3, 16, 16)  # another batch size: the batch dimension is dynamic
+    with torch.no_grad():
+        assert torch.equal(loaded(x), quantized(x))
+    original = dict(quantized.named_buffers())
+    stored = dict(loaded.named_buffers())
+    packed = [n for n in original if n.endswith("_packed")]
+    assert packed and all(original[n].dtype == torch.uint8 for n in packed)
+    for name in packed + [n for n in original if n.endswith(("_scale", "_zero_point"))]:
+        assert torch.equal(stored[name], original[name]), name
+    report = loaded.meta[SUMMARY_META_KEY]
+    assert report == summary(quantized)
+    assert cora_fx.read_summary(path) == report
+    assert loaded.eval() is loaded
+    with pytest.raises(cora_fx.CoRaError, match="inference-only"):
+        loaded.train()
+
+
+def test_plain_torch_export_load_without_cora_fx(artifact):
+    _, path = artifact
+    code = (
+        "import sys; sys.modules['cora_fx'] = None\n"  # make `import cora_fx` fail
+        "import torch\n"
+        "extra = {'cora_fx/summary.json': ''}\n"
+        f"ep = torch.export.load({str(path)!r}, extra_files=extra)\n"
+        "y = ep.module()(torch.zeros(3, 3, 16, 16))\n"
+        "print(tuple(y.shape), len(extra['cora_fx/summary.json']) > 0)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": ""}, cwd=path.parent)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "(3, 10) True"
+
+
+def test_truncated_and_tampered_files_are_refused(artifact, tmp_path):
+    _, path = artifact
+    data = path.read_bytes()
+    (tmp_path / "cut.pt2").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CoRaLoadError, match="truncated or corrupted"):
+        cora_fx.load(tmp_path / "cut.pt2")
+    with zipfile.ZipFile(path) as archive:
+        name = next(n for n in archive.namelist() if n.endswith("/weight_3"))
+        payload = archive.read(name)
+    flipped = bytearray(data)
+    flipped[data.index(payload) + 1] ^= 0x0F  # bytes changed in place: the zip CRC no longer matches
+    (tmp_path / "flip.pt2").write_bytes(bytes(flipped))
+    with pytest.raises(CoRaLoadError, match="checksum"):
+        cora_fx.load(tmp_path / "flip.pt2")
+
+    def change_weight(entry: str, blob: bytes) -> bytes:  # a consistent zip whose tensors were edited
+        return bytes([blob[0] ^ 0x01]) + blob[1:] if entry == name else blob
+    rewrite_archive(path, tmp_path / "edited.pt2", change_weight)
+    with pytest.raises(CoRaLoadError):
+        cora_fx.load(tmp_path / "edited.pt2")
+
+
+def test_archives_that_need_pickle_are_refused(artifact, tmp_path):
+    _, path = artifact
+
+    def mark_pickled(entry: str, blob: bytes) -> bytes:
+        if entry.endswith("_weights_config.json"):
+            config = json.loads(blob)
+            first = next(iter(config["config"]))
+            config["config"][first]["use_pickle"] = True
+            return json.dumps(config).encode()
+        return blob
+    rewrite_archive(path, tmp_path / "pickled.pt2", mark_pickled)
+    with pytest.raises(CoRaLoadError, match="pickle"):
+        cora_fx.load(tmp_path / "pickled.pt2")
+
+
+def test_a_plain_exported_program_loads_without_summary(tmp_path):
+    program = torch.export.export(torch.nn.Conv2d(3, 4, 3).eval(), (torch.randn(1, 3, 8, 8),))
+    torch.export.save(program, tmp_path / "plain.pt2")
+    assert cora_fx.load(tmp_path / "plain.pt2").meta[SUMMARY_META_KEY] is None
+    with pytest.raises(CoRaLoadError, match="no cora_fx summary"):
+        cora_fx.read_summary(tmp_path / "plain.pt2")
+    with pytest.raises(TypeError, match="example_inputs"):
+        cora_fx.save(convert_cora(set_ranks_and_return(prepare_cora(SmallNet().eval()))), tmp_path / "x.pt2")
+
+
+def set_ranks_and_return(prepared):
+    set_ranks(prepared, "heuristic")
+    return prepared
+
+
+def test_resnet18_w4_artifact_is_below_a_fifth_of_the_float_checkpoint(tmp_path):
+    model = torchvision.models.resnet18(num_classes=1000).eval()
+    x = torch.randn(2, 3, 32, 32)
+    prepared = prepare_cora(model, CoRaConfig(bits=4), example_inputs=(x,))
+    set_ranks(prepared, "heuristic")
+    path = cora_fx.save(convert_cora(prepared), tmp_path / "resnet18_w4.pt2", (x,))
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    ratio = path.stat().st_size / buffer.tell()
+    print(f"resnet18 W4 artifact {path.stat().st_size:,} bytes / float state dict {buffer.tell():,} bytes = {ratio:.3f}")
+    assert ratio < 0.20
+    with zipfile.ZipFile(path) as archive:
+        assert any(n.endswith(SUMMARY_FILE) for n in archive.namelist())
