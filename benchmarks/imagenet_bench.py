@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=None, help="data folder (default: $CORA_FX_DATA or ../shared/data)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--quick", action="store_true", help="few images and iterations: a smoke test")
-    parser.add_argument("--only", default="", help="comma-separated substrings: run only matching methods")
+    parser.add_argument("--only", default="", help="comma-separated method names to run (a trailing * matches a prefix)")
     parser.add_argument("--peers", default="torchao,brevitas,aimet")
     parser.add_argument("--no-latency", action="store_true")
     parser.add_argument("--tiny-limit", type=int, default=None, help="use only the first N tiny64 images")
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     runs += peer_runs([p for p in args.peers.split(",") if p], args.quick)
     only = [s for s in args.only.split(",") if s]
     for name, bits, runner in runs:
-        if only and not any(s in name for s in only):
+        if only and not any(name == s or (s.endswith("*") and name.startswith(s[:-1])) for s in only):
             continue
         print(f"== {name}", flush=True)
         try:
