@@ -79,12 +79,17 @@ def correct_batchnorm(prepared: fx.GraphModule, batches: Iterable, *, max_batche
         with torch.no_grad():
             for args in inputs:
                 handles = [bn.register_forward_pre_hook(record(n)) for n, bn in bns.items()]
+                corrected = {n: bn.running_mean.clone() for n, bn in bns.items()}
                 try:
+                    for n, bn in bns.items():  # the float reference runs with the float statistics
+                        bn.running_mean.copy_(original[n])
                     with folded_modes(wrappers, linears, FLOAT):
                         folded(*args)
                 finally:
                     for h in handles:
                         h.remove()
+                    for n, bn in bns.items():
+                        bn.running_mean.copy_(corrected[n])
                 handles = [bn.register_forward_pre_hook(correct(n)) for n, bn in bns.items() if n in float_means]
                 try:
                     with folded_modes(wrappers, linears, HARD):

@@ -146,12 +146,12 @@ class CoRaConfig:
 
         Per-channel min-max ranges, depthwise convs at 8 bits, GPTQ base rounding whose residual
         the adapters reclaim (the paper's future work), output-aware adapters, label-free KL
-        search; the adapter budget keeps MobileNetV2 at or below ``bits + 0.5`` equivalent bits
+        search, BatchNorm bias correction on 8 calibration batches; the adapter budget keeps MobileNetV2 at or below ``bits + 0.5`` equivalent bits
         with its depthwise convs counted at 8 bits. ``CoRaConfig()`` remains the paper's settings.
         """
         budget = {2: 0.03, 3: 0.04, 4: 0.045}.get(bits, 0.05)
         base = cls(bits=bits, budget=budget, granularity="per_channel", clipping="minmax", depthwise="int8",
-                   rounding="gptq", svd="activation", loss="kl", rounding_batches=8)
+                   rounding="gptq", svd="activation", loss="kl", rounding_batches=8, bn_correction=8)
         return base.replace(**changes) if changes else base
 
     def replace(self, **changes: Any) -> "CoRaConfig":
