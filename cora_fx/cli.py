@@ -182,8 +182,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_quantize(args: argparse.Namespace) -> int:
+def quantize_config(args: argparse.Namespace) -> "CoRaConfig":
+    """``--config`` (recommended by default, or the paper's) with the options given explicitly on top."""
     from .config import CoRaConfig
+
+    base = CoRaConfig.recommended(args.bits) if args.config == "recommended" else CoRaConfig(bits=args.bits)
+    changes: dict[str, Any] = {"seed": args.seed}
+    for option in ("adapter_bits", "budget", "clipping", "depthwise", "loss", "iterations"):
+        if getattr(args, option) is not None:
+            changes[option] = getattr(args, option)
+    if args.per_channel or args.per_tensor:
+        changes["granularity"] = "per_channel" if args.per_channel else "per_tensor"
+    return base.replace(**changes)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .batchnorm import correct_batchnorm
+    from .rounding import calibrate_rounding
     from .convert import convert_cora
     from .prepare import prepare_cora, set_ranks
     from .rank_search import search_ranks
@@ -194,10 +209,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if out.suffix != ".pt2":
         raise UsageError(f"--out {out}: the artifact must end in .pt2")
     try:
-        config = CoRaConfig(bits=args.bits, adapter_bits=args.adapter_bits, budget=args.budget,
-                            granularity="per_channel" if args.per_channel else "per_tensor",
-                            clipping=args.clipping, loss=args.loss, iterations=args.iterations, seed=args.seed,
-                            depthwise=args.depthwise)
+        config = quantize_config(args)
     except ValueError as err:
         raise UsageError(str(err)) from None
     model = build_model(args.model, args.num_classes)
@@ -212,7 +224,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise UsageError(f"--model {args.model}: no nn.Conv2d layer to quantize")
     result = None
     if args.ranks == "heuristic":
+        loader = _loader(dataset, args.batch_size, shuffle=False)
+        if config.needs_rounding_data:
+            calibrate_rounding(prepared, loader)
         set_ranks(prepared, "heuristic")
+        if config.bn_correction:
+            correct_batchnorm(prepared, loader, max_batches=config.bn_correction)
     else:
         result = search_ranks(prepared, _loader(dataset, args.batch_size, shuffle=True), progress=not args.quiet)
     quantized = convert_cora(prepared)
@@ -295,13 +312,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib", required=True, help="calibration data: ImageFolder directory or path,label[,split] CSV")
     q.add_argument("--calib-images", type=_positive_int, help="use at most this many calibration images")
     q.add_argument("--bits", type=_int_in(2, 8), default=4, help="weight bits of the main convs, 2..8 (default 4)")
-    q.add_argument("--adapter-bits", type=_int_in(2, 8), default=8, help="adapter bits, 2..8 (default 8)")
-    q.add_argument("--budget", type=_fraction, default=0.05, help="adapter params / conv params, in (0, 1] (default 0.05)")
-    q.add_argument("--per-channel", action="store_true", help="per-output-channel ranges (default per-tensor)")
-    q.add_argument("--clipping", choices=("normal", "minmax"), default="normal", help="clipping range (default normal, k=4)")
-    q.add_argument("--depthwise", choices=("skip", "residual", "float"), default="skip", help="depthwise conv policy")
-    q.add_argument("--loss", choices=("ce", "kl"), default="ce", help="search loss: ce (labels) or kl (label-free)")
-    q.add_argument("--iterations", type=_int_in(0, 1 << 30), default=250, help="rank search iterations (default 250)")
+    q.add_argument("--config", choices=("recommended", "paper"), default="recommended",
+                   help="base settings: CoRaConfig.recommended(bits) (default) or the paper's CoRaConfig(); "
+                        "the options below override it when given")
+    q.add_argument("--adapter-bits", type=_int_in(2, 8), help="adapter bits, 2..8 (default 8)")
+    q.add_argument("--budget", type=_fraction, help="adapter params / conv params, in (0, 1]")
+    q.add_argument("--per-channel", action="store_true", help="per-output-channel ranges")
+    q.add_argument("--per-tensor", action="store_true", help="one range per tensor (the paper)")
+    q.add_argument("--clipping", choices=("normal", "minmax", "mse"), help="clipping range")
+    q.add_argument("--depthwise", choices=("skip", "residual", "float", "int8"), help="depthwise conv policy")
+    q.add_argument("--loss", choices=("ce", "kl"), help="search loss: ce (labels) or kl (label-free)")
+    q.add_argument("--iterations", type=_int_in(0, 1 << 30), help="rank search iterations (default 250)")
     q.add_argument("--ranks", choices=("search", "heuristic"), default="search", help="search the ranks or use floor(b*R)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", default="model.pt2", help="artifact path (.pt2); the JSON summary and plots go beside it")

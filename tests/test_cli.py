@@ -133,3 +133,21 @@ def test_user_mistakes_give_one_line_and_nonzero_exit(workspace, case, args, fra
     (workspace / "truncated.pt2").write_bytes(b"PK\x03\x04" + b"\0" * 100)
     proc = run(*args, cwd=workspace, extra_path=workspace)
     assert_one_line_error(proc, *fragments)
+
+
+def test_quantize_defaults_to_the_recommended_config_and_options_override_it():
+    import argparse
+
+    from cora_fx import CoRaConfig
+    from cora_fx.cli import quantize_config
+
+    def args(**kw):
+        base = dict(config="recommended", bits=4, seed=0, adapter_bits=None, budget=None, clipping=None, depthwise=None,
+                    loss=None, iterations=None, per_channel=False, per_tensor=False)
+        return argparse.Namespace(**{**base, **kw})
+
+    assert quantize_config(args()) == CoRaConfig.recommended(4)
+    assert quantize_config(args(config="paper", bits=3)) == CoRaConfig(bits=3)
+    tuned = quantize_config(args(budget=0.1, per_tensor=True, clipping="normal", iterations=7))
+    assert (tuned.budget, tuned.granularity, tuned.clipping, tuned.iterations) == (0.1, "per_tensor", "normal", 7)
+    assert tuned.rounding == "gptq"  # the rest stays recommended
