@@ -26,7 +26,7 @@ import io
 import os
 import tempfile
 import time
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable
 
 import torch
 from torch import nn

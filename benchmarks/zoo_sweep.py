@@ -23,7 +23,6 @@ per family, ``--models a,b`` for a selection).
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 import warnings

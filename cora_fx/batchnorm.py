@@ -14,7 +14,7 @@ layer is corrected given the already corrected layers upstream.
 from __future__ import annotations
 
 import copy
-from typing import Iterable, Optional
+from typing import Iterable
 
 import torch
 import torch.fx as fx

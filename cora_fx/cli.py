@@ -10,10 +10,13 @@ import importlib
 import json
 import sys
 from pathlib import Path
-from typing import Any, NoReturn, Optional, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, Optional, Sequence
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .config import CoRaConfig
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .observers import QuantizedWeight, dequantize, minmax_quantize
+from .observers import QuantizedWeight, minmax_quantize
 from .residual import ResidualFactors, fold_two_conv, nbk_mask
 
 

@@ -75,7 +75,6 @@ class RewriteConvs:
         self.skipped: dict[str, str] = {}
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
-        cfg = self.config
         read_directly = {n.target.rpartition(".")[0] for n in gm.graph.nodes if n.op == "get_attr"}
         done: dict[str, CoRaConv2d] = {}
         modified = False

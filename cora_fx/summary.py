@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 from dataclasses import asdict, dataclass, field
-from typing import Optional
 
 import torch
 import torch.fx as fx

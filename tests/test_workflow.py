@@ -1,7 +1,6 @@
 """The public API on small models: prepare -> search / set_ranks -> convert -> summary."""
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -15,7 +14,7 @@ from cora_fx import (CoRaConfig, CoRaError, CoRaSummary, CoRaTraceError, RankSea
                      prepare_cora, quantize_cora, search_ranks, set_ranks, summary)
 from cora_fx.modules import CoRaConv2d, LowRankAdapter, QuantLinear
 
-from .conftest import SmallNet, random_batches
+from .conftest import random_batches
 
 X = torch.randn(2, 3, 16, 16)
 
