@@ -13,7 +13,6 @@ layer is corrected given the already corrected layers upstream.
 """
 from __future__ import annotations
 
-import copy
 from typing import Iterable
 
 import torch
@@ -22,7 +21,7 @@ from torch import nn
 
 from .batches import model_device, split_batch
 from .modules import FLOAT, HARD, CoRaConv2d, QuantLinear, folded_modes
-from .passes import FoldAdaptersForSearch, run_passes
+from .passes import folded_copy
 from .state import PREPARED, CoRaError, get_state
 
 
@@ -51,7 +50,7 @@ def correct_batchnorm(prepared: fx.GraphModule, batches: Iterable, *, max_batche
            and m.track_running_stats and m.running_mean is not None}
     if not bns:
         return 0
-    folded = run_passes(fx.GraphModule(prepared, copy.deepcopy(prepared.graph)), [FoldAdaptersForSearch()])
+    folded = folded_copy(prepared)
     wrappers = [m for m in folded.modules() if isinstance(m, CoRaConv2d)]
     linears = [m for m in prepared.modules() if isinstance(m, QuantLinear)]
     original = {n: bn.running_mean.detach().clone() for n, bn in bns.items()}

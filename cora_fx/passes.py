@@ -8,6 +8,7 @@ They are composed by `torch.fx.passes.infra.pass_manager.PassManager` (see `run_
 """
 from __future__ import annotations
 
+import copy
 import operator
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -190,3 +191,8 @@ class FoldAdaptersForSearch:
                 gm.graph.erase_node(node)
             modified = True
         return PassResult(gm, modified)
+
+
+def folded_copy(prepared: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule sharing ``prepared``'s modules whose graph runs the folded form (section 4)."""
+    return run_passes(fx.GraphModule(prepared, copy.deepcopy(prepared.graph)), [FoldAdaptersForSearch()])

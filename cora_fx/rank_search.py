@@ -7,7 +7,6 @@ the budget (`project_ranks`), because the soft penalty alone does not hold it.
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from .config import SEARCH_FIELDS, CoRaConfig
 from .modules import FLOAT, CoRaConv2d, LowRankAdapter, QuantLinear, folded_modes
 from .batches import BatchCycle, input_dtype, model_device, split_batch
 from .batchnorm import correct_batchnorm
-from .passes import FoldAdaptersForSearch, run_passes
+from .passes import folded_copy
 from .rounding import calibrate_rounding
 from .prepare import adapters
 from .state import PREPARED, CoRaError, get_state
@@ -151,7 +150,7 @@ def search_ranks(prepared: fx.GraphModule, batches: Iterable, *, progress: bool 
     searchable = {n: a for n, a in layers.items() if a.searchable}
     saved_ranks = {n: int(a.hard_rank) for n, a in layers.items()}
     saved_soft = {n: float(a.rank) for n, a in layers.items()}
-    search_gm = run_passes(fx.GraphModule(prepared, copy.deepcopy(prepared.graph)), [FoldAdaptersForSearch()])
+    search_gm = folded_copy(prepared)
     wrappers = [m for m in search_gm.modules() if isinstance(m, CoRaConv2d)]
     linears = [m for m in prepared.modules() if isinstance(m, QuantLinear)]
     grad_flags = {p: p.requires_grad for p in prepared.parameters()}

@@ -15,7 +15,6 @@ Both need H per conv (per group), collected by `collect_input_moments` from the 
 """
 from __future__ import annotations
 
-import copy
 from typing import Iterable
 
 import torch
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 from .batches import model_device, split_batch
 from .modules import FLOAT, ConvSpec, CoRaConv2d, QuantLinear, folded_modes
 from .observers import QuantizedWeight, quant_range
-from .passes import FoldAdaptersForSearch, run_passes
+from .passes import folded_copy
 from .residual import ResidualFactors
 from .state import PREPARED, CoRaError, get_state
 
@@ -72,7 +71,7 @@ class _InputMoments:
 
 def collect_input_moments(prepared: fx.GraphModule, batches: Iterable, max_batches: int) -> dict[str, torch.Tensor]:
     """H (g, d, d) per rewritten conv, averaged over the inputs of the float model."""
-    folded = run_passes(fx.GraphModule(prepared, copy.deepcopy(prepared.graph)), [FoldAdaptersForSearch()])
+    folded = folded_copy(prepared)
     wrappers = {n: m for n, m in folded.named_modules() if isinstance(m, CoRaConv2d)}
     linears = [m for m in prepared.modules() if isinstance(m, QuantLinear)]
     moments = {n: _InputMoments(m) for n, m in wrappers.items()}
