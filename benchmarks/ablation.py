@@ -26,6 +26,9 @@ def main(argv=None) -> int:
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--budget", type=float, default=0.045)
     parser.add_argument("--variant", choices=("base", "gptq"), default="gptq")
+    parser.add_argument("--clipping", choices=("minmax", "mse"), default="minmax", help="per-channel range")
+    parser.add_argument("--rounding-inputs", choices=("float", "quantized"), default="float",
+                        help="GPTQ moments of the float model's inputs or of the once-rounded model's")
     parser.add_argument("--data", default=None)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -37,7 +40,8 @@ def main(argv=None) -> int:
     model.load_state_dict(torch.load(labels_csv.parents[1] / "weights" / "mobilenet_v2-b0353104.pth", weights_only=True))
     model.eval()
     start = time.time()
-    kw = dict(bits=args.bits, budget=args.budget, granularity="per_channel", clipping="minmax", depthwise="int8")
+    kw = dict(bits=args.bits, budget=args.budget, granularity="per_channel", clipping=args.clipping, depthwise="int8",
+              rounding_inputs=args.rounding_inputs)
     if args.variant == "gptq":
         kw.update(rounding="gptq", svd="activation", rounding_batches=4)
     prepared = prepare_cora(model, CoRaConfig(**kw))

@@ -35,7 +35,7 @@ def per_channel(bits: int, **kw) -> CoRaConfig:
     return CoRaConfig(bits=bits, granularity="per_channel", clipping="minmax", **kw)
 
 
-LATENCY_METHOD = "CoRa recommended W4 b=0.05"
+LATENCY_METHOD = "CoRa recommended W4"
 
 
 def plan(quick: bool) -> list[tuple[str, int, callable]]:
@@ -45,7 +45,7 @@ def plan(quick: bool) -> list[tuple[str, int, callable]]:
             ("RTN per-tensor normal W4", 4, lambda m, c, x: cora("RTN per-tensor normal W4", m, paper(4), c, x, ranks="rtn")),
             ("CoRa heuristic per-channel W4", 4, lambda m, c, x: cora("CoRa heuristic per-channel W4", m, per_channel(4), c, x, ranks="heuristic")),
             ("CoRa searched per-channel W4", 4, lambda m, c, x: cora("CoRa searched per-channel W4", m, per_channel(4, iterations=3), c, x, ranks="search")),
-            (LATENCY_METHOD, 4, lambda m, c, x: cora(LATENCY_METHOD, m, CoRaConfig.recommended(4).replace(budget=0.05, iterations=3, rounding_batches=1, bn_correction=1), c, x, ranks="search")),
+            (LATENCY_METHOD, 4, lambda m, c, x: cora(LATENCY_METHOD, m, CoRaConfig.recommended(4).replace(iterations=3, rounding_batches=1, bn_correction=1), c, x, ranks="search")),
         ]
     runs = []
     for bits in (3, 4, 5):
@@ -55,6 +55,10 @@ def plan(quick: bool) -> list[tuple[str, int, callable]]:
         for base, make in (("per-tensor", paper), ("per-channel", per_channel)):
             runs.append((f"CoRa heuristic {base} W{bits}", bits, lambda m, c, x, b=bits, mk=make, n=f"CoRa heuristic {base} W{bits}": cora(n, m, mk(b), c, x, ranks="heuristic")))
             runs.append((f"CoRa searched {base} W{bits}", bits, lambda m, c, x, b=bits, mk=make, n=f"CoRa searched {base} W{bits}": cora(n, m, mk(b, iterations=5 if quick else 250), c, x, ranks="search")))
+    for bits in (4, 3, 5):  # the budget sweep without search (GPTQ + heuristic floor(b*R) + BN correction): cheap
+        for budget in (0.02, 0.05, 0.10):
+            name = f"CoRa recommended heuristic-ranks W{bits} b={budget}"
+            runs.append((name, bits, lambda m, c, x, b=bits, bu=budget, n=name: cora(n, m, CoRaConfig.recommended(b).replace(budget=bu), c, x, ranks="heuristic")))
     for bits in (4, 3, 5):
         for budget in (0.02, 0.05, 0.10):
             name = f"CoRa recommended W{bits} b={budget}"
@@ -62,6 +66,11 @@ def plan(quick: bool) -> list[tuple[str, int, callable]]:
         name = f"CoRa recommended W{bits}"  # its own budget: <= bits + 0.5 equivalent bits
         runs.append((name, bits, lambda m, c, x, b=bits, n=name: cora(n, m, CoRaConfig.recommended(b), c, x, ranks="search")))
     return runs
+
+
+def selected(name: str, pattern: str) -> bool:
+    """``--only`` matching: the exact method name, or a prefix followed by ``*``."""
+    return name == pattern or (pattern.endswith("*") and name.startswith(pattern[:-1]))
 
 
 def agreement(model, float_top1: torch.Tensor, images: torch.Tensor) -> float:
@@ -80,7 +89,18 @@ def main(argv=None) -> int:
     parser.add_argument("--no-latency", action="store_true")
     parser.add_argument("--tiny-limit", type=int, default=None, help="use only the first N tiny64 images")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--peer-calib-images", type=int, default=None,
+                        help="give the peers only the first N calibration images (default: all 1,600)")
     args = parser.parse_args(argv)
+    from benchmarks.peers import peer_runs
+    runs = plan(args.quick)
+    peer_plan = peer_runs([p for p in args.peers.split(",") if p], args.quick)
+    peers = {name for name, _, _ in peer_plan}
+    runs += peer_plan
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unmatched = [s for s in only if not any(selected(name, s) for name, _, _ in runs)]
+    if unmatched:
+        parser.error(f"--only: no method matches {unmatched}; methods: {[name for name, _, _ in runs]}")
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -104,31 +124,35 @@ def main(argv=None) -> int:
     float_tiny = predict(model, tiny)[:, 0] if tiny is not None else None
     float_bytes = state_dict_bytes(model)
     results["float"] = dict(name="float", family="float", bits=32, equivalent_bits=32.0, artifact_bytes=float_bytes,
+                            deflated_bytes=state_dict_bytes(model, deflate=True),
                             calib_seconds=0.0, iterations=0, **topk_with_ci(float_top5, eval_labels),
                             tiny_agreement=100.0 if tiny is not None else None)
-    runs = plan(args.quick)
-    from benchmarks.peers import peer_runs
-    runs += peer_runs([p for p in args.peers.split(",") if p], args.quick)
-    only = [s for s in args.only.split(",") if s]
+    peer_calib = calib if args.peer_calib_images is None else batches(calib_images[:args.peer_calib_images],
+                                                                     calib_labels[:args.peer_calib_images], 32)
     for name, bits, runner in runs:
-        if only and not any(name == s or (s.endswith("*") and name.startswith(s[:-1])) for s in only):
+        if only and not any(selected(name, s) for s in only):
             continue
         print(f"== {name}", flush=True)
         try:
-            run: MethodRun = runner(model, calib, example)
+            data = peer_calib if name in peers else calib
+            run: MethodRun = runner(model, data, example)
         except Exception as err:  # a peer that cannot run is reported, not fatal
             results[name] = dict(name=name, bits=bits, error=f"{type(err).__name__}: {err}".splitlines()[0][:300])
             print(f"   failed: {results[name]['error']}", flush=True)
             continue
         record = {k: v for k, v in asdict(run).items() if k != "model"}
+        record["calib_images"] = sum(len(b[0]) for b in data)
         if run.model is not None:
             record.update(topk_with_ci(predict(run.model, eval_images), eval_labels))
             record["tiny_agreement"] = agreement(run.model, float_tiny, tiny) if tiny is not None else None
         results[name] = record
+        if name == LATENCY_METHOD and not args.quick:  # for `benchmarks/latency.py ARTIFACT` on a quiet machine
+            import cora_fx
+            cora_fx.save(run.model, out / "cora_recommended_w4.pt2", (example.expand(2, *example.shape[1:]),))
         if name == LATENCY_METHOD and not args.no_latency:
-            from benchmarks.latency import interleaved
+            from benchmarks.latency import MODES, interleaved
             record["latency"] = interleaved(model, run.model, repeats=3 if args.quick else 20,
-                                            compile_modes=("eager",) if args.quick else ("eager", "compile"))
+                                            compile_modes=("eager",) if args.quick else MODES)
         print(f"   top1 {record.get('top1', float('nan')):.2f} bits {run.equivalent_bits:.3f} "
               f"calib {run.calib_seconds:.0f}s bytes {run.artifact_bytes:,}", flush=True)
         results_path.write_text(json.dumps(results, indent=1))

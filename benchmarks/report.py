@@ -28,6 +28,16 @@ def table(results: dict) -> str:
     return "\n".join(rows)
 
 
+def latency_table(results: dict) -> str:
+    """Median ms of float and quantized, interleaved, per mode and batch (`benchmarks/latency.py`)."""
+    rows = ["| method | mode | batch | float ms | quantized ms | ratio |", "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        for key, v in (r.get("latency") or {}).items() if isinstance(r, dict) else ():
+            mode, batch = key.rsplit("_b", 1)
+            rows.append(f"| {name} | {mode} | {batch} | {v['float_ms']:.1f} | {v['quantized_ms']:.1f} | {v['ratio']:.2f} |")
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
 def pareto_plot(results: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -82,8 +92,9 @@ def main(argv=None) -> int:
     path = Path(args[0] if args else Path(__file__).resolve().parent / "results" / "results.json")
     results = json.loads(path.read_text())
     print(table(results))
+    print("\n" + latency_table(results))
     pareto_plot(results, path.with_name("pareto.png"))
-    searched = [n for n, r in results.items() if "recommended W4 b=0.05" in n and "extra" in r]
+    searched = [n for n, r in results.items() if n == "CoRa recommended W4" and "extra" in r]
     if searched:
         ranks_plot(results[searched[0]], path.with_name("ranks.png"), searched[0])
     return 0

@@ -67,7 +67,7 @@ def _classifier(name: str) -> Callable[[], nn.Module]:
     if name.startswith("vit_"):
         kwargs.update(image_size=32)
     if name == "maxvit_t":
-        kwargs.update(input_size=(64, 64))
+        kwargs.update(input_size=(224, 224))  # partition size 7 needs side/32 divisible by 7
     return lambda: torchvision.models.get_model(name, **kwargs)
 
 
@@ -104,7 +104,7 @@ def zoo() -> dict[str, ZooModel]:
     """Every torchvision classification model (all have Conv2d layers) + segmentation + FPN backbones."""
     models: dict[str, ZooModel] = {}
     for name in torchvision.models.list_models(module=torchvision.models):
-        size = {"inception_v3": 75, "maxvit_t": 64, "alexnet": 64}.get(name, 32)
+        size = {"inception_v3": 75, "maxvit_t": 224, "alexnet": 64}.get(name, 32)
         models[name] = ZooModel(name, _family(name), _classifier(name), size)
     for name in torchvision.models.list_models(module=torchvision.models.segmentation):
         models[name] = ZooModel(name, "segmentation", _segmentation(name), 64)

@@ -17,6 +17,7 @@ LOSSES = ("ce", "kl")
 DEPTHWISE_POLICIES = ("skip", "residual", "float", "int8")
 ROUNDINGS = ("nearest", "gptq")
 SVDS = ("weight", "activation")
+ROUNDING_INPUTS = ("float", "quantized")
 
 #: Fields that only steer the rank search; `search_ranks(..., **overrides)` may change them.
 SEARCH_FIELDS = frozenset(
@@ -62,6 +63,9 @@ class CoRaConfig:
             adapters that minimize the conv's output error on calibration data.
         rounding_batches: calibration batches used to estimate the inputs' second moments
             for ``rounding="gptq"`` / ``svd="activation"``.
+        rounding_inputs: whose inputs those moments describe: ``"float"`` (the float model's,
+            one pass) or ``"quantized"`` (a second pass over the model already rounded once,
+            with heuristic-rank adapters, so each layer sees the inputs it will see deployed).
         bn_correction: after the search, correct the BatchNorm statistics on this many
             calibration batches (`correct_batchnorm`); 0 (paper) leaves them alone.
     """
@@ -86,6 +90,7 @@ class CoRaConfig:
     rounding: str = "nearest"
     svd: str = "weight"
     rounding_batches: int = 8
+    rounding_inputs: str = "float"
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> ValueError:
@@ -135,6 +140,8 @@ class CoRaConfig:
             raise bad("rounding", f"must be one of {ROUNDINGS}")
         if self.svd not in SVDS:
             raise bad("svd", f"must be one of {SVDS}")
+        if self.rounding_inputs not in ROUNDING_INPUTS:
+            raise bad("rounding_inputs", f"must be one of {ROUNDING_INPUTS}")
         if not _is_int(self.rounding_batches) or self.rounding_batches < 1:
             raise bad("rounding_batches", "must be an integer >= 1")
         if self.depthwise not in DEPTHWISE_POLICIES:
@@ -146,12 +153,14 @@ class CoRaConfig:
 
         Per-channel min-max ranges, depthwise convs at 8 bits, GPTQ base rounding whose residual
         the adapters reclaim (the paper's future work), output-aware adapters, label-free KL
-        search, BatchNorm bias correction on 8 calibration batches; the adapter budget keeps MobileNetV2 at or below ``bits + 0.5`` equivalent bits
-        with its depthwise convs counted at 8 bits. ``CoRaConfig()`` remains the paper's settings.
+        search; the adapter budget keeps MobileNetV2 at or below ``bits + 0.5`` equivalent bits
+        with its depthwise convs counted at 8 bits. No BatchNorm correction: after GPTQ it
+        measured neutral at W4 and harmful at W3 (RESULTS.md, ablation). ``CoRaConfig()``
+        remains the paper's settings.
         """
-        budget = {2: 0.03, 3: 0.04, 4: 0.045}.get(bits, 0.05)
+        budget = {2: 0.03, 3: 0.044, 4: 0.045}.get(bits, 0.05)
         base = cls(bits=bits, budget=budget, granularity="per_channel", clipping="minmax", depthwise="int8",
-                   rounding="gptq", svd="activation", loss="kl", rounding_batches=8, bn_correction=8)
+                   rounding="gptq", svd="activation", loss="kl", rounding_batches=8)
         return base.replace(**changes) if changes else base
 
     def replace(self, **changes: Any) -> "CoRaConfig":

@@ -11,7 +11,10 @@ work is to reclaim the residual of a better rounding; with calibration data cora
   ||(dW - B A) X||_F: with H = L L^T, SVD(dW L) = U S V^T, B = U S^1/2, A = S^1/2 V^T L^-1.
   Theorem 1 still holds at full rank; the NBK search works on these singular values unchanged.
 
-Both need H per conv (per group), collected by `collect_input_moments` from the float model.
+Both need H per conv (per group), collected by `collect_input_moments` from the float model;
+``rounding_inputs="quantized"`` adds a second pass with H from the once-rounded model (heuristic-rank
+adapters), so each layer is rounded for the inputs it will see deployed (sequential GPTQ, in two
+passes instead of one pass per layer).
 """
 from __future__ import annotations
 
@@ -22,9 +25,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .batches import model_device, split_batch
-from .modules import FLOAT, ConvSpec, CoRaConv2d, QuantLinear, folded_modes
+from .modules import FLOAT, HARD, ConvSpec, CoRaConv2d, QuantLinear, folded_modes
 from .observers import QuantizedWeight, quant_range
 from .passes import folded_copy
+from .prepare import set_ranks
 from .residual import ResidualFactors
 from .state import PREPARED, CoRaError, get_state
 
@@ -69,8 +73,10 @@ class _InputMoments:
             self.count += b * length
 
 
-def collect_input_moments(prepared: fx.GraphModule, batches: Iterable, max_batches: int) -> dict[str, torch.Tensor]:
-    """H (g, d, d) per rewritten conv, averaged over the inputs of the float model."""
+def collect_input_moments(prepared: fx.GraphModule, batches: Iterable, max_batches: int,
+                          mode: str = FLOAT) -> dict[str, torch.Tensor]:
+    """H (g, d, d) per rewritten conv, averaged over its inputs: those of the float model
+    (``mode=FLOAT``) or of the quantized model with its hard-rank adapters (``mode=HARD``)."""
     folded = folded_copy(prepared)
     wrappers = {n: m for n, m in folded.named_modules() if isinstance(m, CoRaConv2d)}
     linears = [m for m in prepared.modules() if isinstance(m, QuantLinear)]
@@ -80,7 +86,7 @@ def collect_input_moments(prepared: fx.GraphModule, batches: Iterable, max_batch
     seen = 0
     folded.eval()
     try:
-        with folded_modes(list(wrappers.values()), linears, FLOAT), torch.no_grad():
+        with folded_modes(list(wrappers.values()), linears, mode), torch.no_grad():
             for batch in batches:
                 if seen >= max_batches:
                     break
@@ -160,7 +166,24 @@ def calibrate_rounding(prepared: fx.GraphModule, batches: Iterable, *, max_batch
     """
     state = get_state(prepared, PREPARED, "prepared")
     cfg = state.config
-    moments = collect_input_moments(prepared, batches, max_batches or cfg.rounding_batches)
+    count = max_batches or cfg.rounding_batches
+    updated = _reround(prepared, cfg, collect_input_moments(prepared, batches, count, FLOAT))
+    if cfg.rounding_inputs == "quantized":
+        layers = {n: m.adapter for n, m in prepared.named_modules() if isinstance(m, CoRaConv2d)}
+        saved = {n: int(a.hard_rank) for n, a in layers.items()}
+        set_ranks(prepared, "heuristic")
+        try:
+            moments = collect_input_moments(prepared, batches, count, HARD)
+        finally:
+            for name, adapter in layers.items():
+                adapter.set_hard_rank(min(saved[name], adapter.max_rank))
+        _reround(prepared, cfg, moments)
+    state.rounding_calibrated = True
+    return updated
+
+
+def _reround(prepared: fx.GraphModule, cfg, moments: dict[str, torch.Tensor]) -> int:
+    """GPTQ and/or whitened SVD of every conv with moments, from its exactly recovered float weight."""
     updated = 0
     for name, layer in prepared.named_modules():
         if not isinstance(layer, CoRaConv2d) or name not in moments:
@@ -175,5 +198,4 @@ def calibrate_rounding(prepared: fx.GraphModule, batches: Iterable, *, max_batch
         residual = weight - qw.dequantize()
         layer.adapter.set_factors(ResidualFactors(residual.to(torch.float32), layer.quantized.spec.groups, white))
         updated += 1
-    state.rounding_calibrated = True
     return updated

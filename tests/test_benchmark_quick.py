@@ -29,6 +29,6 @@ def test_benchmark_quick_mode_runs_end_to_end(tmp_path):
     assert len(names) == 4 and all("error" not in results[n] for n in names), results
     for name in names:
         assert 0 <= results[name]["top1"] <= 100 and results[name]["artifact_bytes"] > 0
-    rec = results["CoRa recommended W4 b=0.05"]
+    rec = results["CoRa recommended W4"]
     assert rec["latency"]["eager_b1"]["ratio"] > 0
     assert rec["equivalent_bits"] < 5

@@ -10,6 +10,7 @@ from torch import nn
 
 from cora_fx import CoRaConfig, calibrate_rounding, convert_cora, correct_batchnorm, prepare_cora, search_ranks, set_ranks, summary
 from cora_fx.observers import MSEObserver, make_observer, quantize_weight
+from cora_fx.modules import CoRaConv2d
 from cora_fx.prepare import adapters
 
 from .conftest import random_batches
@@ -117,6 +118,28 @@ def test_activation_factors_stay_exact_at_full_rank_and_win_at_low_rank(seed, ro
         set_ranks(prepared, {"0": 2})
         errors[svd] = _output_error(prepared, conv, data)
     assert errors["activation"] <= errors["weight"] * 1.001
+
+
+def test_quantized_inputs_pass_rerounds_downstream_layers_and_keeps_ranks():
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Conv2d(6, 12, 3, padding=1), nn.ReLU(), nn.Conv2d(12, 10, 3, padding=1)).eval()
+    data = [(torch.randn(8, 6, 10, 10), None) for _ in range(3)]
+    codes = {}
+    for inputs in ("float", "quantized"):
+        cfg = CoRaConfig(bits=3, adapter_bits=None, granularity="per_channel", clipping="minmax", rounding="gptq",
+                         svd="activation", rounding_batches=3, rounding_inputs=inputs)
+        prepared = prepare_cora(net, cfg)
+        set_ranks(prepared, {"0": 1, "2": 2})
+        calibrate_rounding(prepared, data)
+        assert {n: int(a.hard_rank) for n, a in adapters(prepared).items()} == {"0": 1, "2": 2}
+        codes[inputs] = {n: m.quantized.quantized_weight().codes.clone() for n, m in prepared.named_modules()
+                         if isinstance(m, CoRaConv2d)}
+        set_ranks(prepared, "full")
+        assert _output_error(prepared, net, data) < 1e-8  # Theorem 1 after both passes
+    assert torch.equal(codes["float"]["0"], codes["quantized"]["0"])  # first layer: same inputs, same rounding
+    assert not torch.equal(codes["float"]["2"], codes["quantized"]["2"])  # second layer sees quantized inputs
+    with pytest.raises(ValueError, match="rounding_inputs"):
+        CoRaConfig(rounding_inputs="int8")
 
 
 def test_search_runs_the_data_aware_steps_and_converts(small_net):
