@@ -53,7 +53,13 @@ def pareto_plot(results: dict, path: Path) -> None:
     for family, pts in sorted(families.items()):
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=family)
+        for x, y, name in pts:  # "W4", "W3 b=0.02": what distinguishes the points of one line
+            ax.annotate(name[len(family):].strip() or name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6)
     ax.set_xscale("log")
+    ticks = [1, 1.5, 2, 3, 4, 6, 10, 15]
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([str(t) for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("artifact size (MB, log scale)")
     ax.set_ylabel("top-1 on eval (%)")
     ax.set_title("Accuracy vs artifact size")

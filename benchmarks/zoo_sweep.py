@@ -60,12 +60,17 @@ class ZooModel:
     size: int = 32
 
 
+def _size(name: str) -> int:
+    """Input side in pixels: 32, unless the architecture needs another."""
+    return {"inception_v3": 75, "maxvit_t": 224, "alexnet": 64, "vit_h_14": 28}.get(name, 32)
+
+
 def _classifier(name: str) -> Callable[[], nn.Module]:
     kwargs: dict[str, Any] = {"weights": None, "num_classes": CLASSES}
     if name in ("googlenet", "inception_v3"):
         kwargs.update(aux_logits=False, init_weights=True)
     if name.startswith("vit_"):
-        kwargs.update(image_size=32)
+        kwargs.update(image_size=_size(name))  # a multiple of the patch size (14 for vit_h_14)
     if name == "maxvit_t":
         kwargs.update(input_size=(224, 224))  # partition size 7 needs side/32 divisible by 7
     return lambda: torchvision.models.get_model(name, **kwargs)
@@ -104,8 +109,7 @@ def zoo() -> dict[str, ZooModel]:
     """Every torchvision classification model (all have Conv2d layers) + segmentation + FPN backbones."""
     models: dict[str, ZooModel] = {}
     for name in torchvision.models.list_models(module=torchvision.models):
-        size = {"inception_v3": 75, "maxvit_t": 224, "alexnet": 64}.get(name, 32)
-        models[name] = ZooModel(name, _family(name), _classifier(name), size)
+        models[name] = ZooModel(name, _family(name), _classifier(name), _size(name))
     for name in torchvision.models.list_models(module=torchvision.models.segmentation):
         models[name] = ZooModel(name, "segmentation", _segmentation(name), 64)
     for arch in ("resnet18", "resnet50", "mobilenet_v3_large"):
