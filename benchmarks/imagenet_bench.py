@@ -55,7 +55,7 @@ def plan(quick: bool) -> list[tuple[str, int, callable]]:
         for base, make in (("per-tensor", paper), ("per-channel", per_channel)):
             runs.append((f"CoRa heuristic {base} W{bits}", bits, lambda m, c, x, b=bits, mk=make, n=f"CoRa heuristic {base} W{bits}": cora(n, m, mk(b), c, x, ranks="heuristic")))
             runs.append((f"CoRa searched {base} W{bits}", bits, lambda m, c, x, b=bits, mk=make, n=f"CoRa searched {base} W{bits}": cora(n, m, mk(b, iterations=5 if quick else 250), c, x, ranks="search")))
-    for bits in (4, 3, 5):  # the budget sweep without search (GPTQ + heuristic floor(b*R) + BN correction): cheap
+    for bits in (4, 3, 5):  # the budget sweep without search (recommended base, heuristic floor(b*R)): cheap
         for budget in (0.02, 0.05, 0.10):
             name = f"CoRa recommended heuristic-ranks W{bits} b={budget}"
             runs.append((name, bits, lambda m, c, x, b=bits, bu=budget, n=name: cora(n, m, CoRaConfig.recommended(b).replace(budget=bu), c, x, ranks="heuristic")))

@@ -1,7 +1,7 @@
 """`save` / `load`: a converted model as a ``torch.export`` program (``.pt2``) plus its summary.
 
-The file is what ``torch.export.save`` writes, so plain ``torch.export.load`` reads it without
-cora_fx. cora_fx adds one extra file inside the archive, ``cora_fx/summary.json``: the
+The file is what ``torch.export.save`` writes, by default with its zip entries deflated (`save`),
+so plain ``torch.export.load`` reads it without cora_fx. cora_fx adds one extra file inside the archive, ``cora_fx/summary.json``: the
 `CoRaSummary` (lost by torch.export, which drops ``gm.meta``) and a SHA-256 digest of every
 stored tensor, checked on `load` so a modified or truncated file is refused with a clear error.
 `load` refuses archives that would need pickle to load (only the tensor payload format is
