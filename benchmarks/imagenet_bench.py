@@ -92,6 +92,8 @@ def main(argv=None) -> int:
     parser.add_argument("--peer-calib-images", type=int, default=None,
                         help="give the peers only the first N calibration images (default: all 1,600)")
     args = parser.parse_args(argv)
+    if args.peer_calib_images is not None and args.peer_calib_images < 1:
+        parser.error(f"--peer-calib-images must be >= 1, got {args.peer_calib_images}")
     from benchmarks.peers import peer_runs
     runs = plan(args.quick)
     peer_plan = peer_runs([p for p in args.peers.split(",") if p], args.quick)

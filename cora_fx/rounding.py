@@ -28,7 +28,7 @@ from .batches import model_device, split_batch
 from .modules import FLOAT, HARD, ConvSpec, CoRaConv2d, QuantLinear, folded_modes
 from .observers import QuantizedWeight, quant_range
 from .passes import folded_copy
-from .prepare import set_ranks
+from .prepare import adapters, set_ranks
 from .residual import ResidualFactors
 from .state import PREPARED, CoRaError, get_state
 
@@ -169,7 +169,7 @@ def calibrate_rounding(prepared: fx.GraphModule, batches: Iterable, *, max_batch
     count = max_batches or cfg.rounding_batches
     updated = _reround(prepared, cfg, collect_input_moments(prepared, batches, count, FLOAT))
     if cfg.rounding_inputs == "quantized":
-        layers = {n: m.adapter for n, m in prepared.named_modules() if isinstance(m, CoRaConv2d)}
+        layers = adapters(prepared)
         saved = {n: int(a.hard_rank) for n, a in layers.items()}
         set_ranks(prepared, "heuristic")
         try:
