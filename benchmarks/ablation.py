@@ -18,7 +18,7 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import batches, data_paths, load_split, predict, topk_with_ci  # noqa: E402
-from cora_fx import CoRaConfig, calibrate_rounding, correct_batchnorm, prepare_cora, set_ranks, summary  # noqa: E402
+from cora_fx import CoRaConfig, calibrate_rounding, correct_batchnorm, finetune, prepare_cora, set_ranks, summary  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -29,6 +29,9 @@ def main(argv=None) -> int:
     parser.add_argument("--clipping", choices=("minmax", "mse"), default="minmax", help="per-channel range")
     parser.add_argument("--rounding-inputs", choices=("float", "quantized"), default="float",
                         help="GPTQ moments of the float model's inputs or of the once-rounded model's")
+    parser.add_argument("--finetune", type=int, default=0, help="then `finetune` this many steps (KL) and score again")
+    parser.add_argument("--finetune-lr", type=float, default=1e-4)
+    parser.add_argument("--no-bn-correction", action="store_true")
     parser.add_argument("--data", default=None)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -41,7 +44,7 @@ def main(argv=None) -> int:
     model.eval()
     start = time.time()
     kw = dict(bits=args.bits, budget=args.budget, granularity="per_channel", clipping=args.clipping, depthwise="int8",
-              rounding_inputs=args.rounding_inputs)
+              rounding_inputs=args.rounding_inputs, loss="kl")
     if args.variant == "gptq":
         kw.update(rounding="gptq", svd="activation", rounding_batches=4)
     prepared = prepare_cora(model, CoRaConfig(**kw))
@@ -52,9 +55,15 @@ def main(argv=None) -> int:
     top1 = topk_with_ci(predict(prepared, eval_images), eval_labels)["top1"]
     print(f"W{args.bits} {args.variant} heuristic: top-1 {top1:.2f} | budget {s.budget:.4f} | "
           f"equivalent bits {s.equivalent_bits:.3f} | {time.time() - start:.0f}s", flush=True)
-    correct_batchnorm(prepared, calib, max_batches=8)
-    top1 = topk_with_ci(predict(prepared, eval_images), eval_labels)["top1"]
-    print(f"W{args.bits} {args.variant} heuristic + BatchNorm correction: top-1 {top1:.2f} | {time.time() - start:.0f}s", flush=True)
+    if args.finetune:
+        result = finetune(prepared, calib, iterations=args.finetune, lr=args.finetune_lr)
+        top1 = topk_with_ci(predict(prepared, eval_images), eval_labels)["top1"]
+        print(f"W{args.bits} {args.variant} heuristic + finetune {args.finetune} (lr {args.finetune_lr:g}): top-1 {top1:.2f} | "
+              f"{result} | {time.time() - start:.0f}s", flush=True)
+    if not args.no_bn_correction:
+        correct_batchnorm(prepared, calib, max_batches=8)
+        top1 = topk_with_ci(predict(prepared, eval_images), eval_labels)["top1"]
+        print(f"W{args.bits} {args.variant} heuristic + BatchNorm correction: top-1 {top1:.2f} | {time.time() - start:.0f}s", flush=True)
     return 0
 
 

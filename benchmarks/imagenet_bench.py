@@ -45,7 +45,7 @@ def plan(quick: bool) -> list[tuple[str, int, callable]]:
             ("RTN per-tensor normal W4", 4, lambda m, c, x: cora("RTN per-tensor normal W4", m, paper(4), c, x, ranks="rtn")),
             ("CoRa heuristic per-channel W4", 4, lambda m, c, x: cora("CoRa heuristic per-channel W4", m, per_channel(4), c, x, ranks="heuristic")),
             ("CoRa searched per-channel W4", 4, lambda m, c, x: cora("CoRa searched per-channel W4", m, per_channel(4, iterations=3), c, x, ranks="search")),
-            (LATENCY_METHOD, 4, lambda m, c, x: cora(LATENCY_METHOD, m, CoRaConfig.recommended(4).replace(iterations=3, rounding_batches=1, bn_correction=1), c, x, ranks="search")),
+            (LATENCY_METHOD, 4, lambda m, c, x: cora(LATENCY_METHOD, m, CoRaConfig.recommended(4).replace(iterations=3, rounding_batches=1, bn_correction=1, finetune_iterations=2), c, x, ranks="search")),
         ]
     runs = []
     for bits in (3, 4, 5):
@@ -55,14 +55,18 @@ def plan(quick: bool) -> list[tuple[str, int, callable]]:
         for base, make in (("per-tensor", paper), ("per-channel", per_channel)):
             runs.append((f"CoRa heuristic {base} W{bits}", bits, lambda m, c, x, b=bits, mk=make, n=f"CoRa heuristic {base} W{bits}": cora(n, m, mk(b), c, x, ranks="heuristic")))
             runs.append((f"CoRa searched {base} W{bits}", bits, lambda m, c, x, b=bits, mk=make, n=f"CoRa searched {base} W{bits}": cora(n, m, mk(b, iterations=5 if quick else 250), c, x, ranks="search")))
-    for bits in (4, 3, 5):  # the budget sweep without search (recommended base, heuristic floor(b*R)): cheap
+    for bits in (4, 3, 5):  # the budget sweep without search or fine-tuning (recommended base, floor(b*R)): cheap
         for budget in (0.02, 0.05, 0.10):
             name = f"CoRa recommended heuristic-ranks W{bits} b={budget}"
-            runs.append((name, bits, lambda m, c, x, b=bits, bu=budget, n=name: cora(n, m, CoRaConfig.recommended(b).replace(budget=bu), c, x, ranks="heuristic")))
+            runs.append((name, bits, lambda m, c, x, b=bits, bu=budget, n=name: cora(n, m, CoRaConfig.recommended(b).replace(budget=bu, finetune_iterations=0), c, x, ranks="heuristic")))
+        name = f"CoRa recommended heuristic-ranks+finetune W{bits}"  # no search, own budget, with fine-tuning
+        runs.append((name, bits, lambda m, c, x, b=bits, n=name: cora(n, m, CoRaConfig.recommended(b), c, x, ranks="heuristic")))
     for bits in (4, 3, 5):
         for budget in (0.02, 0.05, 0.10):
             name = f"CoRa recommended W{bits} b={budget}"
             runs.append((name, bits, lambda m, c, x, b=bits, bu=budget, n=name: cora(n, m, CoRaConfig.recommended(b).replace(budget=bu), c, x, ranks="search")))
+        name = f"CoRa recommended W{bits} without finetune"  # the ablation of the fine-tuning step
+        runs.append((name, bits, lambda m, c, x, b=bits, n=name: cora(n, m, CoRaConfig.recommended(b, finetune_iterations=0), c, x, ranks="search")))
         name = f"CoRa recommended W{bits}"  # its own budget: <= bits + 0.5 equivalent bits
         runs.append((name, bits, lambda m, c, x, b=bits, n=name: cora(n, m, CoRaConfig.recommended(b), c, x, ranks="search")))
     return runs

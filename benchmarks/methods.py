@@ -60,9 +60,12 @@ def cora(name: str, model: nn.Module, cfg: CoRaConfig, calib: list, example: tor
     start = time.perf_counter()
     prepared = prepare_cora(model, cfg, example_inputs=(example[:1],))
     iterations = 0
+    extra: dict = {}
     if ranks == "search":
-        result = search_ranks(prepared, calib, progress=progress)
+        result = search_ranks(prepared, calib, progress=progress)  # runs the config's finetune too
         iterations = result.iterations
+        if result.finetune is not None:
+            extra["finetune_iterations"] = result.finetune.iterations
     else:
         if cfg.needs_rounding_data:
             from cora_fx import calibrate_rounding
@@ -71,11 +74,14 @@ def cora(name: str, model: nn.Module, cfg: CoRaConfig, calib: list, example: tor
         if cfg.bn_correction:
             from cora_fx import correct_batchnorm
             correct_batchnorm(prepared, calib, max_batches=cfg.bn_correction)
+        if cfg.finetune_iterations and ranks != "rtn":
+            from cora_fx import finetune
+            extra["finetune_iterations"] = finetune(prepared, calib, progress=progress).iterations
     converted = convert_cora(prepared)
     seconds = time.perf_counter() - start
     s = summary(converted)
     conv_layers = [l for l in s.layers if l.kind == "conv" and l.policy == "search"]
-    extra = {"ranks": {l.name: l.rank for l in conv_layers}, "max_ranks": {l.name: l.max_rank for l in conv_layers},
-             "heuristic": {l.name: int(cfg.budget * l.max_rank) for l in conv_layers}}
+    extra.update({"ranks": {l.name: l.rank for l in conv_layers}, "max_ranks": {l.name: l.max_rank for l in conv_layers},
+                  "heuristic": {l.name: int(cfg.budget * l.max_rank) for l in conv_layers}})
     return MethodRun(name, "cora" if ranks != "rtn" else "rtn", cfg.bits, converted, seconds, iterations,
                      s.equivalent_bits, exported_bytes(converted, example[:1]), s.budget, extra=extra)

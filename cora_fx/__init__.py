@@ -6,6 +6,7 @@ Workflow (torch.ao style): ``prepare_cora`` -> ``search_ranks`` (or ``set_ranks`
 from .batchnorm import correct_batchnorm
 from .config import CoRaConfig
 from .convert import convert_cora, quantize_cora
+from .finetune import FinetuneResult, finetune
 from .observers import NormalObserver
 from .prepare import prepare_cora, set_ranks
 from .rounding import calibrate_rounding
@@ -19,5 +20,5 @@ from .plots import plot_ranks, plot_search
 __all__ = [
     "CoRaConfig", "calibrate_rounding", "correct_batchnorm", "prepare_cora", "search_ranks", "set_ranks", "convert_cora", "quantize_cora", "summary",
     "CoRaSummary", "LayerInfo", "RankSearchResult", "SearchHistory", "NormalObserver", "CoRaError", "CoRaTraceError",
-    "save", "load", "read_summary", "CoRaLoadError", "plot_ranks", "plot_search",
+    "save", "load", "read_summary", "CoRaLoadError", "plot_ranks", "plot_search", "finetune", "FinetuneResult",
 ]

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, NoReturn, Optional, Sequence
 import torch
 from torch import nn
 
+from .config import FINETUNE_ITERATIONS
+
 if TYPE_CHECKING:
     from .config import CoRaConfig
 
@@ -191,7 +193,8 @@ def quantize_config(args: argparse.Namespace) -> "CoRaConfig":
 
     base = CoRaConfig.recommended(args.bits) if args.config == "recommended" else CoRaConfig(bits=args.bits)
     changes: dict[str, Any] = {"seed": args.seed}
-    for option in ("adapter_bits", "budget", "clipping", "depthwise", "loss", "iterations"):
+    for option in ("adapter_bits", "budget", "clipping", "depthwise", "loss", "iterations", "finetune_iterations",
+                   "adapter_form"):
         if getattr(args, option) is not None:
             changes[option] = getattr(args, option)
     if args.per_channel or args.per_tensor:
@@ -201,6 +204,7 @@ def quantize_config(args: argparse.Namespace) -> "CoRaConfig":
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .batchnorm import correct_batchnorm
+    from .finetune import finetune
     from .rounding import calibrate_rounding
     from .convert import convert_cora
     from .prepare import prepare_cora, set_ranks
@@ -226,6 +230,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if not hasattr(prepared, "meta") or "cora_fx" not in prepared.meta:
         raise UsageError(f"--model {args.model}: no nn.Conv2d layer to quantize")
     result = None
+    extra_finetune: Optional[dict] = None
     if args.ranks == "heuristic":
         loader = _loader(dataset, args.batch_size, shuffle=False)
         if config.needs_rounding_data:
@@ -233,6 +238,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         set_ranks(prepared, "heuristic")
         if config.bn_correction:
             correct_batchnorm(prepared, loader, max_batches=config.bn_correction)
+        if config.finetune_iterations:
+            tuned = finetune(prepared, _loader(dataset, args.batch_size, shuffle=True), progress=not args.quiet)
+            extra_finetune = {"iterations": tuned.iterations, "seconds": tuned.seconds}
     else:
         result = search_ranks(prepared, _loader(dataset, args.batch_size, shuffle=True), progress=not args.quiet)
     quantized = convert_cora(prepared)
@@ -242,8 +250,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     nbytes = file_nbytes(out)
     extra: dict[str, Any] = {"artifact": str(out), "artifact_bytes": nbytes, "float_state_dict_bytes": float_bytes,
                              "model": args.model, "ranks_from": args.ranks}
+    if extra_finetune is not None:
+        extra["finetune"] = extra_finetune
     if result is not None:
         extra["search"] = {"iterations": result.iterations, "seconds": result.seconds, "soft_budget": result.soft_budget}
+        if result.finetune is not None:
+            extra["finetune"] = {"iterations": result.finetune.iterations, "seconds": result.finetune.seconds}
     json_path = out.with_suffix(".json")
     json_path.write_text(as_json(report, **extra))
     print(report)
@@ -326,6 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--depthwise", choices=("skip", "residual", "float", "int8"), help="depthwise conv policy")
     q.add_argument("--loss", choices=("ce", "kl"), help="search loss: ce (labels) or kl (label-free)")
     q.add_argument("--iterations", type=_int_in(0, 1 << 30), help="rank search iterations (default 250)")
+    q.add_argument("--finetune-iterations", type=_int_in(0, 1 << 30),
+                   help="fine-tuning steps of adapters and channel scales after the ranks are set (recommended: "
+                        f"{FINETUNE_ITERATIONS}, paper: 0)")
+    q.add_argument("--adapter-form", choices=("parallel", "folded"),
+                   help="lowered adapter: a parallel two-conv branch (paper) or folded into the conv weight (recommended)")
     q.add_argument("--ranks", choices=("search", "heuristic"), default="search", help="search the ranks or use floor(b*R)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", default="model.pt2", help="artifact path (.pt2); the JSON summary and plots go beside it")

@@ -18,10 +18,14 @@ DEPTHWISE_POLICIES = ("skip", "residual", "float", "int8")
 ROUNDINGS = ("nearest", "gptq")
 SVDS = ("weight", "activation")
 ROUNDING_INPUTS = ("float", "quantized")
+ADAPTER_FORMS = ("parallel", "folded")
+#: Fine-tuning steps of `CoRaConfig.recommended` (RESULTS.md: measured at W3 and W4).
+FINETUNE_ITERATIONS = 100
 
 #: Fields that only steer the rank search; `search_ranks(..., **overrides)` may change them.
 SEARCH_FIELDS = frozenset(
-    {"budget", "nbk_order", "penalty", "lr", "iterations", "grad_clip", "init_rank", "loss", "seed", "bn_correction"}
+    {"budget", "nbk_order", "penalty", "lr", "iterations", "grad_clip", "init_rank", "loss", "seed", "bn_correction",
+     "finetune_iterations", "finetune_lr"}
 )
 
 LossFn = Callable[..., Any]
@@ -68,6 +72,15 @@ class CoRaConfig:
             with heuristic-rank adapters, so each layer sees the inputs it will see deployed).
         bn_correction: after the search, correct the BatchNorm statistics on this many
             calibration batches (`correct_batchnorm`); 0 (paper) leaves them alone.
+        finetune_iterations: after the search, train A_r, B_r (fake-quantized) and per-channel
+            scale factors for this many Adam steps on the task loss (`finetune`, an extension;
+            0, the paper, skips it). Ranks, codes and bits are unchanged.
+        finetune_lr: Adam learning rate of that fine-tuning.
+        adapter_form: how `convert_cora` lowers an adapter: ``"parallel"`` (paper, METHOD.md
+            s.2: conv(x, [W]_n) + conv(conv(x, A), B)) or ``"folded"`` (s.4: one conv whose
+            weight dequant([W]_n) + fold(B o A) is computed from the stored codes in the
+            graph; same artifact bytes, the float model's conv FLOPs, and constant-folded
+            away by ``torch.compile`` with inductor freezing).
     """
 
     bits: int = 4
@@ -91,6 +104,9 @@ class CoRaConfig:
     svd: str = "weight"
     rounding_batches: int = 8
     rounding_inputs: str = "float"
+    finetune_iterations: int = 0
+    finetune_lr: float = 1e-4
+    adapter_form: str = "parallel"
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> ValueError:
@@ -142,6 +158,12 @@ class CoRaConfig:
             raise bad("svd", f"must be one of {SVDS}")
         if self.rounding_inputs not in ROUNDING_INPUTS:
             raise bad("rounding_inputs", f"must be one of {ROUNDING_INPUTS}")
+        if not _is_int(self.finetune_iterations) or self.finetune_iterations < 0:
+            raise bad("finetune_iterations", "must be an integer >= 0")
+        if not _is_number(self.finetune_lr) or self.finetune_lr <= 0:
+            raise bad("finetune_lr", "must be > 0")
+        if self.adapter_form not in ADAPTER_FORMS:
+            raise bad("adapter_form", f"must be one of {ADAPTER_FORMS}")
         if not _is_int(self.rounding_batches) or self.rounding_batches < 1:
             raise bad("rounding_batches", "must be an integer >= 1")
         if self.depthwise not in DEPTHWISE_POLICIES:
@@ -154,13 +176,16 @@ class CoRaConfig:
         Per-channel min-max ranges, depthwise convs at 8 bits, GPTQ base rounding whose residual
         the adapters reclaim (the paper's future work), output-aware adapters, label-free KL
         search; the adapter budget keeps MobileNetV2 at or below ``bits + 0.5`` equivalent bits
-        with its depthwise convs counted at 8 bits. No BatchNorm correction: after GPTQ it
-        measured neutral at W4 and harmful at W3 (RESULTS.md, ablation). ``CoRaConfig()``
-        remains the paper's settings.
+        with its depthwise convs counted at 8 bits. After the search, FINETUNE_ITERATIONS steps
+        of `finetune` (adapters and channel scales, KL); adapters lowered in the folded form
+        (one conv per layer: compiled latency of the float model). No BatchNorm correction:
+        after GPTQ it measured neutral at W4 and harmful at W3 (RESULTS.md, ablation).
+        ``CoRaConfig()`` remains the paper's settings.
         """
         budget = {2: 0.03, 3: 0.044, 4: 0.045}.get(bits, 0.05)
         base = cls(bits=bits, budget=budget, granularity="per_channel", clipping="minmax", depthwise="int8",
-                   rounding="gptq", svd="activation", loss="kl", rounding_batches=8)
+                   rounding="gptq", svd="activation", loss="kl", rounding_batches=8,
+                   finetune_iterations=FINETUNE_ITERATIONS, finetune_lr=1e-3, adapter_form="folded")
         return base.replace(**changes) if changes else base
 
     def replace(self, **changes: Any) -> "CoRaConfig":

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any, Iterable, Optional
 
 import torch.fx as fx
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
 
-from .config import CoRaConfig
+from .config import ADAPTER_FORMS, CoRaConfig
 from .lowering import Cleanup, ConversionPlan, FoldBatchNorm, FoldRanks, LowerToOps, QuantizeAdapters
 from .passes import run_passes
 from .prepare import prepare_cora
@@ -18,12 +19,13 @@ from .summary import layer_infos
 
 
 def convert_passes(config: CoRaConfig, fold_batchnorm: bool = True) -> list:
-    plan = ConversionPlan(config.adapter_bits)
+    plan = ConversionPlan(config.adapter_bits, config.adapter_form)
     fold = [FoldBatchNorm(plan)] if fold_batchnorm else []
     return [FoldRanks(plan), QuantizeAdapters(plan), *fold, LowerToOps(plan), Cleanup()]
 
 
-def convert_cora(prepared: fx.GraphModule, *, fold_batchnorm: bool = True) -> fx.GraphModule:
+def convert_cora(prepared: fx.GraphModule, *, fold_batchnorm: bool = True,
+                 adapter_form: Optional[str] = None) -> fx.GraphModule:
     """Lower a prepared model to integer codes + dequantize ops (``prepared`` is not changed).
 
     The result stores every main and adapter weight as packed uint8 codes with float scale
@@ -31,8 +33,16 @@ def convert_cora(prepared: fx.GraphModule, *, fold_batchnorm: bool = True) -> fx
     accepted by ``torch.export.export`` and ``torch.compile``. With ``fold_batchnorm``
     (default) an eval-mode BatchNorm2d that directly follows a conv is folded into the
     conv's per-channel scales and bias (exact up to float rounding; fewer bytes and ops).
+    ``adapter_form`` (``"parallel"`` / ``"folded"``) overrides the config's
+    `CoRaConfig.adapter_form` for this conversion.
     """
     state = get_state(prepared, PREPARED, "prepared")
+    if adapter_form is not None:
+        try:
+            config = state.config.replace(adapter_form=adapter_form)
+        except ValueError as err:
+            raise ValueError(f"convert_cora: adapter_form={adapter_form!r}: must be one of {ADAPTER_FORMS}") from err
+        state = dataclasses.replace(state, config=config)
     return _convert_in_place(copy.deepcopy(prepared), state, [], fold_batchnorm)
 
 

@@ -2,12 +2,16 @@
 
 Run in this order by torch.fx's PassManager (`convert_cora`):
 
-1. `FoldRanks`: A_r, B_r truncated at each layer's integer rank (METHOD.md section 3).
+1. `FoldRanks`: A_r, B_r truncated at each layer's integer rank (METHOD.md section 3), or
+   the fine-tuned A_r, B_r (`finetune`).
 2. `QuantizeAdapters`: min-max quantization of A_r and B_r at ``adapter_bits``.
 3. `FoldBatchNorm` (optional): an eval-mode BatchNorm2d right after a CoRa conv is folded into
    the per-channel scales of [W]_n and of B, and into the bias (exact: scales stay per channel).
 4. `LowerToOps`: every CoRa branch and QuantLinear becomes get_attr of packed integer codes,
-   unpack + dequantize ops, and F.conv2d / F.linear calls; the modules are removed.
+   unpack + dequantize ops, and F.conv2d / F.linear calls; the modules are removed. The
+   adapter is either a parallel two-conv branch (METHOD.md s.2) or, with
+   ``adapter_form="folded"``, added to the dequantized main weight as fold(B o A) (s.4), so the
+   model runs one conv per layer.
 5. `Cleanup`: dead code and unused submodules (observers, SVD factors) are deleted.
 """
 from __future__ import annotations
@@ -46,6 +50,7 @@ class ConversionPlan:
     """Shared by the convert passes: layer name -> `LoweredLayer`."""
 
     adapter_bits: Optional[int]
+    adapter_form: str = "parallel"
     layers: dict[str, LoweredLayer] = field(default_factory=dict)
 
 
@@ -59,9 +64,9 @@ class FoldRanks:
         for name, main, _, _ in merge_nodes(gm):
             layer = gm.get_submodule(name)
             rank = int(layer.adapter.hard_rank)
-            lowered = LoweredLayer(layer.quantized.quantized_weight(), layer.quantized.bias, layer.quantized.spec)
+            lowered = LoweredLayer(layer.quantized.deployed_weight(), layer.quantized.bias, layer.quantized.spec)
             if rank > 0:
-                lowered.adapter_a, lowered.adapter_b = layer.adapter.factors.adapter_weights(rank)
+                lowered.adapter_a, lowered.adapter_b = layer.adapter.float_weights()
             self.plan.layers[name] = lowered
         return PassResult(gm, False)
 
@@ -86,9 +91,7 @@ def _scaled(weight: Weight, factor: torch.Tensor) -> Weight:
     """``weight`` times a per-output-channel ``factor`` (exact for quantized weights: the scale absorbs it)."""
     if isinstance(weight, torch.Tensor):
         return weight * factor.reshape(-1, *[1] * (weight.dim() - 1))
-    scale = weight.scale * factor.reshape(-1, *[1] * (weight.codes.dim() - 1))
-    zero_point = weight.zero_point if weight.zero_point.dim() else weight.zero_point.reshape(())
-    return QuantizedWeight(weight.codes, scale, zero_point, weight.bits, weight.clip_min, weight.clip_max)
+    return weight.rescaled(factor)
 
 
 class FoldBatchNorm:
@@ -162,6 +165,22 @@ class _Emitter:
         return g.call_function(operator.mul, (g.call_function(operator.sub, (w, zp)), scale))
 
 
+    def folded_adapter(self, owner: nn.Module, path: str, lowered: LoweredLayer, groups: int) -> fx.Node:
+        """Nodes computing fold(B o A) (`residual.fold_two_conv`) from the stored A and B."""
+        assert lowered.adapter_a is not None and lowered.adapter_b is not None
+        g = self.graph
+        a_shape = tuple(_shape(lowered.adapter_a))
+        m = _shape(lowered.adapter_b)[0]
+        rank = a_shape[0] // groups
+        a = g.call_method("reshape", (self.weight(owner, path, "adapter_a", lowered.adapter_a), (groups, rank, -1)))
+        b = g.call_method("reshape", (self.weight(owner, path, "adapter_b", lowered.adapter_b), (groups, m // groups, rank)))
+        return g.call_method("reshape", (g.call_function(torch.bmm, (b, a)), (m, *a_shape[1:])))
+
+
+def _shape(weight: Weight) -> torch.Size:
+    return weight.shape if isinstance(weight, torch.Tensor) else weight.codes.shape
+
+
 def flat_len(numel: int, bits: int) -> int:
     per_byte = 8 // field_bits(bits)
     return -(-numel // per_byte) * per_byte
@@ -188,12 +207,17 @@ class LowerToOps:
                     padding: object = 0
                 else:
                     padding = spec.padding
-                w = g.call_method("type_as", (emit.weight(owner, name, "weight", lowered.main), x))
+                has_adapter = lowered.adapter_a is not None and lowered.adapter_b is not None
+                folded = has_adapter and self.plan.adapter_form == "folded"
+                w = emit.weight(owner, name, "weight", lowered.main)
+                if folded:
+                    w = g.call_function(operator.add, (w, emit.folded_adapter(owner, name, lowered, spec.groups)))
+                w = g.call_method("type_as", (w, x))
                 bias = None
                 if lowered.bias is not None:
                     bias = g.call_method("type_as", (emit.attr(owner, name, "bias", lowered.bias.detach().clone()), x))
                 out = g.call_function(F.conv2d, (x, w, bias, spec.stride, padding, spec.dilation, spec.groups))
-                if lowered.adapter_a is not None and lowered.adapter_b is not None:
+                if has_adapter and not folded:
                     a = g.call_method("type_as", (emit.weight(owner, name, "adapter_a", lowered.adapter_a), x))
                     hidden = g.call_function(F.conv2d, (x, a, None, spec.stride, padding, spec.dilation, spec.groups))
                     b = g.call_method("type_as", (emit.weight(owner, name, "adapter_b", lowered.adapter_b), x))
@@ -207,7 +231,7 @@ class LowerToOps:
             set_submodule(gm, name, owner)
             with g.inserting_before(node):
                 (x,) = node.args
-                w = g.call_method("type_as", (emit.weight(owner, name, "weight", linear.quantized_weight()), x))
+                w = g.call_method("type_as", (emit.weight(owner, name, "weight", linear.deployed_weight()), x))
                 bias = None
                 if linear.bias is not None:
                     bias = g.call_method("type_as", (emit.attr(owner, name, "bias", linear.bias.detach().clone()), x))

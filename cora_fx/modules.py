@@ -68,22 +68,42 @@ def load_quantized(module: nn.Module, prefix: str, bits: int) -> QuantizedWeight
 
 
 class QuantizedWeightMixin:
-    """Holds [W]_n as codes + affine parameters and the dequantized float32 copy."""
+    """Holds [W]_n as codes + affine parameters and the dequantized float32 copy.
+
+    ``channel_factor`` (buffer, ``None`` unless `finetune` trained one) multiplies the scales
+    per output channel; ``tuning_factor`` is the trainable one while `finetune` runs. ``weight``
+    stays the untouched [W]_n, so [W]_n + residual is still the float W (the teacher).
+    """
 
     weight: torch.Tensor
+    channel_factor: Optional[torch.Tensor]
+    tuning_factor: Optional[torch.Tensor] = None
 
     def _init_quantized(self, qw: QuantizedWeight, bias: Optional[torch.Tensor]) -> None:
         self.set_quantized(qw)
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
 
     def set_quantized(self, qw: QuantizedWeight) -> None:
-        """Store new codes / scale / zero point and the dequantized [W]_n."""
+        """Store new codes / scale / zero point and the dequantized [W]_n (drops a channel factor)."""
         self.bits = qw.bits
         store_quantized(self, "weight", qw)  # type: ignore[arg-type]
         self.register_buffer("weight", qw.dequantize())  # type: ignore[attr-defined]
+        self.register_buffer("channel_factor", None)  # type: ignore[attr-defined]
 
     def quantized_weight(self) -> QuantizedWeight:
         return load_quantized(self, "weight", self.bits)  # type: ignore[arg-type]
+
+    def effective_weight(self) -> torch.Tensor:
+        """[W]_n with the scales times the channel factor being tuned or kept (if any)."""
+        factor = self.tuning_factor if self.tuning_factor is not None else self.channel_factor
+        if factor is None:
+            return self.weight
+        return self.weight * factor.reshape(-1, *[1] * (self.weight.dim() - 1))
+
+    def deployed_weight(self) -> QuantizedWeight:
+        """The codes and affine parameters `convert_cora` stores (channel factor folded into the scale)."""
+        qw = self.quantized_weight()
+        return qw if self.channel_factor is None else qw.rescaled(self.channel_factor)
 
 
 class QuantConv2d(QuantizedWeightMixin, nn.Module):
@@ -97,7 +117,7 @@ class QuantConv2d(QuantizedWeightMixin, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias
-        return self.spec.conv(x, self.weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        return self.spec.conv(x, self.effective_weight().to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
 class QuantLinear(QuantizedWeightMixin, nn.Module):
@@ -111,7 +131,7 @@ class QuantLinear(QuantizedWeightMixin, nn.Module):
         self.use_float = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.float_weight if self.use_float else self.weight
+        weight = self.float_weight if self.use_float else self.effective_weight()
         bias = self.bias
         return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
@@ -129,6 +149,8 @@ class LowRankAdapter(nn.Module):
     """
 
     hard_rank: torch.Tensor
+    tuned_a: Optional[torch.Tensor]
+    tuned_b: Optional[torch.Tensor]
 
     def __init__(
         self, factors: ResidualFactors, spec: ConvSpec, adapter_bits: Optional[int], policy: str,
@@ -141,6 +163,8 @@ class LowRankAdapter(nn.Module):
         self.policy = OFF if factors.is_zero() else policy
         self.rank = nn.Parameter(torch.tensor(float(init_rank)), requires_grad=False)
         self.register_buffer("hard_rank", torch.tensor(0, dtype=torch.int64))
+        self.register_buffer("tuned_a", None)
+        self.register_buffer("tuned_b", None)
         initial = {SEARCH: math.ceil(init_rank * self.max_rank), FIXED: self.max_rank, OFF: 0}[self.policy]
         self.set_hard_rank(min(max(initial, 0), self.max_rank))
 
@@ -164,11 +188,28 @@ class LowRankAdapter(nn.Module):
         return (int(self.hard_rank) if rank is None else rank) * self.factors.params_per_rank
 
     def set_hard_rank(self, rank: int) -> None:
-        """Fix the integer rank and cache the (quantized) A_r, B_r weights."""
+        """Fix the integer rank and cache the (quantized) A_r, B_r weights (drops tuned ones)."""
         if not 0 <= rank <= self.max_rank:
             raise ValueError(f"rank {rank} outside 0..{self.max_rank}")
         self.hard_rank.fill_(rank)
-        a, b = self.factors.adapter_weights(rank)
+        self.tuned_a = self.tuned_b = None
+        self._cache(*self.factors.adapter_weights(rank))
+
+    def set_tuned(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Replace A_r, B_r at the current hard rank by fine-tuned float weights (`finetune`)."""
+        if a.shape != self.weight_a.shape or b.shape != self.weight_b.shape:
+            raise ValueError(f"tuned adapter shapes {tuple(a.shape)}, {tuple(b.shape)} do not match rank {int(self.hard_rank)}")
+        self.tuned_a, self.tuned_b = a.detach().clone(), b.detach().clone()
+        self._cache(self.tuned_a, self.tuned_b)
+
+    def float_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float A_r, B_r at the hard rank: the fine-tuned ones if any, else the SVD's."""
+        if self.tuned_a is not None and self.tuned_b is not None:
+            return self.tuned_a, self.tuned_b
+        return self.factors.adapter_weights(int(self.hard_rank))
+
+    def _cache(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        rank = int(self.hard_rank)
         if self.adapter_bits is not None and rank > 0:
             qa, qb = minmax_quantize(a, self.adapter_bits), minmax_quantize(b, self.adapter_bits)
             store_quantized(self, "a", qa)
@@ -213,14 +254,22 @@ class LowRankAdapter(nn.Module):
 
 
 #: Folded-forward modes of `CoRaConv2d`.
-SOFT, HARD, FLOAT = "soft", "hard", "float"
+SOFT, HARD, FLOAT, TUNE = "soft", "hard", "float", "tune"
+
+
+def fake_quantize(weight: torch.Tensor, bits: Optional[int]) -> torch.Tensor:
+    """Min-max quantize-dequantize with a straight-through gradient (``bits=None``: identity)."""
+    if bits is None:
+        return weight
+    return weight + (minmax_quantize(weight.detach(), bits).dequantize() - weight).detach()
 
 
 class CoRaConv2d(nn.Module):
     """Container of one rewritten conv; calling it runs the folded single-conv form.
 
     ``mode``: ``"soft"`` (NBK-thresholded adapter, the search), ``"hard"`` (integer-rank
-    adapter), ``"float"`` (full-rank float residual: the original float conv, the teacher).
+    adapter), ``"float"`` (full-rank float residual: the original float conv, the teacher),
+    ``"tune"`` (`finetune`: trainable ``tuned`` = (A, B) fake-quantized, scaled [W]_n).
     """
 
     def __init__(self, quantized: QuantConv2d, adapter: LowRankAdapter) -> None:
@@ -228,19 +277,28 @@ class CoRaConv2d(nn.Module):
         self.quantized = quantized
         self.adapter = adapter
         self.mode = SOFT
+        self.tuned: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     def folded_weight(self) -> torch.Tensor:
         adapter = self.adapter
+        if self.mode == TUNE:
+            weight = self.quantized.effective_weight()
+            if self.tuned is None:
+                return weight
+            a, b = (fake_quantize(t, adapter.adapter_bits) for t in self.tuned)
+            return weight + fold_two_conv(a, b, adapter.spec.groups)
         if self.mode == FLOAT:
             delta = adapter.factors.folded_delta(torch.ones_like(adapter.factors.S[0]))
         elif self.mode == HARD or not adapter.searchable:
             rank = int(adapter.hard_rank)
             if rank == 0:
-                return self.quantized.weight
+                return self.quantized.effective_weight()
             delta = fold_two_conv(adapter.weight_a, adapter.weight_b, adapter.spec.groups)
         else:
             delta = adapter.factors.folded_delta(adapter.soft_mask())
-        return self.quantized.weight + delta
+        if self.mode == FLOAT:
+            return self.quantized.weight + delta  # [W]_n + full residual = W exactly
+        return self.quantized.effective_weight() + delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.quantized.bias
@@ -250,7 +308,10 @@ class CoRaConv2d(nn.Module):
 
 @contextmanager
 def folded_modes(wrappers: Sequence[CoRaConv2d], linears: Sequence[QuantLinear], mode: str) -> Iterator[None]:
-    """Run folded wrappers in ``mode`` (FLOAT also switches QuantLinear to its float weight)."""
+    """Run folded wrappers in ``mode`` (FLOAT also switches QuantLinear to its float weight);
+    the previous modes come back on exit."""
+    modes = [w.mode for w in wrappers]
+    use_float = [lin.use_float for lin in linears]
     try:
         for w in wrappers:
             w.mode = mode
@@ -258,7 +319,7 @@ def folded_modes(wrappers: Sequence[CoRaConv2d], linears: Sequence[QuantLinear],
             lin.use_float = mode == FLOAT
         yield
     finally:
-        for w in wrappers:
-            w.mode = SOFT
-        for lin in linears:
-            lin.use_float = False
+        for w, previous in zip(wrappers, modes):
+            w.mode = previous
+        for lin, flag in zip(linears, use_float):
+            lin.use_float = flag

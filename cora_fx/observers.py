@@ -174,6 +174,13 @@ class QuantizedWeight:
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.codes, self.scale, self.zero_point)
 
+    def rescaled(self, factor: torch.Tensor) -> "QuantizedWeight":
+        """The same codes with the scale times a per-output-channel ``factor`` (a per-tensor
+        scale becomes per channel); the dequantized weight is multiplied row by row."""
+        scale = self.scale * factor.reshape(-1, *[1] * (self.codes.dim() - 1)).to(self.scale)
+        zero_point = self.zero_point if self.zero_point.dim() else self.zero_point.reshape(())
+        return QuantizedWeight(self.codes, scale, zero_point, self.bits, self.clip_min, self.clip_max)
+
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
     """[W]_n = scale * (q - zp), in float32. The converted graph emits the same two ops."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.fx as fx
@@ -18,9 +18,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import SEARCH_FIELDS, CoRaConfig
-from .modules import FLOAT, CoRaConv2d, LowRankAdapter, QuantLinear, folded_modes
+from .modules import CoRaConv2d, LowRankAdapter, QuantLinear
+from .objective import task_loss, teacher_output
 from .batches import BatchCycle, input_dtype, model_device, split_batch
 from .batchnorm import correct_batchnorm
+from .finetune import FinetuneResult, finetune
 from .passes import folded_copy
 from .rounding import calibrate_rounding
 from .prepare import adapters
@@ -51,6 +53,7 @@ class RankSearchResult:
         searched_ranks: ceil(r_l) before the budget projection.
         max_ranks: R_l per layer; target_budget: the b that was asked for.
         iterations, seconds: work done; interrupted: stopped by KeyboardInterrupt.
+        finetune: the `FinetuneResult` when ``finetune_iterations`` > 0 ran after the search.
     """
 
     ranks: dict[str, int]
@@ -65,6 +68,7 @@ class RankSearchResult:
     iterations: int
     seconds: float
     interrupted: bool = False
+    finetune: Optional[FinetuneResult] = None
 
     def __str__(self) -> str:
         return (f"RankSearchResult({len(self.ranks)} layers, {self.iterations} iterations in {self.seconds:.1f}s, "
@@ -110,25 +114,6 @@ def project_ranks(
     return ranks
 
 
-def _task_loss(cfg: CoRaConfig) -> Callable[[torch.Tensor, Optional[torch.Tensor], Any], torch.Tensor]:
-    if callable(cfg.loss):
-        return cfg.loss
-    if cfg.loss == "kl":
-        def kl(output: torch.Tensor, float_output: Optional[torch.Tensor], labels: Any) -> torch.Tensor:
-            assert float_output is not None
-            return F.kl_div(F.log_softmax(output, -1), F.log_softmax(float_output, -1), reduction="batchmean", log_target=True)
-        return kl
-
-    def ce(output: torch.Tensor, float_output: Optional[torch.Tensor], labels: Any) -> torch.Tensor:
-        if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise CoRaError("loss='ce' needs integer class labels in every batch (or use loss='kl')")
-        classes = output.shape[-1]
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
-            raise CoRaError(f"labels out of range: the model has {classes} classes, got labels {int(labels.min())}..{int(labels.max())}")
-        return F.cross_entropy(output, labels.long())
-    return ce
-
-
 def search_ranks(prepared: fx.GraphModule, batches: Iterable, *, progress: bool = True, **config_overrides: Any) -> RankSearchResult:
     """Search the per-layer ranks of ``prepared`` on calibration ``batches``; set them; report.
 
@@ -155,7 +140,7 @@ def search_ranks(prepared: fx.GraphModule, batches: Iterable, *, progress: bool 
     linears = [m for m in prepared.modules() if isinstance(m, QuantLinear)]
     grad_flags = {p: p.requires_grad for p in prepared.parameters()}
     was_training = prepared.training
-    loss_fn = _task_loss(cfg)
+    loss_fn = task_loss(cfg)
     needs_teacher = cfg.loss != "ce"
     device = model_device(prepared)
     dtype = input_dtype(prepared)
@@ -195,7 +180,7 @@ def search_ranks(prepared: fx.GraphModule, batches: Iterable, *, progress: bool 
                 if len(kept) < cfg.bn_correction:
                     kept.append(batch)
                 try:
-                    teacher = _teacher(search_gm, wrappers, linears, inputs) if needs_teacher else None
+                    teacher = teacher_output(search_gm, wrappers, linears, inputs) if needs_teacher else None
                     output = search_gm(*inputs)
                 except Exception as err:  # e.g. a batch of the wrong shape: name the batch, not a conv
                     shapes = [tuple(t.shape) for t in inputs]
@@ -244,14 +229,10 @@ def search_ranks(prepared: fx.GraphModule, batches: Iterable, *, progress: bool 
                              time.perf_counter() - start, interrupted)
     if cfg.bn_correction:
         correct_batchnorm(prepared, kept, max_batches=cfg.bn_correction)
+    if cfg.finetune_iterations:
+        result.finetune = finetune(prepared, batches, iterations=cfg.finetune_iterations, lr=cfg.finetune_lr,
+                                   progress=progress)
     return result
-
-
-def _teacher(search_gm: fx.GraphModule, wrappers: Sequence[CoRaConv2d], linears: Sequence[QuantLinear],
-             inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """The float model's output: full-rank float residuals give back W exactly (Theorem 1)."""
-    with folded_modes(wrappers, linears, FLOAT), torch.no_grad():
-        return search_gm(*inputs).detach()
 
 
 def _restore(layers: dict[str, LowRankAdapter], saved: dict[str, int], soft: dict[str, float]) -> None:

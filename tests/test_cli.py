@@ -74,7 +74,7 @@ def workspace(tmp_path_factory) -> Path:
 def test_quantize_summary_evaluate_end_to_end(workspace):
     out = workspace / "out" / "tiny.pt2"
     proc = run("quantize", "--model", "tinymodel:make", "--weights", "tiny.pth", "--calib", "labels.csv", "--split", "calib",
-               "--bits", "4", "--budget", "0.1", "--iterations", "4", "--batch-size", "4", "--image-size", "16",
+               "--bits", "4", "--budget", "0.1", "--iterations", "4", "--finetune-iterations", "2", "--batch-size", "4", "--image-size", "16",
                "--resize", "18", "--out", str(out), "--quiet", cwd=workspace, extra_path=workspace)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""  # --quiet: no progress bars
@@ -85,6 +85,7 @@ def test_quantize_summary_evaluate_end_to_end(workspace):
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["artifact_bytes"] == out.stat().st_size
     assert report["search"]["iterations"] == 4 and report["budget"] <= 0.1 + 1e-9
+    assert report["finetune"]["iterations"] == 2
     assert [l["name"] for l in report["layers"]] == ["0", "2", "4", "8"]
 
     proc = run("summary", str(out), cwd=workspace)
@@ -113,7 +114,8 @@ def test_quantize_with_heuristic_ranks_on_an_imagefolder(workspace):
     assert out.with_name("heur_ranks.png").is_file() and not out.with_name("heur_search.png").exists()
 
 
-QUANTIZE = ["quantize", "--calib", "labels.csv", "--image-size", "16", "--resize", "16", "--iterations", "1", "--quiet"]
+QUANTIZE = ["quantize", "--calib", "labels.csv", "--image-size", "16", "--resize", "16", "--iterations", "1",
+            "--finetune-iterations", "1", "--quiet"]
 
 
 @pytest.mark.parametrize("case,args,fragments", [
@@ -143,7 +145,8 @@ def test_quantize_defaults_to_the_recommended_config_and_options_override_it():
 
     def args(**kw):
         base = dict(config="recommended", bits=4, seed=0, adapter_bits=None, budget=None, clipping=None, depthwise=None,
-                    loss=None, iterations=None, per_channel=False, per_tensor=False)
+                    loss=None, iterations=None, per_channel=False, per_tensor=False,
+                    finetune_iterations=None, adapter_form=None)
         return argparse.Namespace(**{**base, **kw})
 
     assert quantize_config(args()) == CoRaConfig.recommended(4)
@@ -151,3 +154,5 @@ def test_quantize_defaults_to_the_recommended_config_and_options_override_it():
     tuned = quantize_config(args(budget=0.1, per_tensor=True, clipping="normal", iterations=7))
     assert (tuned.budget, tuned.granularity, tuned.clipping, tuned.iterations) == (0.1, "per_tensor", "normal", 7)
     assert tuned.rounding == "gptq"  # the rest stays recommended
+    plain = quantize_config(args(finetune_iterations=0, adapter_form="parallel"))
+    assert (plain.finetune_iterations, plain.adapter_form) == (0, "parallel")

@@ -116,14 +116,21 @@ def test_folded_search_form_equals_two_conv_form(case, rank, order):
 
 
 @settings(max_examples=25)
-@given(conv_case(), st.floats(0.0, 1.0), st.sampled_from([8, 4, None]))
-def test_convert_equals_prepared_and_export_round_trips(case, fraction, adapter_bits):
-    """Properties 5 and 6: converted == prepared at the same hard ranks; exported == converted."""
+@given(conv_case(), st.floats(0.0, 1.0), st.sampled_from([8, 4, None]), st.sampled_from(["parallel", "folded"]))
+def test_convert_equals_prepared_and_export_round_trips(case, fraction, adapter_bits, form):
+    """Properties 5 and 6: converted == prepared at the same hard ranks; exported == converted.
+
+    Both lowerings of the adapter: a parallel two-conv branch, or folded into the main
+    weight (then the graph has exactly one conv2d, as the float layer has).
+    """
     conv, x, cfg = case
     prepared, layer = prepared_layer(conv, x, adapter_bits=adapter_bits, **cfg)
     if layer.adapter.searchable:
         set_ranks(prepared, {"0": round(fraction * layer.adapter.max_rank)})
-    converted = convert_cora(prepared)
+    converted = convert_cora(prepared, adapter_form=form)
+    convs = [n for n in converted.graph.nodes if n.target is torch.nn.functional.conv2d]
+    assert len(convs) == (1 if form == "folded" or int(layer.adapter.hard_rank) == 0 else 3)
+    assert converted.meta["cora_fx"].config.adapter_form == form
     with torch.no_grad():
         expected = prepared(x)
         actual = converted(x)

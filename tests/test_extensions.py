@@ -160,3 +160,64 @@ def test_recommended_config_is_valid_and_distinct_from_the_paper():
         assert cfg.bits == bits and cfg.needs_rounding_data and cfg.granularity == "per_channel"
     assert CoRaConfig.recommended(4, budget=0.1).budget == 0.1
     assert CoRaConfig() != CoRaConfig.recommended(4)
+
+
+# ---------------------------------------------------------------- fine-tuning (finetune.py)
+def _kl_to_float(model: nn.Module, prepared: nn.Module, batches: list) -> float:
+    with torch.no_grad():
+        total = 0.0
+        for x, _ in batches:
+            ref, out = torch.log_softmax(model(x), -1), torch.log_softmax(prepared(x), -1)
+            total += float(torch.nn.functional.kl_div(out, ref, reduction="batchmean", log_target=True))
+    return total / len(batches)
+
+
+def test_finetune_lowers_the_loss_and_converts_exactly(small_net):
+    from cora_fx import finetune
+
+    small_net.eval()
+    data = random_batches(6)
+    prepared = prepare_cora(small_net, CoRaConfig(bits=3, granularity="per_channel", clipping="minmax", loss="kl",
+                                                  budget=0.1, depthwise="int8"))
+    set_ranks(prepared, "heuristic")
+    ranks = {n: int(a.hard_rank) for n, a in adapters(prepared).items()}
+    before = _kl_to_float(small_net, prepared, data)
+    result = finetune(prepared, data, iterations=60, lr=3e-3, progress=False)
+    after = _kl_to_float(small_net, prepared, data)
+    assert result.iterations == 60 and result.parameters > 0 and len(result.loss) == 60
+    assert after < 0.7 * before, (before, after)
+    assert {n: int(a.hard_rank) for n, a in adapters(prepared).items()} == ranks  # ranks and budget unchanged
+    tuned = [a for a in adapters(prepared).values() if a.tuned_a is not None]
+    assert tuned and any(m.channel_factor is not None for m in prepared.modules() if hasattr(m, "channel_factor"))
+    x = data[0][0]
+    for form in ("parallel", "folded"):
+        with torch.no_grad():
+            torch.testing.assert_close(convert_cora(prepared, adapter_form=form)(x), prepared(x), rtol=1e-4, atol=1e-4)
+    # the float teacher is still exact: [W]_n + residual = W, whatever was tuned
+    from cora_fx.modules import FLOAT, folded_modes
+    from cora_fx.passes import folded_copy
+    gm = folded_copy(prepared)
+    wrappers = [m for m in gm.modules() if isinstance(m, CoRaConv2d)]
+    linears = [m for m in gm.modules() if type(m).__name__ == "QuantLinear"]
+    with folded_modes(wrappers, linears, FLOAT), torch.no_grad():
+        torch.testing.assert_close(gm(x), small_net(x), rtol=1e-4, atol=1e-4)
+    name, adapter = next((n, a) for n, a in adapters(prepared).items() if a.tuned_a is not None)
+    set_ranks(prepared, {name: int(adapter.hard_rank)})
+    assert adapter.tuned_a is None  # a rank change drops that layer's tuned A and B
+
+
+def test_finetune_runs_from_the_search_and_failures_leave_the_model_as_it_was(small_net):
+    prepared = prepare_cora(small_net, CoRaConfig(granularity="per_channel", loss="kl", finetune_iterations=3))
+    result = search_ranks(prepared, random_batches(2), iterations=2, progress=False)
+    assert result.finetune is not None and result.finetune.iterations == 3
+    from cora_fx import CoRaError, finetune
+    state = {k: v.clone() for k, v in prepared.state_dict().items()}
+    bad = random_batches(1) + [(torch.randn(2, 5, 16, 16), torch.zeros(2, dtype=torch.long))]
+    with pytest.raises(CoRaError, match="calibration batch 1"):
+        finetune(prepared, bad, iterations=4, progress=False)
+    after = prepared.state_dict()
+    assert state.keys() == after.keys() and all(torch.equal(state[k], after[k]) for k in state)
+    with pytest.raises(ValueError, match="iterations"):
+        finetune(prepared, bad, iterations=-1)
+    with pytest.raises(ValueError, match="finetune_lr"):
+        CoRaConfig(finetune_lr=0)

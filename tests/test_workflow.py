@@ -35,7 +35,7 @@ def assert_same_state(before: dict, model: nn.Module) -> None:
     ("bits", 1), ("bits", 9), ("bits", 4.0), ("adapter_bits", 1), ("granularity", "per_row"), ("clipping", "l1"),
     ("k", -1.0), ("budget", 0.0), ("budget", 1.5), ("nbk_order", 0), ("penalty", -1), ("lr", 0),
     ("iterations", -1), ("grad_clip", 0), ("init_rank", 0), ("loss", "mse"), ("quantize_linear", 1),
-    ("depthwise", "drop"),
+    ("depthwise", "drop"), ("adapter_form", "merged"),
 ])
 def test_config_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -47,6 +47,7 @@ def test_config_defaults_are_the_papers():
     assert (cfg.bits, cfg.adapter_bits, cfg.granularity, cfg.clipping, cfg.k) == (4, 8, "per_tensor", "normal", 4.0)
     assert (cfg.budget, cfg.nbk_order, cfg.penalty, cfg.lr, cfg.iterations) == (0.05, 4.0, 1.0, 0.01, 250)
     assert (cfg.grad_clip, cfg.init_rank, cfg.loss, cfg.quantize_linear) == (0.2, 0.9, "ce", True)
+    assert cfg.adapter_form == "parallel"
     assert CoRaConfig(adapter_bits=None).adapter_bits is None
     with pytest.raises(ValueError, match="nope"):
         cfg.replace(nope=1)
@@ -358,3 +359,19 @@ def test_convert_folds_batchnorm_exactly_or_keeps_it(small_net):
         torch.testing.assert_close(folded(X), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
         torch.testing.assert_close(kept(X), ref, rtol=0, atol=1e-6)
     assert summary(folded).nbytes < summary(kept).nbytes
+
+
+def test_folded_adapters_with_batchnorm_equal_prepared_and_reject_bad_form(small_net):
+    prepared = prepare_cora(small_net, CoRaConfig(granularity="per_channel", adapter_form="folded"))
+    set_ranks(prepared, "heuristic")
+    folded, parallel = convert_cora(prepared), convert_cora(prepared, adapter_form="parallel")
+    conv = torch.nn.functional.conv2d
+    n_folded = sum(n.target is conv for n in folded.graph.nodes)
+    n_parallel = sum(n.target is conv for n in parallel.graph.nodes)
+    assert n_folded == sum(isinstance(m, CoRaConv2d) for m in prepared.modules()) < n_parallel
+    assert summary(folded).nbytes == summary(parallel).nbytes  # same stored codes
+    with torch.no_grad():
+        ref = prepared(X)
+        torch.testing.assert_close(folded(X), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    with pytest.raises(ValueError, match="adapter_form='merged'"):
+        convert_cora(prepared, adapter_form="merged")

@@ -1,0 +1,133 @@
+"""Fine-tuning of the adapters and channel scales at the final ranks (an extension, not the paper).
+
+After the ranks are fixed, A_r and B_r of every adapter and a per-output-channel factor on
+the scales of every quantized weight are trained for ``finetune_iterations`` steps of Adam
+on the config's task loss (``"kl"``: label-free distillation from the float model). The
+forward is the folded form of METHOD.md section 4 with A and B fake-quantized to
+``adapter_bits`` (straight-through gradient), so what is trained is what `convert_cora`
+stores; integer codes, ranks and bit budget do not change. Channel factors are trained only
+with ``granularity="per_channel"`` (a per-tensor scale would become per channel).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import torch
+import torch.fx as fx
+from torch import nn
+from tqdm.auto import tqdm
+
+from .batches import BatchCycle, input_dtype, model_device, split_batch
+from .modules import TUNE, CoRaConv2d, QuantLinear, folded_modes
+from .objective import task_loss, teacher_output
+from .passes import folded_copy
+from .state import PREPARED, CoRaError, get_state
+
+
+@dataclass
+class FinetuneResult:
+    """Per-iteration task ``loss``, steps done, wall ``seconds``, trained parameter count."""
+
+    iterations: int
+    seconds: float
+    parameters: int
+    loss: list[float] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        first = f"{self.loss[0]:.4f}" if self.loss else "-"
+        last = f"{self.loss[-1]:.4f}" if self.loss else "-"
+        return (f"FinetuneResult({self.iterations} iterations in {self.seconds:.1f}s, {self.parameters} parameters, "
+                f"loss {first} -> {last})")
+
+
+def finetune(
+    prepared: fx.GraphModule, batches: Iterable, *, iterations: Optional[int] = None, lr: Optional[float] = None,
+    progress: bool = True,
+) -> FinetuneResult:
+    """Train the adapters' A_r, B_r and the channel scales of ``prepared`` at its current ranks.
+
+    ``iterations`` / ``lr`` default to the config's ``finetune_iterations`` / ``finetune_lr``.
+    The tuned weights are written into ``prepared`` only when all steps succeed (a failing
+    batch or KeyboardInterrupt leaves it as it was). Changing a rank afterwards
+    (`set_ranks`, `search_ranks`) drops that layer's tuned A and B.
+    """
+    state = get_state(prepared, PREPARED, "prepared")
+    cfg = state.config
+    iterations = cfg.finetune_iterations if iterations is None else iterations
+    lr = cfg.finetune_lr if lr is None else lr
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+        raise ValueError(f"finetune: iterations={iterations!r} must be an integer >= 0")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ValueError(f"finetune: lr={lr!r} must be > 0")
+    gm = folded_copy(prepared)
+    wrappers = [m for m in gm.modules() if isinstance(m, CoRaConv2d)]
+    linears = [m for m in gm.modules() if isinstance(m, QuantLinear)]
+    tuned: dict[CoRaConv2d, tuple[nn.Parameter, nn.Parameter]] = {}
+    for w in wrappers:
+        if int(w.adapter.hard_rank) > 0:
+            a, b = w.adapter.float_weights()
+            tuned[w] = (nn.Parameter(a.detach().clone()), nn.Parameter(b.detach().clone()))
+    factors: dict[nn.Module, nn.Parameter] = {}
+    if cfg.per_channel:
+        for q in [w.quantized for w in wrappers] + linears:
+            factors[q] = nn.Parameter(torch.ones(q.weight.shape[0], device=q.weight.device))
+    params = [p for pair in tuned.values() for p in pair] + list(factors.values())
+    result = FinetuneResult(0, 0.0, sum(p.numel() for p in params))
+    if not params or iterations == 0:
+        return result
+    loss_fn = task_loss(cfg)
+    device, dtype = model_device(prepared), input_dtype(prepared)
+    grad_flags = {p: p.requires_grad for p in prepared.parameters()}
+    was_training = prepared.training
+    optimizer = torch.optim.Adam(params, lr=lr)
+    data = BatchCycle(batches)
+    start = time.perf_counter()
+    bar = tqdm(total=iterations, desc="cora finetune", disable=not progress, leave=False)
+    try:
+        for p in grad_flags:
+            p.requires_grad_(False)
+        gm.eval()
+        for w, pair in tuned.items():
+            w.tuned = pair
+        for q, factor in factors.items():
+            object.__setattr__(q, "tuning_factor", factor)  # not registered: the model gains no parameter
+        with folded_modes(wrappers, [], TUNE):
+            while result.iterations < iterations:
+                batch = data.next()
+                if batch is None:
+                    break
+                inputs, labels = split_batch(batch, device, dtype)
+                try:
+                    teacher = teacher_output(gm, wrappers, linears, inputs) if cfg.loss != "ce" else None
+                    loss = loss_fn(gm(*inputs), teacher, labels)
+                except CoRaError:
+                    raise
+                except Exception as err:
+                    shapes = [tuple(t.shape) for t in inputs]
+                    raise CoRaError(f"finetune: the model failed on calibration batch {data.seen - 1} "
+                                    f"(input shapes {shapes}): {type(err).__name__}: {err}") from err
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                result.loss.append(loss.item())
+                result.iterations += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{result.loss[-1]:.4f}")
+    finally:
+        bar.close()
+        for w in tuned:
+            w.tuned = None
+        for q in factors:
+            q.tuning_factor = None
+        for p, flag in grad_flags.items():
+            p.requires_grad_(flag)
+        prepared.train(was_training)
+    with torch.no_grad():
+        for w, (a, b) in tuned.items():
+            w.adapter.set_tuned(a, b)
+        for q, factor in factors.items():
+            q.channel_factor = factor.detach().clone()
+    result.seconds = time.perf_counter() - start
+    return result

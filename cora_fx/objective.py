@@ -1,0 +1,39 @@
+"""The objective shared by the rank search and `finetune`: task loss and the float teacher."""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from .config import CoRaConfig
+from .modules import FLOAT, CoRaConv2d, QuantLinear, folded_modes
+from .state import CoRaError
+
+
+def task_loss(cfg: CoRaConfig) -> Callable[[torch.Tensor, Optional[torch.Tensor], Any], torch.Tensor]:
+    """The config's loss(output, float_output, labels): CE on labels, KL to the float model, or a callable."""
+    if callable(cfg.loss):
+        return cfg.loss
+    if cfg.loss == "kl":
+        def kl(output: torch.Tensor, float_output: Optional[torch.Tensor], labels: Any) -> torch.Tensor:
+            assert float_output is not None
+            return F.kl_div(F.log_softmax(output, -1), F.log_softmax(float_output, -1), reduction="batchmean", log_target=True)
+        return kl
+
+    def ce(output: torch.Tensor, float_output: Optional[torch.Tensor], labels: Any) -> torch.Tensor:
+        if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise CoRaError("loss='ce' needs integer class labels in every batch (or use loss='kl')")
+        classes = output.shape[-1]
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+            raise CoRaError(f"labels out of range: the model has {classes} classes, got labels {int(labels.min())}..{int(labels.max())}")
+        return F.cross_entropy(output, labels.long())
+    return ce
+
+
+def teacher_output(search_gm: fx.GraphModule, wrappers: Sequence[CoRaConv2d], linears: Sequence[QuantLinear],
+                   inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The float model's output: full-rank float residuals give back W exactly (Theorem 1)."""
+    with folded_modes(wrappers, linears, FLOAT), torch.no_grad():
+        return search_gm(*inputs).detach()
