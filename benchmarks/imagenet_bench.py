@@ -36,6 +36,7 @@ def per_channel(bits: int, **kw) -> CoRaConfig:
 
 
 LATENCY_METHOD = "CoRa recommended W4"
+FINETUNE = 100  # fine-tuning steps of the "+ finetune" rows (CoRaConfig.finetune_lr default, 1e-3)
 
 
 def plan(quick: bool) -> list[tuple[str, int, callable]]:
@@ -58,15 +59,15 @@ def plan(quick: bool) -> list[tuple[str, int, callable]]:
     for bits in (4, 3, 5):  # the budget sweep without search or fine-tuning (recommended base, floor(b*R)): cheap
         for budget in (0.02, 0.05, 0.10):
             name = f"CoRa recommended heuristic-ranks W{bits} b={budget}"
-            runs.append((name, bits, lambda m, c, x, b=bits, bu=budget, n=name: cora(n, m, CoRaConfig.recommended(b).replace(budget=bu, finetune_iterations=0), c, x, ranks="heuristic")))
-        name = f"CoRa recommended heuristic-ranks+finetune W{bits}"  # no search, own budget, with fine-tuning
-        runs.append((name, bits, lambda m, c, x, b=bits, n=name: cora(n, m, CoRaConfig.recommended(b), c, x, ranks="heuristic")))
+            runs.append((name, bits, lambda m, c, x, b=bits, bu=budget, n=name: cora(n, m, CoRaConfig.recommended(b).replace(budget=bu), c, x, ranks="heuristic")))
+        name = f"CoRa recommended heuristic-ranks+finetune W{bits}"  # no search, own budget, 100 fine-tuning steps
+        runs.append((name, bits, lambda m, c, x, b=bits, n=name: cora(n, m, CoRaConfig.recommended(b, finetune_iterations=FINETUNE), c, x, ranks="heuristic")))
     for bits in (4, 3, 5):
         for budget in (0.02, 0.05, 0.10):
             name = f"CoRa recommended W{bits} b={budget}"
             runs.append((name, bits, lambda m, c, x, b=bits, bu=budget, n=name: cora(n, m, CoRaConfig.recommended(b).replace(budget=bu), c, x, ranks="search")))
-        name = f"CoRa recommended W{bits} without finetune"  # the ablation of the fine-tuning step
-        runs.append((name, bits, lambda m, c, x, b=bits, n=name: cora(n, m, CoRaConfig.recommended(b, finetune_iterations=0), c, x, ranks="search")))
+        name = f"CoRa recommended W{bits} + finetune"  # the search, then 100 fine-tuning steps (not in recommended())
+        runs.append((name, bits, lambda m, c, x, b=bits, n=name: cora(n, m, CoRaConfig.recommended(b, finetune_iterations=FINETUNE), c, x, ranks="search")))
         name = f"CoRa recommended W{bits}"  # its own budget: <= bits + 0.5 equivalent bits
         runs.append((name, bits, lambda m, c, x, b=bits, n=name: cora(n, m, CoRaConfig.recommended(b), c, x, ranks="search")))
     return runs

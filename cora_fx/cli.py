@@ -15,8 +15,6 @@ from typing import TYPE_CHECKING, Any, NoReturn, Optional, Sequence
 import torch
 from torch import nn
 
-from .config import FINETUNE_ITERATIONS
-
 if TYPE_CHECKING:
     from .config import CoRaConfig
 
@@ -339,8 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--loss", choices=("ce", "kl"), help="search loss: ce (labels) or kl (label-free)")
     q.add_argument("--iterations", type=_int_in(0, 1 << 30), help="rank search iterations (default 250)")
     q.add_argument("--finetune-iterations", type=_int_in(0, 1 << 30),
-                   help="fine-tuning steps of adapters and channel scales after the ranks are set (recommended: "
-                        f"{FINETUNE_ITERATIONS}, paper: 0)")
+                   help="fine-tuning steps of adapters and channel scales after the ranks are set (default 0: none)")
     q.add_argument("--adapter-form", choices=("parallel", "folded"),
                    help="lowered adapter: a parallel two-conv branch (paper) or folded into the conv weight (recommended)")
     q.add_argument("--ranks", choices=("search", "heuristic"), default="search", help="search the ranks or use floor(b*R)")

@@ -32,3 +32,4 @@ def test_benchmark_quick_mode_runs_end_to_end(tmp_path):
     rec = results["CoRa recommended W4"]
     assert rec["latency"]["eager_b1"]["ratio"] > 0
     assert rec["equivalent_bits"] < 5
+    assert rec["extra"]["finetune_iterations"] == 2  # the quick row fine-tunes 2 steps after its search
