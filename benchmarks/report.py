@@ -49,12 +49,15 @@ def pareto_plot(results: dict, path: Path) -> None:
         if name.startswith("_") or "error" in r or "top1" not in r:
             continue
         family = name.split(" W")[0] if name != "float" else "float"
+        if name.endswith(" + finetune"):
+            family += " + finetune"
         families.setdefault(family, []).append((r["artifact_bytes"] / 1e6, r["top1"], name))
     for family, pts in sorted(families.items()):
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=family)
         for x, y, name in pts:  # "W4", "W3 b=0.02": what distinguishes the points of one line
-            ax.annotate(name[len(family):].strip() or name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6)
+            label = name[len(family.removesuffix(" + finetune")):].removesuffix(" + finetune").strip() or name
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6)
     ax.set_xscale("log")
     ticks = [1, 1.5, 2, 3, 4, 6, 10, 15]
     ax.set_xticks(ticks)
