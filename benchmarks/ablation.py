@@ -2,9 +2,11 @@
 
     python benchmarks/ablation.py --bits 4 --budget 0.045 --variant base   # per-channel min-max, depthwise int8
     python benchmarks/ablation.py --bits 4 --budget 0.045 --variant gptq   # + GPTQ rounding, activation SVD
+    python benchmarks/ablation.py --bits 3 --budget 0.044 --variant gptq --rounding-batches 8 --tiny --no-bn-correction
 
-Prints top-1 with heuristic ranks floor(b*R), then after `correct_batchnorm` on 8 calibration
-batches. No search: this isolates what the base rounding and the adapters' factorization bring.
+Prints top-1 with heuristic ranks floor(b*R) (with ``--tiny`` also the top-1 agreement with the float
+model on the 10,000 tiny64 images), then after `correct_batchnorm` on 8 calibration batches. No search:
+this isolates what the base rounding and the adapters' factorization bring.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import batches, data_paths, load_split, predict, topk_with_ci  # noqa: E402
+from benchmarks.common import agreement, batches, data_paths, load_split, predict, topk_with_ci  # noqa: E402
 from cora_fx import CoRaConfig, calibrate_rounding, correct_batchnorm, finetune, prepare_cora, set_ranks, summary  # noqa: E402
 
 
@@ -29,6 +31,9 @@ def main(argv=None) -> int:
     parser.add_argument("--clipping", choices=("minmax", "mse"), default="minmax", help="per-channel range")
     parser.add_argument("--rounding-inputs", choices=("float", "quantized"), default="float",
                         help="GPTQ moments of the float model's inputs or of the once-rounded model's")
+    parser.add_argument("--rounding-batches", type=int, default=4, help="calibration batches for the GPTQ moments")
+    parser.add_argument("--adapter-bits", type=int, default=8)
+    parser.add_argument("--tiny", action="store_true", help="also report top-1 agreement with float on tiny64")
     parser.add_argument("--finetune", type=int, default=0, help="then `finetune` this many steps (KL) and score again")
     parser.add_argument("--finetune-lr", type=float, default=1e-4)
     parser.add_argument("--no-bn-correction", action="store_true")
@@ -36,34 +41,38 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    labels_csv, _ = data_paths(args.data)
+    labels_csv, tiny_csv = data_paths(args.data)
     calib = batches(*load_split(labels_csv, "calib"))
     eval_images, eval_labels = load_split(labels_csv, "eval")
     model = torchvision.models.mobilenet_v2()
     model.load_state_dict(torch.load(labels_csv.parents[1] / "weights" / "mobilenet_v2-b0353104.pth", weights_only=True))
     model.eval()
+    tiny = load_split(tiny_csv, None, image_size=64, resize=64)[0] if args.tiny else None
+    float_tiny = predict(model, tiny)[:, 0] if tiny is not None else None
+
+    def score() -> str:
+        top1 = topk_with_ci(predict(prepared, eval_images), eval_labels)["top1"]
+        return f"top-1 {top1:.2f}" + ("" if tiny is None else f" | tiny64 agreement {agreement(prepared, float_tiny, tiny):.2f}")
+
     start = time.time()
     kw = dict(bits=args.bits, budget=args.budget, granularity="per_channel", clipping=args.clipping, depthwise="int8",
-              rounding_inputs=args.rounding_inputs, loss="kl")
+              rounding_inputs=args.rounding_inputs, loss="kl", adapter_bits=args.adapter_bits)
     if args.variant == "gptq":
-        kw.update(rounding="gptq", svd="activation", rounding_batches=4)
+        kw.update(rounding="gptq", svd="activation", rounding_batches=args.rounding_batches)
     prepared = prepare_cora(model, CoRaConfig(**kw))
     if args.variant == "gptq":
         calibrate_rounding(prepared, calib)
     set_ranks(prepared, "heuristic")
     s = summary(prepared)
-    top1 = topk_with_ci(predict(prepared, eval_images), eval_labels)["top1"]
-    print(f"W{args.bits} {args.variant} heuristic: top-1 {top1:.2f} | budget {s.budget:.4f} | "
+    print(f"W{args.bits} {args.variant} heuristic: {score()} | budget {s.budget:.4f} | "
           f"equivalent bits {s.equivalent_bits:.3f} | {time.time() - start:.0f}s", flush=True)
     if args.finetune:
         result = finetune(prepared, calib, iterations=args.finetune, lr=args.finetune_lr)
-        top1 = topk_with_ci(predict(prepared, eval_images), eval_labels)["top1"]
-        print(f"W{args.bits} {args.variant} heuristic + finetune {args.finetune} (lr {args.finetune_lr:g}): top-1 {top1:.2f} | "
+        print(f"W{args.bits} {args.variant} heuristic + finetune {args.finetune} (lr {args.finetune_lr:g}): {score()} | "
               f"{result} | {time.time() - start:.0f}s", flush=True)
     if not args.no_bn_correction:
         correct_batchnorm(prepared, calib, max_batches=8)
-        top1 = topk_with_ci(predict(prepared, eval_images), eval_labels)["top1"]
-        print(f"W{args.bits} {args.variant} heuristic + BatchNorm correction: top-1 {top1:.2f} | {time.time() - start:.0f}s", flush=True)
+        print(f"W{args.bits} {args.variant} heuristic + BatchNorm correction: {score()} | {time.time() - start:.0f}s", flush=True)
     return 0
 
 

@@ -69,9 +69,15 @@ class LazyBatches:
 def predict(model: Callable, images: torch.Tensor, batch_size: int = 50) -> torch.Tensor:
     """Top-5 class indices per image."""
     out = []
-    for i in range(0, len(images), batch_size):
-        out.append(model(normalize(images[i:i + batch_size])).topk(5, dim=1).indices)
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            out.append(model(normalize(images[i:i + batch_size])).topk(5, dim=1).indices)
     return torch.cat(out)
+
+
+def agreement(model: Callable, float_top1: torch.Tensor, images: torch.Tensor) -> float:
+    """Top-1 agreement (%) of ``model`` with the float model's top-1 classes ``float_top1``."""
+    return 100.0 * float((predict(model, images)[:, 0] == float_top1).float().mean())
 
 
 def topk_with_ci(top5: torch.Tensor, labels: torch.Tensor, rounds: int = 1000, seed: int = 0) -> dict[str, float]:

@@ -22,7 +22,7 @@ import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import batches, data_paths, load_split, normalize, predict, topk_with_ci  # noqa: E402
+from benchmarks.common import agreement, batches, data_paths, load_split, normalize, predict, topk_with_ci  # noqa: E402
 from benchmarks.methods import MethodRun, cora, state_dict_bytes  # noqa: E402
 from cora_fx import CoRaConfig  # noqa: E402
 
@@ -76,10 +76,6 @@ def plan(quick: bool) -> list[tuple[str, int, callable]]:
 def selected(name: str, pattern: str) -> bool:
     """``--only`` matching: the exact method name, or a prefix followed by ``*``."""
     return name == pattern or (pattern.endswith("*") and name.startswith(pattern[:-1]))
-
-
-def agreement(model, float_top1: torch.Tensor, images: torch.Tensor) -> float:
-    return 100.0 * float((predict(model, images)[:, 0] == float_top1).float().mean())
 
 
 def main(argv=None) -> int:

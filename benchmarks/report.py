@@ -59,7 +59,7 @@ def pareto_plot(results: dict, path: Path) -> None:
             label = name[len(family.removesuffix(" + finetune")):].removesuffix(" + finetune").strip() or name
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6)
     ax.set_xscale("log")
-    ticks = [1, 1.5, 2, 3, 4, 6, 10, 15]
+    ticks = [1, 1.5, 2, 3, 4, 6, 10, 15, 30, 50]
     ax.set_xticks(ticks)
     ax.set_xticklabels([str(t) for t in ticks])
     ax.minorticks_off()

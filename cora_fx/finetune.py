@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 
 from .batches import BatchCycle, input_dtype, model_device, split_batch
 from .modules import TUNE, CoRaConv2d, QuantLinear, folded_modes
-from .objective import task_loss, teacher_output
+from .objective import batch_loss, frozen_weights, task_loss
 from .passes import folded_copy
-from .state import PREPARED, CoRaError, get_state
+from .state import PREPARED, get_state
 
 
 @dataclass
@@ -79,35 +79,24 @@ def finetune(
         return result
     loss_fn = task_loss(cfg)
     device, dtype = model_device(prepared), input_dtype(prepared)
-    grad_flags = {p: p.requires_grad for p in prepared.parameters()}
-    was_training = prepared.training
     optimizer = torch.optim.Adam(params, lr=lr)
     data = BatchCycle(batches)
     start = time.perf_counter()
     bar = tqdm(total=iterations, desc="cora finetune", disable=not progress, leave=False)
     try:
-        for p in grad_flags:
-            p.requires_grad_(False)
-        gm.eval()
         for w, pair in tuned.items():
             w.tuned = pair
         for q, factor in factors.items():
             object.__setattr__(q, "tuning_factor", factor)  # not registered: the model gains no parameter
-        with folded_modes(wrappers, [], TUNE):
+        with frozen_weights(prepared), folded_modes(wrappers, [], TUNE):
+            gm.eval()
             while result.iterations < iterations:
                 batch = data.next()
                 if batch is None:
                     break
                 inputs, labels = split_batch(batch, device, dtype)
-                try:
-                    teacher = teacher_output(gm, wrappers, linears, inputs) if cfg.loss != "ce" else None
-                    loss = loss_fn(gm(*inputs), teacher, labels)
-                except CoRaError:
-                    raise
-                except Exception as err:
-                    shapes = [tuple(t.shape) for t in inputs]
-                    raise CoRaError(f"finetune: the model failed on calibration batch {data.seen - 1} "
-                                    f"(input shapes {shapes}): {type(err).__name__}: {err}") from err
+                loss = batch_loss(gm, wrappers, linears, cfg, loss_fn, inputs, labels, caller="finetune",
+                                  index=data.seen - 1)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -121,9 +110,6 @@ def finetune(
             w.tuned = None
         for q in factors:
             q.tuning_factor = None
-        for p, flag in grad_flags.items():
-            p.requires_grad_(flag)
-        prepared.train(was_training)
     with torch.no_grad():
         for w, (a, b) in tuned.items():
             w.adapter.set_tuned(a, b)

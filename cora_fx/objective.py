@@ -1,7 +1,8 @@
-"""The objective shared by the rank search and `finetune`: task loss and the float teacher."""
+"""The objective shared by the rank search and `finetune`: task loss, float teacher, frozen weights."""
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -37,3 +38,33 @@ def teacher_output(search_gm: fx.GraphModule, wrappers: Sequence[CoRaConv2d], li
     """The float model's output: full-rank float residuals give back W exactly (Theorem 1)."""
     with folded_modes(wrappers, linears, FLOAT), torch.no_grad():
         return search_gm(*inputs).detach()
+
+
+def batch_loss(gm: fx.GraphModule, wrappers: Sequence[CoRaConv2d], linears: Sequence[QuantLinear], cfg: CoRaConfig,
+               loss_fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...], labels: Any, *, caller: str,
+               index: int) -> torch.Tensor:
+    """The task loss of ``gm`` on one batch; a model failure names the caller and the batch, not a conv."""
+    try:
+        teacher = teacher_output(gm, wrappers, linears, inputs) if cfg.loss != "ce" else None
+        output = gm(*inputs)
+    except Exception as err:  # e.g. a batch of the wrong shape
+        shapes = [tuple(t.shape) for t in inputs]
+        raise CoRaError(f"{caller}: the model failed on calibration batch {index} "
+                        f"(input shapes {shapes}): {type(err).__name__}: {err}") from err
+    return loss_fn(output, teacher, labels)
+
+
+@contextmanager
+def frozen_weights(prepared: fx.GraphModule) -> Iterator[None]:
+    """Every parameter of ``prepared`` without gradient and the model in eval mode; both restored on exit."""
+    grad_flags = {p: p.requires_grad for p in prepared.parameters()}
+    was_training = prepared.training
+    try:
+        for p in grad_flags:
+            p.requires_grad_(False)
+        prepared.eval()
+        yield
+    finally:
+        for p, flag in grad_flags.items():
+            p.requires_grad_(flag)
+        prepared.train(was_training)

@@ -19,14 +19,14 @@ from tqdm.auto import tqdm
 
 from .config import SEARCH_FIELDS, CoRaConfig
 from .modules import CoRaConv2d, LowRankAdapter, QuantLinear
-from .objective import task_loss, teacher_output
+from .objective import batch_loss, frozen_weights, task_loss
 from .batches import BatchCycle, input_dtype, model_device, split_batch
 from .batchnorm import correct_batchnorm
 from .finetune import FinetuneResult, finetune
 from .passes import folded_copy
 from .rounding import calibrate_rounding
 from .prepare import adapters
-from .state import PREPARED, CoRaError, get_state
+from .state import PREPARED, get_state
 from .summary import accounting, layer_infos
 
 
@@ -138,10 +138,7 @@ def search_ranks(prepared: fx.GraphModule, batches: Iterable, *, progress: bool 
     search_gm = folded_copy(prepared)
     wrappers = [m for m in search_gm.modules() if isinstance(m, CoRaConv2d)]
     linears = [m for m in prepared.modules() if isinstance(m, QuantLinear)]
-    grad_flags = {p: p.requires_grad for p in prepared.parameters()}
-    was_training = prepared.training
     loss_fn = task_loss(cfg)
-    needs_teacher = cfg.loss != "ce"
     device = model_device(prepared)
     dtype = input_dtype(prepared)
     names = list(searchable)
@@ -156,21 +153,19 @@ def search_ranks(prepared: fx.GraphModule, batches: Iterable, *, progress: bool 
     start = time.perf_counter()
     done = 0
     interrupted = failed = False
-    for p in grad_flags:
-        p.requires_grad_(False)
-    search_gm.eval()
-    with torch.no_grad():
-        for a in searchable.values():
-            a.rank.fill_(cfg.init_rank)
-            a.nbk_order = cfg.nbk_order
-    for r in ranks:
-        r.requires_grad_(True)
-    optimizer = torch.optim.Adam(ranks, lr=cfg.lr) if ranks else None
     data = BatchCycle(batches)
     kept: list = []  # the first batches, for the BatchNorm correction
     bar = tqdm(total=cfg.iterations, desc="cora rank search", disable=not progress, leave=False)
     try:
-        with torch.random.fork_rng(devices=[]):
+        with frozen_weights(prepared), torch.random.fork_rng(devices=[]):
+            search_gm.eval()
+            with torch.no_grad():
+                for a in searchable.values():
+                    a.rank.fill_(cfg.init_rank)
+                    a.nbk_order = cfg.nbk_order
+            for r in ranks:
+                r.requires_grad_(True)
+            optimizer = torch.optim.Adam(ranks, lr=cfg.lr) if ranks else None
             torch.manual_seed(cfg.seed)
             while done < cfg.iterations:
                 batch = data.next()
@@ -179,14 +174,8 @@ def search_ranks(prepared: fx.GraphModule, batches: Iterable, *, progress: bool 
                 inputs, labels = split_batch(batch, device, dtype)
                 if len(kept) < cfg.bn_correction:
                     kept.append(batch)
-                try:
-                    teacher = teacher_output(search_gm, wrappers, linears, inputs) if needs_teacher else None
-                    output = search_gm(*inputs)
-                except Exception as err:  # e.g. a batch of the wrong shape: name the batch, not a conv
-                    shapes = [tuple(t.shape) for t in inputs]
-                    raise CoRaError(f"search_ranks: the model failed on calibration batch {data.seen - 1} "
-                                    f"(input shapes {shapes}): {type(err).__name__}: {err}") from err
-                task = loss_fn(output, teacher, labels)
+                task = batch_loss(search_gm, wrappers, linears, cfg, loss_fn, inputs, labels, caller="search_ranks",
+                                  index=data.seen - 1)
                 if optimizer is None:
                     history.loss.append(task.item()); history.task_loss.append(task.item()); history.budget.append(fixed_budget)
                     done += 1; bar.update(1)
@@ -221,9 +210,6 @@ def search_ranks(prepared: fx.GraphModule, batches: Iterable, *, progress: bool 
         raise
     finally:
         bar.close()
-        for p, flag in grad_flags.items():
-            p.requires_grad_(flag)
-        prepared.train(was_training)
         if not failed:
             result = _finish(prepared, state, layers, searchable, names, importance, cfg, history, done,
                              time.perf_counter() - start, interrupted)
