@@ -52,9 +52,11 @@ def pareto_plot(results: dict, path: Path) -> None:
         if name.endswith(" + finetune"):
             family += " + finetune"
         families.setdefault(family, []).append((r["artifact_bytes"] / 1e6, r["top1"], name))
-    for family, pts in sorted(families.items()):
+    colors = plt.get_cmap("tab20").colors  # more families than the default 10-colour cycle
+    for index, (family, pts) in enumerate(sorted(families.items())):
         pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=family)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="os^D"[index % 4], color=colors[(2 * index) % 20 + index // 10],
+                label=family)
         for x, y, name in pts:  # "W4", "W3 b=0.02": what distinguishes the points of one line
             label = name[len(family.removesuffix(" + finetune")):].removesuffix(" + finetune").strip() or name
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6)
