@@ -52,7 +52,7 @@ def pareto_plot(results: dict, path: Path) -> None:
         if name.endswith(" + finetune"):
             family += " + finetune"
         families.setdefault(family, []).append((r["artifact_bytes"] / 1e6, r["top1"], name))
-    colors = plt.get_cmap("tab20").colors  # more families than the default 10-colour cycle
+    colors = plt.get_cmap("tab20").colors  # more families than the default 10-colour cycle: the 10 dark, then the 10 light
     for index, (family, pts) in enumerate(sorted(families.items())):
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="os^D"[index % 4], color=colors[(2 * index) % 20 + index // 10],
