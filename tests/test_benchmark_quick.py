@@ -33,3 +33,25 @@ def test_benchmark_quick_mode_runs_end_to_end(tmp_path):
     assert rec["latency"]["eager_b1"]["ratio"] > 0
     assert rec["equivalent_bits"] < 5
     assert rec["extra"]["finetune_iterations"] == 2  # the quick row fine-tunes 2 steps after its search
+
+
+def test_report_writes_tables_and_plots_from_results_json(tmp_path, capsys):
+    sys.path.insert(0, str(REPO))
+    from benchmarks import report
+
+    def row(name, top1, mbytes, **extra):
+        return dict(name=name, top1=top1, top1_lo=top1 - 3, top1_hi=top1 + 3, top5=top1, tiny_agreement=50.0,
+                    equivalent_bits=4.0, budget=0.05, artifact_bytes=int(mbytes * 1e6), calib_seconds=1.0, iterations=0, **extra)
+
+    ranks = dict(ranks={"conv": 2}, heuristic={"conv": 1}, max_ranks={"conv": 4})
+    results = {"float": row("float", 79.0, 14.0), "RTN W4": row("RTN W4", 10.0, 1.7),
+               "CoRa recommended W4": row("CoRa recommended W4", 79.0, 2.0, extra=ranks,  # inside the zoom inset
+                                          latency={"eager_b1": dict(float_ms=1.0, quantized_ms=1.5, ratio=1.5)}),
+               "peer W4": row("peer W4", 5.0, 4.0, error="ImportError: no peer"), "_meta": {}}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    assert report.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "| CoRa recommended W4 | 79.00 (76.0-82.0) |" in out and "cannot run: ImportError" in out
+    assert "| CoRa recommended W4 | eager | 1 | 1.0 | 1.5 | 1.50 |" in out
+    assert (tmp_path / "pareto.png").stat().st_size > 0 and (tmp_path / "ranks.png").stat().st_size > 0
