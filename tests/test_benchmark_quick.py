@@ -35,8 +35,8 @@ def test_benchmark_quick_mode_runs_end_to_end(tmp_path):
     assert rec["extra"]["finetune_iterations"] == 2  # the quick row fine-tunes 2 steps after its search
 
 
-def test_report_writes_tables_and_plots_from_results_json(tmp_path, capsys):
-    sys.path.insert(0, str(REPO))
+def test_report_writes_tables_and_plots_from_results_json(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))
     from benchmarks import report
 
     def row(name, top1, mbytes, **extra):
