@@ -179,7 +179,8 @@ class CoRaConfig:
         adapters lowered in the folded form (one conv per layer: the float model's compiled
         latency). No BatchNorm correction (after GPTQ it measured neutral at W4 and harmful at
         W3) and no `finetune` after the search (it measured +0.6 top-1 at W3, within the noise,
-        and cost 8.5 points of tiny64 agreement at W4; RESULTS.md). ``CoRaConfig()`` remains the paper's settings.
+        and cost 8.5 points of tiny64 agreement at W4; RESULTS.md). ``CoRaConfig()`` remains
+        the paper's settings.
         """
         budget = {2: 0.03, 3: 0.044, 4: 0.045}.get(bits, 0.05)
         base = cls(bits=bits, budget=budget, granularity="per_channel", clipping="mse", depthwise="int8",
