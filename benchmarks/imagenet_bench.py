@@ -92,6 +92,10 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--peer-calib-images", type=int, default=None,
                         help="give the peers only the first N calibration images (default: all 1,600)")
+    parser.add_argument("--ranks-from", default=None, metavar="RESULTS_JSON",
+                        help="searched rows take the ranks recorded in this results.json instead of searching "
+                             "(rebuilds an artifact, e.g. for latency, without the search; calibration time then "
+                             "excludes it)")
     args = parser.parse_args(argv)
     if args.peer_calib_images is not None and args.peer_calib_images < 1:
         parser.error(f"--peer-calib-images must be >= 1, got {args.peer_calib_images}")
@@ -104,6 +108,10 @@ def main(argv=None) -> int:
     unmatched = [s for s in only if not any(selected(name, s) for name, _, _ in runs)]
     if unmatched:
         parser.error(f"--only: no method matches {unmatched}; methods: {[name for name, _, _ in runs]}")
+    if args.ranks_from:
+        from benchmarks.methods import RECORDED_RANKS
+        recorded = json.loads(Path(args.ranks_from).read_text())
+        RECORDED_RANKS.update({n: r["extra"]["ranks"] for n, r in recorded.items() if "ranks" in r.get("extra", {})})
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -20,6 +20,10 @@ from torch import nn
 from cora_fx import CoRaConfig, convert_cora, prepare_cora, search_ranks, set_ranks, summary
 from cora_fx.prepare import adapters
 
+#: method name -> {layer: rank} recorded by an earlier run (``imagenet_bench.py --ranks-from``):
+#: such a "search" row sets these ranks instead of searching, to rebuild its artifact cheaply.
+RECORDED_RANKS: dict[str, dict[str, int]] = {}
+
 
 @dataclass
 class MethodRun:
@@ -61,7 +65,15 @@ def cora(name: str, model: nn.Module, cfg: CoRaConfig, calib: list, example: tor
     prepared = prepare_cora(model, cfg, example_inputs=(example[:1],))
     iterations = 0
     extra: dict = {}
-    if ranks == "search":
+    recorded = RECORDED_RANKS.get(name) if ranks == "search" else None
+    if recorded is not None and (cfg.bn_correction or cfg.finetune_iterations):
+        raise ValueError(f"{name}: recorded ranks rebuild only configs without BN correction or fine-tuning")
+    if recorded is not None:
+        from cora_fx import calibrate_rounding
+        calibrate_rounding(prepared, calib)
+        set_ranks(prepared, recorded)
+        extra["ranks_recorded"] = True
+    elif ranks == "search":
         result = search_ranks(prepared, calib, progress=progress)  # runs the config's finetune too
         iterations = result.iterations
         if result.finetune is not None:

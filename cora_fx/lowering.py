@@ -28,7 +28,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from .modules import ConvSpec, QuantLinear
 from .observers import QuantizedWeight, minmax_quantize
-from .packing import field_bits, pack_codes, unpack_shifts
+from .packing import pack_codes, unpack_codes
 from .passes import merge_nodes, module_calls, set_submodule
 
 Weight = Union[QuantizedWeight, torch.Tensor]
@@ -136,12 +136,6 @@ class _Emitter:
         owner.register_buffer(name, value)
         return self.graph.get_attr(f"{path}.{name}" if path else name)
 
-    def shifts(self, bits: int) -> fx.Node:
-        name = f"cora_unpack_shifts_{field_bits(bits)}"
-        if not hasattr(self.gm, name):
-            self.gm.register_buffer(name, unpack_shifts(bits))
-        return self.graph.get_attr(name)
-
     def weight(self, owner: nn.Module, path: str, prefix: str, weight: Weight) -> fx.Node:
         """Nodes computing the float weight: scale * (unpack(packed) - zero_point)."""
         g = self.graph
@@ -150,20 +144,11 @@ class _Emitter:
         shape = tuple(weight.codes.shape)
         unsigned = (weight.codes.to(torch.int32) - weight.qmin).to(torch.uint8)
         packed = self.attr(owner, path, f"{prefix}_packed", pack_codes(unsigned, weight.bits))
-        numel = unsigned.numel()
-        codes = packed
-        if field_bits(weight.bits) < 8:
-            mask = (1 << field_bits(weight.bits)) - 1
-            spread = g.call_function(torch.bitwise_right_shift, (g.call_method("unsqueeze", (packed, -1)), self.shifts(weight.bits)))
-            flat = g.call_method("reshape", (g.call_function(torch.bitwise_and, (spread, mask)), (-1,)))
-            if flat_len(numel, weight.bits) != numel:
-                flat = g.call_function(operator.getitem, (flat, slice(0, numel)))
-            codes = flat
-        w = g.call_method("to", (g.call_method("reshape", (codes, shape)), torch.float32))
+        codes = unpack_codes(fx.Proxy(packed), weight.bits, shape).node  # the reference ops, on graph nodes
+        w = g.call_method("to", (codes, torch.float32))
         zp = self.attr(owner, path, f"{prefix}_zero_point", (weight.zero_point - weight.qmin).to(torch.uint8))
         scale = self.attr(owner, path, f"{prefix}_scale", weight.scale.clone())
         return g.call_function(operator.mul, (g.call_function(operator.sub, (w, zp)), scale))
-
 
     def folded_adapter(self, owner: nn.Module, path: str, lowered: LoweredLayer, groups: int) -> fx.Node:
         """Nodes computing fold(B o A) (`residual.fold_two_conv`) from the stored A and B."""
@@ -179,11 +164,6 @@ class _Emitter:
 
 def _shape(weight: Weight) -> torch.Size:
     return weight.shape if isinstance(weight, torch.Tensor) else weight.codes.shape
-
-
-def flat_len(numel: int, bits: int) -> int:
-    per_byte = 8 // field_bits(bits)
-    return -(-numel // per_byte) * per_byte
 
 
 class LowerToOps:

@@ -142,3 +142,14 @@ def test_convert_equals_prepared_and_export_round_trips(case, fraction, adapter_
     assert buffers["0.weight_packed"].dtype == torch.uint8 and not list(converted.parameters())
     assert all(b.dtype == torch.uint8 for n, b in buffers.items() if n.endswith("_packed"))
     assert not any(n.endswith(("U", "S", "Vh", "weight", "min_val")) for n in buffers), sorted(buffers)
+
+
+@given(st.integers(1, 8), st.integers(1, 300), st.integers(0, 2**31 - 1))
+def test_packed_codes_round_trip(bits, numel, seed):
+    """Planar sub-byte packing: unpack(pack(codes)) == codes, and the byte count is ceil(numel / codes per byte)."""
+    from cora_fx.packing import field_bits, pack_codes, unpack_codes
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2 ** bits, (numel,), generator=generator).to(torch.uint8)
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(numel / (8 // field_bits(bits)))
+    assert torch.equal(unpack_codes(packed, bits, (numel,)), codes)
