@@ -48,7 +48,7 @@ def peer_runs(names: list[str], quick: bool) -> list[tuple[str, int, Runner]]:
         raise ValueError(f"unknown peers {sorted(unknown)}; choose from torchao, brevitas, aimet")
     runs: list[tuple[str, int, Runner]] = []
     if "torchao" in names:
-        for bits in (4, 3):
+        for bits in (4, 3, 5):
             name = f"torchao IntxWeightOnly W{bits} per-channel"
             runs.append((name, bits, lambda m, c, x, b=bits, n=name: torchao_rtn(n, m, c, x, bits=b)))
     if "brevitas" in names:

@@ -57,19 +57,21 @@ def pareto_plot(results: dict, path: Path) -> None:
         families.setdefault(family, []).append((r["artifact_bytes"] / 1e6, r["top1"], name))
     colors = plt.get_cmap("tab20").colors  # more families than the default 10-colour cycle: the 10 dark, then the 10 light
     zoom = ax.inset_axes([0.33, 0.25, 0.3, 0.6])  # the crowded top-left corner: the CoRa recommended rows
+    zoom_top = ZOOM_TOP1 + 1.0
     for index, (family, pts) in enumerate(sorted(families.items())):
         pts.sort()
         style = dict(marker="os^D"[index % 4], color=colors[(2 * index) % 20 + index // 10])
         ax.plot([p[0] for p in pts], [p[1] for p in pts], label=family, **style)
         inside = [p for p in pts if ZOOM_MB[0] <= p[0] <= ZOOM_MB[1] and p[1] >= ZOOM_TOP1]
         if inside:
+            zoom_top = max(zoom_top, max(p[1] for p in inside) + 1.0)
             zoom.plot([p[0] for p in inside], [p[1] for p in inside], **style)
         for x, y, name in pts:  # "W4", "W3 b=0.02": what distinguishes the points of one line
             label = name[len(family.removesuffix(" + finetune")):].removesuffix(" + finetune").strip() or name
             target = zoom if (x, y, name) in inside else ax
             target.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6)
     zoom.set_xlim(*ZOOM_MB)
-    zoom.set_ylim(ZOOM_TOP1, 82)
+    zoom.set_ylim(ZOOM_TOP1, zoom_top)
     zoom.tick_params(labelsize=7)
     zoom.grid(True, alpha=0.3)
     zoom.set_title(f"zoom: {ZOOM_MB[0]}-{ZOOM_MB[1]} MB, top-1 >= {ZOOM_TOP1}", fontsize=7)

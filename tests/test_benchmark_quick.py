@@ -34,6 +34,19 @@ def test_benchmark_quick_mode_runs_end_to_end(tmp_path):
     assert rec["equivalent_bits"] < 5
     assert rec["extra"]["finetune_iterations"] == 2  # the quick row fine-tunes 2 steps after its search
 
+    # --ranks-from: the searched row rebuilt from its recorded ranks, without the search, is the same model
+    name = "CoRa searched per-channel W4"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/imagenet_bench.py", "--quick", "--peers", "", "--no-latency", "--only", name,
+         "--ranks-from", str(tmp_path / "results_quick.json"), "--out", str(tmp_path / "rebuilt")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rebuilt = json.loads((tmp_path / "rebuilt" / "results_quick.json").read_text())[name]
+    assert rebuilt["extra"]["ranks_recorded"] and rebuilt["iterations"] == 0
+    assert rebuilt["extra"]["ranks"] == results[name]["extra"]["ranks"]
+    assert (rebuilt["top1"], rebuilt["tiny_agreement"]) == (results[name]["top1"], results[name]["tiny_agreement"])
+
 
 def test_report_writes_tables_and_plots_from_results_json(tmp_path, capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(REPO))
