@@ -4,8 +4,8 @@
 codes one to a byte. The layout is planar: the flat codes are cut into ``8 // field``
 contiguous slices of equal length (the last one zero-padded) and slice ``j`` fills bits
 ``j * field ..`` of every byte, so unpacking is one constant shift and mask per slice and a
-concatenation, which inductor vectorizes (an interleaved layout measured ~2.4x slower to unpack
-under ``torch.compile``, RESULTS.md section 2). `unpack_codes` is the reference for the ops the
+concatenation, which inductor vectorizes (an interleaved layout measured 4.4x slower to unpack
+under ``torch.compile``: benchmarks/unpack_speed.py, RESULTS.md section 2). `unpack_codes` is the reference for the ops the
 converted graph emits (`lowering._Emitter.weight`).
 """
 from __future__ import annotations

@@ -1,0 +1,89 @@
+"""Compiled unpack + dequantize of sub-byte codes: the planar layout against the interleaved one.
+
+The converted graph dequantizes its weights on every call unless inductor freezing folds them
+(RESULTS.md section 2). This times that step alone, under ``torch.compile``, for one weight
+matrix (default: MobileNetV2's 1000 x 1280 classifier at 4 bits):
+
+- ``planar``: `cora_fx.packing.unpack_codes` (what `convert_cora` emits), constant shifts + cat;
+- ``interleaved``: the fifth session's layout, element 2i in the low nibble and 2i + 1 in the high
+  one, unpacked by shifting against a stored shift buffer (the ops the graph used to emit);
+- ``int8``: one code per byte, no unpacking (the floor).
+
+    python benchmarks/unpack_speed.py --threads 1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def _best_ms(fn: Callable, args: tuple, repeats: int) -> float:
+    compiled = torch.compile(fn)
+    compiled(*args)
+    compiled(*args)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        compiled(*args)
+        times.append(time.perf_counter() - start)
+    return 1e3 * min(times)  # min: robust to other jobs on the machine
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1000)
+    parser.add_argument("--cols", type=int, default=1280)
+    parser.add_argument("--bits", type=int, default=4, choices=(2, 3, 4))
+    parser.add_argument("--repeats", type=int, default=60)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from cora_fx.packing import field_bits, pack_codes, unpack_codes
+
+    shape = (args.rows, args.cols)
+    numel = args.rows * args.cols
+    field = field_bits(args.bits)
+    per_byte = 8 // field
+    codes = torch.randint(0, 2 ** args.bits, shape, generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    zero_point = torch.full((args.rows, 1), 2 ** (args.bits - 1), dtype=torch.uint8)
+    scale = torch.rand(args.rows, 1)
+    expected = (codes.float() - zero_point) * scale
+
+    flat = torch.cat([codes.reshape(-1), codes.new_zeros((-numel) % per_byte)]).to(torch.int32).reshape(-1, per_byte)
+    shifts = torch.arange(per_byte, dtype=torch.int32) * field
+    interleaved = (flat << shifts).sum(dim=1).to(torch.uint8)
+    shift_buffer = shifts.to(torch.uint8)
+
+    def planar_fn(packed, zp, s):
+        return (unpack_codes(packed, args.bits, shape).to(torch.float32) - zp) * s
+
+    def interleaved_fn(packed, shift, zp, s):
+        spread = torch.bitwise_and(torch.bitwise_right_shift(packed.unsqueeze(-1), shift), (1 << field) - 1)
+        return (spread.reshape(-1)[:numel].reshape(shape).to(torch.float32) - zp) * s
+
+    def int8_fn(packed, zp, s):
+        return (packed.reshape(shape).to(torch.float32) - zp) * s
+
+    cases = {"planar": (planar_fn, (pack_codes(codes, args.bits), zero_point, scale)),
+             "interleaved": (interleaved_fn, (interleaved, shift_buffer, zero_point, scale)),
+             "int8": (int8_fn, (codes.reshape(-1).clone(), zero_point, scale))}
+    result = {}
+    for name, (fn, fn_args) in cases.items():
+        with torch.no_grad():
+            assert torch.equal(fn(*fn_args), expected), name  # all three decode the same weights
+            result[f"{name}_ms"] = _best_ms(fn, fn_args, args.repeats)
+    result["interleaved_over_planar"] = result["interleaved_ms"] / result["planar_ms"]
+    print(json.dumps(dict(rows=args.rows, cols=args.cols, bits=args.bits, threads=torch.get_num_threads(), **result), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
