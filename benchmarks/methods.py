@@ -17,7 +17,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from cora_fx import CoRaConfig, convert_cora, prepare_cora, search_ranks, set_ranks, summary
+from cora_fx import (CoRaConfig, calibrate_rounding, convert_cora, correct_batchnorm, finetune, prepare_cora,
+                     search_ranks, set_ranks, summary)
 from cora_fx.prepare import adapters
 
 #: method name -> {layer: rank} recorded by an earlier run (``imagenet_bench.py --ranks-from``):
@@ -68,26 +69,22 @@ def cora(name: str, model: nn.Module, cfg: CoRaConfig, calib: list, example: tor
     recorded = RECORDED_RANKS.get(name) if ranks == "search" else None
     if recorded is not None and (cfg.bn_correction or cfg.finetune_iterations):
         raise ValueError(f"{name}: recorded ranks rebuild only configs without BN correction or fine-tuning")
-    if recorded is not None:
-        from cora_fx import calibrate_rounding
-        calibrate_rounding(prepared, calib)
-        set_ranks(prepared, recorded)
-        extra["ranks_recorded"] = True
-    elif ranks == "search":
+    if ranks == "search" and recorded is None:
         result = search_ranks(prepared, calib, progress=progress)  # runs the config's finetune too
         iterations = result.iterations
         if result.finetune is not None:
             extra["finetune_iterations"] = result.finetune.iterations
-    else:
+    else:  # what search_ranks does around the search, with fixed ranks
         if cfg.needs_rounding_data:
-            from cora_fx import calibrate_rounding
             calibrate_rounding(prepared, calib)
-        set_ranks(prepared, {n: 0 for n, a in adapters(prepared).items() if a.searchable} if ranks == "rtn" else "heuristic")
+        if recorded is not None:
+            extra["ranks_recorded"] = True
+            set_ranks(prepared, recorded)
+        else:
+            set_ranks(prepared, {n: 0 for n, a in adapters(prepared).items() if a.searchable} if ranks == "rtn" else "heuristic")
         if cfg.bn_correction:
-            from cora_fx import correct_batchnorm
             correct_batchnorm(prepared, calib, max_batches=cfg.bn_correction)
         if cfg.finetune_iterations and ranks != "rtn":
-            from cora_fx import finetune
             extra["finetune_iterations"] = finetune(prepared, calib, progress=progress).iterations
     converted = convert_cora(prepared)
     seconds = time.perf_counter() - start

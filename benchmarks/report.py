@@ -41,6 +41,45 @@ def latency_table(results: dict) -> str:
 ZOOM_MB, ZOOM_TOP1 = (1.5, 2.8), 64.0  # the inset of the Pareto plot
 
 
+#: where a point's label may go (offset in points, horizontal alignment), tried in this order
+LABEL_SPOTS = [(4, 4, "left"), (4, -10, "left"), (-4, 4, "right"), (-4, -10, "right"), (4, 12, "left"),
+               (-4, 12, "right"), (4, -18, "left"), (-4, -18, "right"), (10, -3, "left"), (-10, -3, "right")]
+
+
+def place_labels(fig, labels: list) -> None:
+    """Annotate each (axes, x, y, text) at the first spot in `LABEL_SPOTS` that overlaps no earlier label
+    and no marker of its axes (greedy; the least crowded spot if none is free). Call after the layout is final."""
+    from matplotlib.transforms import Bbox
+
+    fig.canvas.draw()  # inset axes get their final place only when drawn
+    renderer = fig.canvas.get_renderer()
+    taken = {}
+    for target, x, y, _ in labels:  # every marker is an obstacle, as a 6x6-point box around the point
+        cx, cy = target.transData.transform((x, y))
+        half = 3 * fig.dpi / 72
+        taken.setdefault(target, []).append(Bbox.from_extents(cx - half, cy - half, cx + half, cy + half))
+    for target, x, y, text in labels:
+        best = None
+        for dx, dy, ha in LABEL_SPOTS:
+            note = target.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=6, ha=ha)
+            box = note.get_window_extent(renderer)
+            clash = sum(overlap_area(box, other) for other in taken[target])
+            if best is None or clash < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (clash, note, box)
+            else:
+                note.remove()
+            if clash == 0:
+                break
+        taken[target].append(best[2])
+
+
+def overlap_area(a, b) -> float:
+    """Area shared by two display-space boxes."""
+    return max(0.0, min(a.x1, b.x1) - max(a.x0, b.x0)) * max(0.0, min(a.y1, b.y1) - max(a.y0, b.y0))
+
+
 def pareto_plot(results: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -58,6 +97,7 @@ def pareto_plot(results: dict, path: Path) -> None:
     colors = plt.get_cmap("tab20").colors  # more families than the default 10-colour cycle: the 10 dark, then the 10 light
     zoom = ax.inset_axes([0.33, 0.25, 0.3, 0.6])  # the crowded top-left corner: the CoRa recommended rows
     zoom_top = ZOOM_TOP1 + 1.0
+    labels = []
     for index, (family, pts) in enumerate(sorted(families.items())):
         pts.sort()
         style = dict(marker="os^D"[index % 4], color=colors[(2 * index) % 20 + index // 10])
@@ -68,8 +108,7 @@ def pareto_plot(results: dict, path: Path) -> None:
             zoom.plot([p[0] for p in inside], [p[1] for p in inside], **style)
         for x, y, name in pts:  # "W4", "W3 b=0.02": what distinguishes the points of one line
             label = name[len(family.removesuffix(" + finetune")):].removesuffix(" + finetune").strip() or name
-            target = zoom if (x, y, name) in inside else ax
-            target.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6)
+            labels.append((zoom if (x, y, name) in inside else ax, x, y, label))
     zoom.set_xlim(*ZOOM_MB)
     zoom.set_ylim(ZOOM_TOP1, zoom_top)
     zoom.tick_params(labelsize=7)
@@ -87,6 +126,7 @@ def pareto_plot(results: dict, path: Path) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
+    place_labels(fig, labels)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

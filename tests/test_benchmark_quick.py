@@ -68,3 +68,24 @@ def test_report_writes_tables_and_plots_from_results_json(tmp_path, capsys, monk
     assert "| CoRa recommended W4 | 79.00 (76.0-82.0) |" in out and "cannot run: ImportError" in out
     assert "| CoRa recommended W4 | eager | 1 | 1.0 | 1.5 | 1.50 |" in out
     assert (tmp_path / "pareto.png").stat().st_size > 0 and (tmp_path / "ranks.png").stat().st_size > 0
+
+
+def test_pareto_point_labels_avoid_each_other(monkeypatch):
+    """Three labelled points a few pixels apart: the greedy placement keeps every label box disjoint."""
+    monkeypatch.syspath_prepend(str(REPO))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from benchmarks import report
+
+    fig, ax = plt.subplots(figsize=(3, 3))
+    points = [(2.0, 79.4), (2.02, 79.3), (2.04, 79.35)]
+    ax.plot(*zip(*points), "o")
+    ax.set_xlim(1.5, 2.8)
+    ax.set_ylim(64, 82)
+    report.place_labels(fig, [(ax, x, y, f"W4 b=0.0{i}") for i, (x, y) in enumerate(points)])
+    renderer = fig.canvas.get_renderer()
+    boxes = [text.get_window_extent(renderer) for text in ax.texts]
+    plt.close(fig)
+    assert len(boxes) == 3
+    assert all(report.overlap_area(a, b) == 0 for i, a in enumerate(boxes) for b in boxes[i + 1:])
