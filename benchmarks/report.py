@@ -85,7 +85,7 @@ def pareto_plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 6))
+    fig, ax = plt.subplots(figsize=(11.5, 6))
     families = {}
     for name, r in results.items():
         if name.startswith("_") or "error" in r or "top1" not in r:
@@ -124,7 +124,7 @@ def pareto_plot(results: dict, path: Path) -> None:
     ax.set_ylabel("top-1 on eval (%)")
     ax.set_title("Accuracy vs artifact size")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: points reach every corner
     fig.tight_layout()
     place_labels(fig, labels)
     fig.savefig(path, dpi=120)
