@@ -13,9 +13,10 @@ A peer that cannot run raises with a one-line reason, which the driver records a
 Cost measured on the 2-core machine (MobileNetV2, 8 calibration images, CPU shared with other
 jobs): torchao RTN ~2 s; brevitas GPTQ 700-1270 s, dominated by GPTQ's per-column Python loop
 (~14,000 weight columns over 53 layers, nearly independent of the image count) plus one partial
-forward per (layer, batch), which dominates on all 1,600 images (7,625 s, ~80 % in the forwards); AIMET AdaRound ~1450 s with 2 batches and 20 steps per layer (~6.5 min
-of per-channel tf_enhanced encodings, ~17 min of per-layer activation sampling and optimization,
-growing with batches and steps). None of the heavy peers fits a < 3 minute smoke test. All peer
+forward per (layer, batch), which dominates on all 1,600 images (7,625 s, ~80 % in the forwards);
+AIMET AdaRound ~1450 s with 2 batches and 20 steps per layer (~6.5 min of per-channel
+tf_enhanced encodings, ~17 min of per-layer activation sampling and optimization, growing with
+batches and steps). None of the heavy peers fits a < 3 minute smoke test. All peer
 models are fake-quant (weights dequantized in every forward): their latency says nothing about
 integer kernels. torch.export works on the torchao and brevitas models.
 """

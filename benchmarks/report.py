@@ -53,31 +53,33 @@ def place_labels(fig, labels: list) -> None:
 
     fig.canvas.draw()  # inset axes get their final place only when drawn
     renderer = fig.canvas.get_renderer()
+    half = 3 * fig.dpi / 72  # every marker is an obstacle, as a 6x6-point box around the point
     taken = {}
-    for target, x, y, _ in labels:  # every marker is an obstacle, as a 6x6-point box around the point
+    for target, x, y, _ in labels:
         cx, cy = target.transData.transform((x, y))
-        half = 3 * fig.dpi / 72
         taken.setdefault(target, []).append(Bbox.from_extents(cx - half, cy - half, cx + half, cy + half))
     for target, x, y, text in labels:
-        best = None
+        best = None  # (overlap, spot, box)
         for dx, dy, ha in LABEL_SPOTS:
-            note = target.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=6, ha=ha)
-            box = note.get_window_extent(renderer)
+            trial = target.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=6, ha=ha)
+            box = trial.get_window_extent(renderer)
+            trial.remove()
             clash = sum(overlap_area(box, other) for other in taken[target])
             if best is None or clash < best[0]:
-                if best is not None:
-                    best[1].remove()
-                best = (clash, note, box)
-            else:
-                note.remove()
+                best = (clash, (dx, dy, ha), box)
             if clash == 0:
                 break
-        taken[target].append(best[2])
+        _, (dx, dy, ha), box = best
+        target.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=6, ha=ha)
+        taken[target].append(box)
 
 
 def overlap_area(a, b) -> float:
-    """Area shared by two display-space boxes."""
-    return max(0.0, min(a.x1, b.x1) - max(a.x0, b.x0)) * max(0.0, min(a.y1, b.y1) - max(a.y0, b.y0))
+    """Area shared by two display-space boxes (matplotlib Bboxes)."""
+    from matplotlib.transforms import Bbox
+
+    shared = Bbox.intersection(a, b)
+    return 0.0 if shared is None else shared.width * shared.height
 
 
 def pareto_plot(results: dict, path: Path) -> None:
