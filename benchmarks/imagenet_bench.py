@@ -35,7 +35,10 @@ def per_channel(bits: int, **kw) -> CoRaConfig:
     return CoRaConfig(bits=bits, granularity="per_channel", clipping="minmax", **kw)
 
 
-LATENCY_METHOD = "CoRa recommended W4"
+LATENCY_METHOD = "CoRa recommended W4"  # the --quick row whose latency the smoke test checks
+#: rows whose artifact is saved (``cora_recommended_wN.pt2``, for ``benchmarks/latency.py``) and, without
+#: ``--no-latency``, timed against float in the same process: the recommended configuration at each width
+LATENCY_METHODS = {f"CoRa recommended W{bits}": f"cora_recommended_w{bits}.pt2" for bits in (3, 4, 5)}
 FINETUNE = 100  # fine-tuning steps of the "+ finetune" rows (CoRaConfig.finetune_lr default, 1e-3)
 
 
@@ -157,10 +160,10 @@ def main(argv=None) -> int:
             record.update(topk_with_ci(predict(run.model, eval_images), eval_labels))
             record["tiny_agreement"] = agreement(run.model, float_tiny, tiny) if tiny is not None else None
         results[name] = record
-        if name == LATENCY_METHOD and not args.quick:  # for `benchmarks/latency.py ARTIFACT` on a quiet machine
+        if name in LATENCY_METHODS and not args.quick:  # for `benchmarks/latency.py ARTIFACT` on a quiet machine
             import cora_fx
-            cora_fx.save(run.model, out / "cora_recommended_w4.pt2", (example.expand(2, *example.shape[1:]),))
-        if name == LATENCY_METHOD and not args.no_latency:
+            cora_fx.save(run.model, out / LATENCY_METHODS[name], (example.expand(2, *example.shape[1:]),))
+        if name in LATENCY_METHODS and not args.no_latency:
             from benchmarks.latency import MODES, interleaved
             record["latency"] = interleaved(model, run.model, repeats=3 if args.quick else 20,
                                             compile_modes=("eager",) if args.quick else MODES)

@@ -47,8 +47,9 @@ LABEL_SPOTS = [(4, 4, "left"), (4, -10, "left"), (-4, 4, "right"), (-4, -10, "ri
 
 
 def place_labels(fig, labels: list) -> None:
-    """Annotate each (axes, x, y, text) at the first spot in `LABEL_SPOTS` that overlaps no earlier label
-    and no marker of its axes (greedy; the least crowded spot if none is free). Call after the layout is final."""
+    """Annotate each (axes, x, y, text) at the first spot in `LABEL_SPOTS` that overlaps no earlier label,
+    no marker of its axes and does not run past the axes' edge (greedy; the least crowded spot if none is
+    free). Call after the layout is final."""
     from matplotlib.transforms import Bbox
 
     fig.canvas.draw()  # inset axes get their final place only when drawn
@@ -59,12 +60,14 @@ def place_labels(fig, labels: list) -> None:
         cx, cy = target.transData.transform((x, y))
         taken.setdefault(target, []).append(Bbox.from_extents(cx - half, cy - half, cx + half, cy + half))
     for target, x, y, text in labels:
+        frame = target.get_window_extent(renderer)
         best = None  # (overlap, spot, box)
         for dx, dy, ha in LABEL_SPOTS:
             trial = target.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=6, ha=ha)
             box = trial.get_window_extent(renderer)
             trial.remove()
             clash = sum(overlap_area(box, other) for other in taken[target])
+            clash += box.width * box.height - overlap_area(box, frame)  # the part cut off by the axes' edge
             if best is None or clash < best[0]:
                 best = (clash, (dx, dy, ha), box)
             if clash == 0:
@@ -106,7 +109,7 @@ def pareto_plot(results: dict, path: Path) -> None:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], label=family, **style)
         inside = [p for p in pts if ZOOM_MB[0] <= p[0] <= ZOOM_MB[1] and p[1] >= ZOOM_TOP1]
         if inside:
-            zoom_top = max(zoom_top, max(p[1] for p in inside) + 1.0)
+            zoom_top = max(zoom_top, max(p[1] for p in inside) + 2.0)  # room for the labels above the top points
             zoom.plot([p[0] for p in inside], [p[1] for p in inside], **style)
         for x, y, name in pts:  # "W4", "W3 b=0.02": what distinguishes the points of one line
             label = name[len(family.removesuffix(" + finetune")):].removesuffix(" + finetune").strip() or name

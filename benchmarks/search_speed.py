@@ -26,7 +26,10 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--loss", default="ce")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = getattr(torchvision.models, args.arch)().eval()
     batch = (torch.randn(args.batch, 3, args.size, args.size), torch.randint(0, 1000, (args.batch,)))

@@ -89,3 +89,23 @@ def test_pareto_point_labels_avoid_each_other(monkeypatch):
     plt.close(fig)
     assert len(boxes) == 3
     assert all(report.overlap_area(a, b) == 0 for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def test_pareto_point_label_stays_inside_the_axes(monkeypatch):
+    """A point at the right edge: its label goes to the left instead of being cut off by the axes."""
+    monkeypatch.syspath_prepend(str(REPO))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from benchmarks import report
+
+    fig, ax = plt.subplots(figsize=(3, 3))
+    ax.plot([1.0, 50.0], [10.0, 55.0], "o")
+    ax.set_xlim(0.5, 52.0)
+    ax.set_ylim(0, 80)
+    report.place_labels(fig, [(ax, 50.0, 55.0, "W4 (a long label)")])
+    renderer = fig.canvas.get_renderer()
+    (text,) = ax.texts
+    box, frame = text.get_window_extent(renderer), ax.get_window_extent(renderer)
+    plt.close(fig)
+    assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
