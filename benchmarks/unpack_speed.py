@@ -1,13 +1,19 @@
-"""Compiled unpack + dequantize of sub-byte codes: the planar layout against the interleaved one.
+"""Compiled unpack + dequantize of sub-byte codes: the word layout against the earlier byte layouts.
 
 The converted graph dequantizes its weights on every call unless inductor freezing folds them
 (RESULTS.md section 2). This times that step alone, under ``torch.compile``, for one weight
 matrix (default: MobileNetV2's 1000 x 1280 classifier at 4 bits):
 
-- ``planar``: `cora_fx.packing.unpack_codes` (what `convert_cora` emits), constant shifts + cat;
+- ``words``: `cora_fx.packing.unpack_codes` (what `convert_cora` emits): row-planar 32-bit words
+  stored as bytes, read through a float32 view, one broadcast shift, one mask;
+- ``words_int32_load``: the same words read straight as int32 (no float32 view in between): what
+  the float32 view saves, inductor's integer vector loads;
+- ``planar_bytes``: the sixth to ninth sessions' layout, codes cut into ``8 // field`` flat slices
+  sharing each byte, unpacked with constant shifts and a concatenation;
 - ``interleaved``: the fifth session's layout, element 2i in the low nibble and 2i + 1 in the high
-  one, unpacked by shifting against a stored shift buffer (the ops the graph used to emit);
-- ``int8``: one code per byte, no unpacking (the floor).
+  one, unpacked by shifting against a stored shift buffer;
+- ``int8``: one code per byte, no unpacking (the earlier floor);
+- ``float``: the dequantize arithmetic alone on float codes (no unpacking at all).
 
     python benchmarks/unpack_speed.py --threads 1
 """
@@ -46,41 +52,58 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from cora_fx.packing import field_bits, pack_codes, unpack_codes
+    from cora_fx.packing import field_bits, pack_codes, unpack_codes, word_shifts
 
     shape = (args.rows, args.cols)
     numel = args.rows * args.cols
     field = field_bits(args.bits)
     per_byte = 8 // field
     codes = torch.randint(0, 2 ** args.bits, shape, generator=torch.Generator().manual_seed(0)).to(torch.uint8)
-    zero_point = torch.full((args.rows, 1), 2 ** (args.bits - 1), dtype=torch.uint8)
+    zero_point = torch.full((args.rows, 1), 2.0 ** (args.bits - 1))
     scale = torch.rand(args.rows, 1)
     expected = (codes.float() - zero_point) * scale
 
-    flat = torch.cat([codes.reshape(-1), codes.new_zeros((-numel) % per_byte)]).to(torch.int32).reshape(-1, per_byte)
+    flat = torch.cat([codes.reshape(-1), codes.new_zeros((-numel) % per_byte)]).to(torch.int32)
     shifts = torch.arange(per_byte, dtype=torch.int32) * field
-    interleaved = (flat << shifts).sum(dim=1).to(torch.uint8)
+    interleaved = (flat.reshape(-1, per_byte) << shifts).sum(dim=1).to(torch.uint8)
+    planar = (flat.reshape(per_byte, -1) << shifts.unsqueeze(1)).sum(dim=0).to(torch.uint8)
     shift_buffer = shifts.to(torch.uint8)
+    mask = (1 << field) - 1
+
+    def words_fn(packed, word_shift, zp, s):
+        return (unpack_codes(packed, word_shift, args.bits, shape).to(torch.float32) - zp) * s
+
+    def words_int32_load_fn(words, word_shift, zp, s):
+        spread = torch.bitwise_and(torch.bitwise_right_shift(words.unsqueeze(0), word_shift), mask)
+        return (spread.reshape(-1, args.cols)[:args.rows].to(torch.float32) - zp) * s
 
     def planar_fn(packed, zp, s):
-        return (unpack_codes(packed, args.bits, shape).to(torch.float32) - zp) * s
+        parts = [torch.bitwise_and(torch.bitwise_right_shift(packed, j * field), mask) for j in range(per_byte)]
+        return (torch.cat(parts)[:numel].reshape(shape).to(torch.float32) - zp) * s
 
     def interleaved_fn(packed, shift, zp, s):
-        spread = torch.bitwise_and(torch.bitwise_right_shift(packed.unsqueeze(-1), shift), (1 << field) - 1)
+        spread = torch.bitwise_and(torch.bitwise_right_shift(packed.unsqueeze(-1), shift), mask)
         return (spread.reshape(-1)[:numel].reshape(shape).to(torch.float32) - zp) * s
 
     def int8_fn(packed, zp, s):
         return (packed.reshape(shape).to(torch.float32) - zp) * s
 
-    cases = {"planar": (planar_fn, (pack_codes(codes, args.bits), zero_point, scale)),
+    def float_fn(c, zp, s):
+        return (c - zp) * s
+
+    packed_words = pack_codes(codes, args.bits)
+    cases = {"words": (words_fn, (packed_words, word_shifts(args.bits), zero_point, scale)),
+             "words_int32_load": (words_int32_load_fn, (packed_words.view(torch.int32), word_shifts(args.bits), zero_point, scale)),
+             "planar_bytes": (planar_fn, (planar, zero_point, scale)),
              "interleaved": (interleaved_fn, (interleaved, shift_buffer, zero_point, scale)),
-             "int8": (int8_fn, (codes.reshape(-1).clone(), zero_point, scale))}
+             "int8": (int8_fn, (codes.reshape(-1).clone(), zero_point, scale)),
+             "float": (float_fn, (codes.float(), zero_point, scale))}
     result = {}
     for name, (fn, fn_args) in cases.items():
         with torch.no_grad():
-            assert torch.equal(fn(*fn_args), expected), name  # all three decode the same weights
+            assert torch.equal(fn(*fn_args), expected), name  # all decode the same weights
             result[f"{name}_ms"] = _best_ms(fn, fn_args, args.repeats)
-    result["interleaved_over_planar"] = result["interleaved_ms"] / result["planar_ms"]
+    result["planar_bytes_over_words"] = result["planar_bytes_ms"] / result["words_ms"]
     print(json.dumps(dict(rows=args.rows, cols=args.cols, bits=args.bits, threads=torch.get_num_threads(), **result), indent=1))
     return 0
 

@@ -28,7 +28,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from .modules import ConvSpec, QuantLinear
 from .observers import QuantizedWeight, minmax_quantize
-from .packing import pack_codes, unpack_codes
+from .packing import field_bits, pack_codes, unpack_codes, word_shifts
 from .passes import merge_nodes, module_calls, set_submodule
 
 Weight = Union[QuantizedWeight, torch.Tensor]
@@ -136,6 +136,13 @@ class _Emitter:
         owner.register_buffer(name, value)
         return self.graph.get_attr(f"{path}.{name}" if path else name)
 
+    def shifts(self, bits: int) -> fx.Node:
+        """The `packing.word_shifts` of ``bits``: one buffer per field width, at the graph's root."""
+        name = f"cora_word_shifts_{field_bits(bits)}"
+        if name not in self.gm._buffers:
+            self.gm.register_buffer(name, word_shifts(bits))
+        return self.graph.get_attr(name)
+
     def weight(self, owner: nn.Module, path: str, prefix: str, weight: Weight) -> fx.Node:
         """Nodes computing the float weight: scale * (unpack(packed) - zero_point)."""
         g = self.graph
@@ -144,9 +151,11 @@ class _Emitter:
         shape = tuple(weight.codes.shape)
         unsigned = (weight.codes.to(torch.int32) - weight.qmin).to(torch.uint8)
         packed = self.attr(owner, path, f"{prefix}_packed", pack_codes(unsigned, weight.bits))
-        codes = unpack_codes(fx.Proxy(packed), weight.bits, shape).node  # the reference ops, on graph nodes
+        tracer = fx.proxy.GraphAppendingTracer(g)
+        codes = unpack_codes(fx.Proxy(packed, tracer), fx.Proxy(self.shifts(weight.bits), tracer), weight.bits, shape).node
         w = g.call_method("to", (codes, torch.float32))
-        zp = self.attr(owner, path, f"{prefix}_zero_point", (weight.zero_point - weight.qmin).to(torch.uint8))
+        # float32, not uint8: integers <= 255 stay exact under half/bfloat16, and a float load is the fast one
+        zp = self.attr(owner, path, f"{prefix}_zero_point", (weight.zero_point - weight.qmin).to(torch.float32))
         scale = self.attr(owner, path, f"{prefix}_scale", weight.scale.clone())
         return g.call_function(operator.mul, (g.call_function(operator.sub, (w, zp)), scale))
 

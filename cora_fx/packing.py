@@ -1,65 +1,86 @@
-"""Sub-byte storage of integer codes: 8 // field codes per uint8, field in {2, 4, 8} bits.
+"""Sub-byte storage of integer codes: 32-bit words of ``32 // field`` codes, field in {2, 4, 8} bits.
 
-2-bit codes go four to a byte, 3- and 4-bit codes two to a byte (a nibble each), 5..8-bit
-codes one to a byte. The layout is planar: the flat codes are cut into ``8 // field``
-contiguous slices of equal length (the last one zero-padded) and slice ``j`` fills bits
-``j * field ..`` of every byte, so unpacking is one constant shift and mask per slice and a
-concatenation, which inductor vectorizes (an interleaved layout measured 4.4x slower to unpack
-under ``torch.compile``: benchmarks/unpack_speed.py, RESULTS.md section 2). `unpack_codes` is the reference for the ops the
-converted graph emits (`lowering._Emitter.weight`).
+2-bit codes go sixteen to a word, 3- and 4-bit codes eight (a nibble each), 5..8-bit codes
+four (a byte each). The layout is row-planar: the codes of a weight are viewed as a
+``(rows, cols)`` matrix (rows = output channels), the rows are zero-padded to a multiple of
+``per = 32 // field`` and cut into ``per`` blocks of ``rows / per`` rows; block ``j`` fills bits
+``j * field ..`` of the words. Unpacking is then one broadcast shift against the ``per`` shifts
+(`word_shifts`) and one mask, and every output row keeps a single scale and zero point, so
+inductor emits one contiguous, vectorized loop per weight.
+
+The words are stored as little-endian **bytes** (a uint8 buffer: `model.half()` leaves it
+alone) and reinterpreted in the graph as ``bytes.view(float32).view(int32)``: a view between
+dtypes of different widths is an alias that inductor does not fuse (it calls aten), so the
+generated kernel loads float32 vectors and bit-casts them in registers. Loading integer vectors
+directly goes through a temporary buffer in ATen's AVX2 ``Vectorized<int>::loadu(ptr, count)``
+and measured 7.7x slower for MobileNetV2's classifier (benchmarks/unpack_speed.py, RESULTS.md
+section 2); the bit-cast moves bits only, so NaN or denormal patterns survive it (tests).
+`unpack_codes` is the reference for the ops the converted graph emits (`lowering._Emitter.weight`).
 """
 from __future__ import annotations
 
+import sys
+
 import torch
+
+WORD_BITS = 32
 
 
 def field_bits(bits: int) -> int:
-    """Width of one code's slot in a byte."""
+    """Width of one code's slot in a word."""
     for field in (2, 4, 8):
         if bits <= field:
             return field
     raise ValueError(f"bits={bits}: at most 8 bits per code")
 
 
-def slice_len(numel: int, bits: int) -> int:
-    """Length of each planar slice (= bytes of the packed tensor)."""
-    return -(-numel // (8 // field_bits(bits)))
+def codes_per_word(bits: int) -> int:
+    return WORD_BITS // field_bits(bits)
 
 
-def pack_codes(unsigned: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack unsigned codes (0 .. 2^bits - 1) into a flat uint8 tensor (planar layout)."""
-    field = field_bits(bits)
-    per_byte = 8 // field
-    flat = unsigned.reshape(-1).to(torch.int32)
-    length = slice_len(flat.numel(), bits)
-    flat = torch.cat([flat, flat.new_zeros(per_byte * length - flat.numel())]).reshape(per_byte, length)
-    shifts = (torch.arange(per_byte, dtype=torch.int32) * field).unsqueeze(1)
-    return (flat << shifts).sum(dim=0).to(torch.uint8)
-
-
-def unpack_slices(packed, bits: int) -> list:
-    """The planar slices of ``packed``: ``(packed >> j * field) & mask``, constant shifts only."""
-    field = field_bits(bits)
-    per_byte = 8 // field
-    mask = (1 << field) - 1
-    out = []
-    for j in range(per_byte):
-        part = packed if j == 0 else torch.bitwise_right_shift(packed, j * field)
-        out.append(part if j == per_byte - 1 and j > 0 else torch.bitwise_and(part, mask))
-    return out
-
-
-def unpack_codes(packed, bits: int, shape: tuple[int, ...]):
-    """Inverse of `pack_codes`: uint8 codes of ``shape``.
-
-    Also takes a ``torch.fx.Proxy`` of ``packed``: `lowering` emits exactly these ops.
-    """
+def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    rows = shape[0] if shape else 1
     numel = 1
     for size in shape:
         numel *= size
-    if field_bits(bits) == 8:
-        return packed.reshape(shape)
-    codes = torch.cat(unpack_slices(packed, bits))
-    if slice_len(numel, bits) * (8 // field_bits(bits)) != numel:
-        codes = codes[:numel]
+    return rows, numel // rows if rows else 0
+
+
+def packed_shape(shape: tuple[int, ...], bits: int) -> tuple[int, int]:
+    """Shape of the uint8 tensor `pack_codes` returns: (ceil(rows / per), 4 * cols)."""
+    rows, cols = _matrix_shape(shape)
+    return -(-rows // codes_per_word(bits)), 4 * cols
+
+
+def word_shifts(bits: int) -> torch.Tensor:
+    """The ``per`` right shifts that unpack a word, shaped (per, 1, 1) to broadcast over (words, cols)."""
+    return torch.arange(0, WORD_BITS, field_bits(bits), dtype=torch.int32).view(-1, 1, 1)
+
+
+def pack_codes(unsigned: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned codes (0 .. 2^bits - 1, any shape, dim 0 = rows) into little-endian word bytes."""
+    if sys.byteorder != "little":
+        raise RuntimeError("cora_fx's packed weights are read as little-endian words; this host is big-endian")
+    per = codes_per_word(bits)
+    rows, cols = _matrix_shape(tuple(unsigned.shape))
+    word_rows = -(-rows // per)
+    matrix = unsigned.reshape(rows, cols).to(torch.int64)
+    padded = torch.cat([matrix, matrix.new_zeros(per * word_rows - rows, cols)]).reshape(per, word_rows, cols)
+    words = (padded << word_shifts(bits).to(torch.int64)).sum(dim=0)  # < 2^32: exact in int64
+    byte_shifts = torch.arange(0, WORD_BITS, 8, dtype=torch.int64)
+    return ((words.unsqueeze(-1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(word_rows, 4 * cols)
+
+
+def unpack_codes(packed, shifts, bits: int, shape: tuple[int, ...]):
+    """Inverse of `pack_codes`: int32 codes of ``shape``; ``shifts`` is `word_shifts` (bits).
+
+    Also takes ``torch.fx.Proxy`` arguments: `lowering` emits exactly these ops.
+    """
+    per = codes_per_word(bits)
+    rows, cols = _matrix_shape(shape)
+    words = packed.view(torch.float32).view(torch.int32)  # float32 in between: see the module docstring
+    codes = torch.bitwise_and(torch.bitwise_right_shift(words.unsqueeze(0), shifts), (1 << field_bits(bits)) - 1)
+    codes = codes.reshape(per * (-(-rows // per)), cols)
+    if rows % per:
+        codes = codes[:rows]
     return codes.reshape(shape)

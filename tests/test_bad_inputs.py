@@ -216,6 +216,25 @@ def test_half_precision_models_and_inputs(dtype, rel):
     assert_unchanged(before, model)
 
 
+@pytest.mark.parametrize("dtype,rel", [(torch.bfloat16, 5e-2), (torch.float16, 5e-3)])
+def test_converted_model_cast_to_half_keeps_its_codes(dtype, rel):
+    """``converted.to(dtype)`` casts floating buffers: the packed words are uint8 and survive, the
+    float32 zero points are small integers (exact in both formats), so the model stays correct."""
+    prepared = prepare_cora(SmallNet().eval(), CoRaConfig(budget=0.2))
+    set_ranks(prepared, "heuristic")
+    converted = convert_cora(prepared)
+    packed = {n: b.clone() for n, b in converted.named_buffers() if n.endswith("_packed")}
+    zero_points = {n: b.clone() for n, b in converted.named_buffers() if n.endswith("_zero_point")}
+    with torch.no_grad():
+        reference = converted(X)
+        cast = converted.to(dtype)
+        out = cast(X.to(dtype))
+    assert out.dtype == dtype
+    rel_close(out.float(), reference, rel)
+    assert all(torch.equal(cast.get_buffer(n), b) for n, b in packed.items())
+    assert all(torch.equal(cast.get_buffer(n).float(), b) for n, b in zero_points.items())
+
+
 def test_batches_of_another_dtype_are_cast_to_the_models():
     prepared = prepare_cora(SmallNet().eval())
     batches = [(x.double(), y) for x, y in random_batches(2, batch=2)]  # float64 into a float32 BatchNorm

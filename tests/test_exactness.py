@@ -141,15 +141,35 @@ def test_convert_equals_prepared_and_export_round_trips(case, fraction, adapter_
     buffers = dict(converted.named_buffers())
     assert buffers["0.weight_packed"].dtype == torch.uint8 and not list(converted.parameters())
     assert all(b.dtype == torch.uint8 for n, b in buffers.items() if n.endswith("_packed"))
+    assert all(b.dtype == torch.float32 for n, b in buffers.items() if n.endswith("_zero_point"))
     assert not any(n.endswith(("U", "S", "Vh", "weight", "min_val")) for n in buffers), sorted(buffers)
 
 
-@given(st.integers(1, 8), st.integers(1, 300), st.integers(0, 2**31 - 1))
-def test_packed_codes_round_trip(bits, numel, seed):
-    """Planar sub-byte packing: unpack(pack(codes)) == codes, and the byte count is ceil(numel / codes per byte)."""
-    from cora_fx.packing import field_bits, pack_codes, unpack_codes
+@given(st.integers(1, 8), st.integers(1, 40), st.integers(1, 30), st.integers(0, 2**31 - 1))
+def test_packed_codes_round_trip(bits, rows, cols, seed):
+    """Word packing: unpack(pack(codes)) == codes; 4 bytes per ``32 // field`` rows of codes, rows zero-padded."""
+    from cora_fx.packing import codes_per_word, pack_codes, packed_shape, unpack_codes, word_shifts
     generator = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 2 ** bits, (numel,), generator=generator).to(torch.uint8)
+    codes = torch.randint(0, 2 ** bits, (rows, cols, 1), generator=generator)
     packed = pack_codes(codes, bits)
-    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(numel / (8 // field_bits(bits)))
-    assert torch.equal(unpack_codes(packed, bits, (numel,)), codes)
+    per = codes_per_word(bits)
+    assert packed.dtype == torch.uint8 and tuple(packed.shape) == packed_shape(codes.shape, bits)
+    assert packed.numel() == 4 * math.ceil(rows / per) * cols
+    unpacked = unpack_codes(packed, word_shifts(bits), bits, tuple(codes.shape))
+    assert unpacked.dtype == torch.int32 and torch.equal(unpacked, codes.to(torch.int32))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_compiled_unpack_keeps_nan_and_denormal_bit_patterns(bits):
+    """The graph reads the word bytes as float32 before the int32 view (packing docstring): words whose
+    bits are a NaN (all ones), an infinity or a denormal must come out bit-exact under torch.compile."""
+    from cora_fx.packing import pack_codes, unpack_codes, word_shifts
+    top = 2 ** bits - 1
+    per = 32 // (8 if bits > 4 else 4 if bits > 2 else 2)
+    patterns = [[top] * per, [0] * (per - 1) + [1], [1] + [0] * (per - 1), [0] * per]  # NaN, huge, denormal, 0
+    codes = torch.tensor(patterns).t().reshape(per, 4, 1)  # block j of the rows fills bits j * field of a word
+    codes = torch.cat([codes, torch.randint(0, top + 1, (per, 4, 1))], dim=-1)
+    packed, shifts = pack_codes(codes, bits), word_shifts(bits)
+    fn = lambda p, s: unpack_codes(p, s, bits, tuple(codes.shape)).to(torch.float32) * 1.5  # noqa: E731
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(fn)(packed, shifts), codes.to(torch.float32) * 1.5)
