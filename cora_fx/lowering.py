@@ -28,10 +28,12 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from .modules import ConvSpec, QuantLinear
 from .observers import QuantizedWeight, minmax_quantize
-from .packing import field_bits, pack_codes, unpack_codes, word_shifts
+from .packing import field_bits, pack_codes, unpack_words, word_shifts
 from .passes import merge_nodes, module_calls, set_submodule
 
 Weight = Union[QuantizedWeight, torch.Tensor]
+PACKED_WORDS = "cora_packed_words"  # the root buffer with every weight's packed words (`packing`)
+PACKED_LAYOUT_META = "cora_fx_packed_layout"  # gm.meta: "<layer>.<weight>" -> (first word, words)
 
 
 @dataclass
@@ -131,6 +133,26 @@ class _Emitter:
     def __init__(self, gm: fx.GraphModule) -> None:
         self.gm = gm
         self.graph = gm.graph
+        self.chunks: list[torch.Tensor] = []
+        self.layout: dict[str, tuple[int, int]] = {}
+        self.layout_end = 0
+        self.words_node: Optional[fx.Node] = None
+        self.tracer = fx.proxy.GraphAppendingTracer(gm.graph)
+
+    def all_words(self) -> fx.Node:
+        """``cora_packed_words.view(float32)``, emitted once at the top of the graph."""
+        if self.words_node is None:
+            self.gm.register_buffer(PACKED_WORDS, torch.empty(0, dtype=torch.uint8))  # filled by `finish`
+            first = next(n for n in self.graph.nodes if n.op != "placeholder")
+            with self.graph.inserting_before(first):
+                self.words_node = self.graph.call_method("view", (self.graph.get_attr(PACKED_WORDS), torch.float32))
+        return self.words_node
+
+    def finish(self) -> None:
+        """Register the packed words buffer and record where each weight's words start."""
+        if self.chunks:
+            self.gm.register_buffer(PACKED_WORDS, torch.cat(self.chunks))
+            self.gm.meta[PACKED_LAYOUT_META] = dict(self.layout)
 
     def attr(self, owner: nn.Module, path: str, name: str, value: torch.Tensor) -> fx.Node:
         owner.register_buffer(name, value)
@@ -150,9 +172,16 @@ class _Emitter:
             return self.attr(owner, path, prefix, weight.detach().to(torch.float32).clone())
         shape = tuple(weight.codes.shape)
         unsigned = (weight.codes.to(torch.int32) - weight.qmin).to(torch.uint8)
-        packed = self.attr(owner, path, f"{prefix}_packed", pack_codes(unsigned, weight.bits))
-        tracer = fx.proxy.GraphAppendingTracer(g)
-        codes = unpack_codes(fx.Proxy(packed, tracer), fx.Proxy(self.shifts(weight.bits), tracer), weight.bits, shape).node
+        packed = pack_codes(unsigned, weight.bits)
+        start = self.layout_end
+        count = packed.numel() // 4
+        self.chunks.append(packed.reshape(-1))
+        self.layout_end += count
+        self.layout[f"{path}.{prefix}" if path else prefix] = (start, count)
+        words = g.call_function(operator.getitem, (self.all_words(), slice(start, start + count)))
+        words = g.call_method("view", (words, (packed.shape[0], packed.shape[1] // 4)))
+        proxy = lambda node: fx.Proxy(node, self.tracer)  # noqa: E731
+        codes = unpack_words(proxy(words), proxy(self.shifts(weight.bits)), weight.bits, shape).node
         w = g.call_method("to", (codes, torch.float32))
         # float32, not uint8: integers <= 255 stay exact under half/bfloat16, and a float load is the fast one
         zp = self.attr(owner, path, f"{prefix}_zero_point", (weight.zero_point - weight.qmin).to(torch.float32))
@@ -227,6 +256,7 @@ class LowerToOps:
                 out = g.call_function(F.linear, (x, w, bias))
             node.replace_all_uses_with(out)
             g.erase_node(node)
+        emit.finish()
         return PassResult(gm, True)
 
 

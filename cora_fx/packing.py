@@ -9,9 +9,12 @@ four (a byte each). The layout is row-planar: the codes of a weight are viewed a
 inductor emits one contiguous, vectorized loop per weight.
 
 The words are stored as little-endian **bytes** (a uint8 buffer: `model.half()` leaves it
-alone) and reinterpreted in the graph as ``bytes.view(float32).view(int32)``: a view between
-dtypes of different widths is an alias that inductor does not fuse (it calls aten), so the
-generated kernel loads float32 vectors and bit-casts them in registers. Loading integer vectors
+alone) and reinterpreted in the graph as ``bytes.view(float32)`` and, per weight, a slice of that
+``.view(int32)``: a view between dtypes of different widths is an alias that inductor does not
+fuse (it calls aten), so the generated kernel loads float32 vectors and bit-casts them in
+registers. Each such aten call costs the compiled graph's Python wrapper a few microseconds, so
+`convert_cora` keeps the words of all weights in one buffer (``cora_packed_words``) and views it
+once. Loading integer vectors
 directly goes through a temporary buffer in ATen's AVX2 ``Vectorized<int>::loadu(ptr, count)``
 and measured 7.7x slower for MobileNetV2's classifier (benchmarks/unpack_speed.py, RESULTS.md
 section 2); the bit-cast moves bits only, so NaN or denormal patterns survive it (tests).
@@ -72,14 +75,20 @@ def pack_codes(unsigned: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_codes(packed, shifts, bits: int, shape: tuple[int, ...]):
-    """Inverse of `pack_codes`: int32 codes of ``shape``; ``shifts`` is `word_shifts` (bits).
+    """Inverse of `pack_codes`: int32 codes of ``shape``; ``shifts`` is `word_shifts` (bits)."""
+    return unpack_words(packed.view(torch.float32), shifts, bits, shape)  # float32 view: see the module docstring
 
-    Also takes ``torch.fx.Proxy`` arguments: `lowering` emits exactly these ops.
+
+def unpack_words(words, shifts, bits: int, shape: tuple[int, ...]):
+    """int32 codes of ``shape`` from the packed words seen as float32, shaped (word rows, cols).
+
+    Also takes ``torch.fx.Proxy`` arguments: `lowering` emits exactly these ops, on a slice of
+    the model's single float32 view of its packed bytes.
     """
     per = codes_per_word(bits)
     rows, cols = _matrix_shape(shape)
-    words = packed.view(torch.float32).view(torch.int32)  # float32 in between: see the module docstring
-    codes = torch.bitwise_and(torch.bitwise_right_shift(words.unsqueeze(0), shifts), (1 << field_bits(bits)) - 1)
+    codes = torch.bitwise_and(torch.bitwise_right_shift(words.view(torch.int32).unsqueeze(0), shifts),
+                              (1 << field_bits(bits)) - 1)
     codes = codes.reshape(per * (-(-rows // per)), cols)
     if rows % per:
         codes = codes[:rows]

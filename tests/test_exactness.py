@@ -139,8 +139,9 @@ def test_convert_equals_prepared_and_export_round_trips(case, fraction, adapter_
     with torch.no_grad():
         close(exported.module()(x), actual, rel=1e-5)
     buffers = dict(converted.named_buffers())
-    assert buffers["0.weight_packed"].dtype == torch.uint8 and not list(converted.parameters())
-    assert all(b.dtype == torch.uint8 for n, b in buffers.items() if n.endswith("_packed"))
+    assert buffers["cora_packed_words"].dtype == torch.uint8 and not list(converted.parameters())
+    layout = converted.meta["cora_fx_packed_layout"]  # every weight's words, back to back
+    assert list(layout)[0] == "0.weight" and 4 * sum(n for _, n in layout.values()) == buffers["cora_packed_words"].numel()
     assert all(b.dtype == torch.float32 for n, b in buffers.items() if n.endswith("_zero_point"))
     assert not any(n.endswith(("U", "S", "Vh", "weight", "min_val")) for n in buffers), sorted(buffers)
 

@@ -36,9 +36,9 @@ def test_depthwise_int8_policy_is_counted_at_8_bits(small_net):
     now = summary(prepared)
     assert now.equivalent_bits - skip.equivalent_bits == pytest.approx(4 * layer.params / now.conv_params)
     converted = convert_cora(prepared)
-    packed = converted.get_buffer("block.2.weight_packed")  # four 8-bit codes per word, rows padded to a multiple of 4
+    words = converted.meta["cora_fx_packed_layout"]["block.2.weight"][1]  # four 8-bit codes per word, rows padded
     rows = converted.get_buffer("block.2.weight_scale").shape[0]
-    assert packed.numel() == 4 * -(-rows // 4) * (layer.params // rows)
+    assert words == -(-rows // 4) * (layer.params // rows)
 
 
 class BNNet(nn.Module):

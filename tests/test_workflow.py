@@ -304,8 +304,8 @@ def test_convert_equals_prepared_and_has_only_codes(small_net):
     kinds = {type(m) for m in converted.modules()}
     assert not kinds & {CoRaConv2d, LowRankAdapter, QuantLinear, nn.Conv2d, nn.Linear}
     buffers = dict(converted.named_buffers())
-    assert buffers["stem.0.weight_packed"].dtype == torch.uint8
-    assert buffers["stem.0.weight_packed"].numel() == 16 * 3 * 9 // 2  # eight 4-bit codes per 32-bit word
+    assert buffers["cora_packed_words"].dtype == torch.uint8
+    assert converted.meta["cora_fx_packed_layout"]["stem.0.weight"][1] == 16 * 3 * 9 // 8  # eight 4-bit codes per word
     assert not any(n.endswith((".U", ".S", ".Vh", "min_val")) for n in buffers)
     assert converted.meta["cora_fx"].stage == "converted"
     text = str(summary(converted))
