@@ -28,11 +28,11 @@ def convert_cora(prepared: fx.GraphModule, *, fold_batchnorm: bool = True,
                  adapter_form: Optional[str] = None) -> fx.GraphModule:
     """Lower a prepared model to integer codes + dequantize ops (``prepared`` is not changed).
 
-    The result stores every main and adapter weight as packed codes (32-bit words kept as a
-    uint8 buffer, `packing`) with float32 scale and zero-point buffers, has no observers, SVD factors or search state, and is
-    accepted by ``torch.export.export`` and ``torch.compile``. With ``fold_batchnorm``
-    (default) an eval-mode BatchNorm2d that directly follows a conv is folded into the
-    conv's per-channel scales and bias (exact up to float rounding; fewer bytes and ops).
+    The result stores every main and adapter weight as packed codes (32-bit words, all in one
+    uint8 buffer, `packing`) with float32 scale and zero-point buffers, has no observers, SVD
+    factors or search state, and is accepted by ``torch.export.export`` and ``torch.compile``.
+    With ``fold_batchnorm`` (default) an eval-mode BatchNorm2d that directly follows a conv is
+    folded into the conv's per-channel scales and bias (exact up to float rounding; fewer bytes and ops).
     ``adapter_form`` (``"parallel"`` / ``"folded"``) overrides the config's
     `CoRaConfig.adapter_form` for this conversion.
     """

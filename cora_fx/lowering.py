@@ -7,8 +7,8 @@ Run in this order by torch.fx's PassManager (`convert_cora`):
 2. `QuantizeAdapters`: min-max quantization of A_r and B_r at ``adapter_bits``.
 3. `FoldBatchNorm` (optional): an eval-mode BatchNorm2d right after a CoRa conv is folded into
    the per-channel scales of [W]_n and of B, and into the bias (exact: scales stay per channel).
-4. `LowerToOps`: every CoRa branch and QuantLinear becomes get_attr of packed integer codes,
-   unpack + dequantize ops, and F.conv2d / F.linear calls; the modules are removed. The
+4. `LowerToOps`: every CoRa branch and QuantLinear becomes a slice of the model's packed
+   words (`packing`; one buffer, ``cora_packed_words``), unpack + dequantize ops, and F.conv2d / F.linear calls; the modules are removed. The
    adapter is either a parallel two-conv branch (METHOD.md s.2) or, with
    ``adapter_form="folded"``, added to the dequantized main weight as fold(B o A) (s.4), so the
    model runs one conv per layer.

@@ -10,15 +10,16 @@ inductor emits one contiguous, vectorized loop per weight.
 
 The words are stored as little-endian **bytes** (a uint8 buffer: `model.half()` leaves it
 alone) and reinterpreted in the graph as ``bytes.view(float32)`` and, per weight, a slice of that
-``.view(int32)``: a view between dtypes of different widths is an alias that inductor does not
+``.view(int32)``. A view between dtypes of different widths is an alias that inductor does not
 fuse (it calls aten), so the generated kernel loads float32 vectors and bit-casts them in
-registers. Each such aten call costs the compiled graph's Python wrapper a few microseconds, so
-`convert_cora` keeps the words of all weights in one buffer (``cora_packed_words``) and views it
-once. Loading integer vectors
-directly goes through a temporary buffer in ATen's AVX2 ``Vectorized<int>::loadu(ptr, count)``
-and measured 7.7x slower for MobileNetV2's classifier (benchmarks/unpack_speed.py, RESULTS.md
-section 2); the bit-cast moves bits only, so NaN or denormal patterns survive it (tests).
-`unpack_codes` is the reference for the ops the converted graph emits (`lowering._Emitter.weight`).
+registers; the bit-cast moves bits only, so NaN or denormal patterns survive it (tests). Loading
+the int32 words directly goes through a temporary buffer in ATen's AVX2
+``Vectorized<int>::loadu(ptr, count)``: 3.6x slower for MobileNetV2's classifier, and the
+earlier planar-bytes layout 6.2x (`python benchmarks/unpack_speed.py --threads 1`, RESULTS.md
+section 2). Each aten view costs the compiled graph's Python wrapper a few microseconds, so
+`convert_cora` keeps the words of all weights in one buffer (``cora_packed_words``) and views
+it once. `unpack_codes` / `unpack_words` are the reference for the ops the converted graph emits
+(`lowering._Emitter.weight`).
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def field_bits(bits: int) -> int:
 
 
 def codes_per_word(bits: int) -> int:
+    """Codes of ``bits`` bits in one 32-bit word."""
     return WORD_BITS // field_bits(bits)
 
 
