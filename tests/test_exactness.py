@@ -165,11 +165,13 @@ def test_compiled_unpack_keeps_nan_and_denormal_bit_patterns(bits):
     """The graph reads the word bytes as float32 before the int32 view (packing docstring): words whose
     bits are a NaN (all ones), an infinity or a denormal must come out bit-exact under torch.compile."""
     from cora_fx.packing import pack_codes, unpack_codes, word_shifts
-    top = 2 ** bits - 1
-    per = 32 // (8 if bits > 4 else 4 if bits > 2 else 2)
-    patterns = [[top] * per, [0] * (per - 1) + [1], [1] + [0] * (per - 1), [0] * per]  # NaN, huge, denormal, 0
-    codes = torch.tensor(patterns).t().reshape(per, 4, 1)  # block j of the rows fills bits j * field of a word
-    codes = torch.cat([codes, torch.randint(0, top + 1, (per, 4, 1))], dim=-1)
+    field = 8 if bits > 4 else 4 if bits > 2 else 2
+    per, mask = 32 // field, (1 << field) - 1
+    # quiet NaN, signalling NaN, +inf, -0.0, the smallest denormal, 0 (as float32 bit patterns)
+    words = [0xFFFFFFFF, 0x7F800001, 0x7F800000, 0x80000000, 0x00000001, 0]
+    patterns = [[(w >> (j * field)) & mask for j in range(per)] for w in words]
+    codes = torch.tensor(patterns).t().reshape(per, len(words), 1)  # block j of the rows fills bits j * field
+    codes = torch.cat([codes, torch.randint(0, mask + 1, (per, len(words), 1))], dim=-1)
     packed, shifts = pack_codes(codes, bits), word_shifts(bits)
     fn = lambda p, s: unpack_codes(p, s, bits, tuple(codes.shape)).to(torch.float32) * 1.5  # noqa: E731
     torch._dynamo.reset()
