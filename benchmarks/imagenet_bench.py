@@ -23,7 +23,7 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import agreement, batches, data_paths, load_split, normalize, predict, topk_with_ci  # noqa: E402
-from benchmarks.methods import MethodRun, cora, state_dict_bytes  # noqa: E402
+from benchmarks.methods import MethodRun, cora, cora_mixed, state_dict_bytes  # noqa: E402
 from cora_fx import CoRaConfig  # noqa: E402
 
 
@@ -73,6 +73,11 @@ def plan(quick: bool) -> list[tuple[str, int, callable]]:
         runs.append((name, bits, lambda m, c, x, b=bits, n=name: cora(n, m, CoRaConfig.recommended(b, finetune_iterations=FINETUNE), c, x, ranks="search")))
         name = f"CoRa recommended W{bits}"  # its own budget: <= bits + 0.5 equivalent bits
         runs.append((name, bits, lambda m, c, x, b=bits, n=name: cora(n, m, CoRaConfig.recommended(b), c, x, ranks="search")))
+    for budget in (0.02, 0.045):  # mixed W3/W4 base (allocate_bits) at <= 4.0 equivalent bits, as the 4-bit peers
+        for ranks, label in (("heuristic", "heuristic-ranks "), ("search", "")):
+            name = f"CoRa recommended {label}W4 mixed @4.0 b={budget}"
+            runs.append((name, 4, lambda m, c, x, bu=budget, r=ranks, n=name: cora_mixed(
+                n, m, CoRaConfig.recommended(4, budget=bu), c, x, target_bits=4.0, ranks=r)))
     return runs
 
 

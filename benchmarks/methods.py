@@ -19,6 +19,7 @@ from torch import nn
 
 from cora_fx import (CoRaConfig, calibrate_rounding, convert_cora, correct_batchnorm, finetune, prepare_cora,
                      search_ranks, set_ranks, summary)
+from cora_fx.mixed_precision import allocate_bits
 from cora_fx.prepare import adapters
 
 #: method name -> {layer: rank} recorded by an earlier run (``imagenet_bench.py --ranks-from``):
@@ -94,3 +95,16 @@ def cora(name: str, model: nn.Module, cfg: CoRaConfig, calib: list, example: tor
                   "heuristic": {l.name: int(cfg.budget * l.max_rank) for l in conv_layers}})
     return MethodRun(name, "cora" if ranks != "rtn" else "rtn", cfg.bits, converted, seconds, iterations,
                      s.equivalent_bits, exported_bytes(converted, example[:1]), s.budget, extra=extra)
+
+
+def cora_mixed(name: str, model: nn.Module, cfg: CoRaConfig, calib: list, example: torch.Tensor, *,
+               target_bits: float, ranks: str) -> MethodRun:
+    """CoRa on a mixed-precision base: `allocate_bits` demotes layers to ``cfg.bits - 1`` until the
+    equivalent bits meet ``target_bits``; its time counts as calibration."""
+    start = time.perf_counter()
+    plan = allocate_bits(model, calib, cfg, target_bits, progress=False)
+    seconds = time.perf_counter() - start
+    run = cora(name, model, cfg.replace(layer_bits=plan), calib, example, ranks=ranks)
+    run.calib_seconds += seconds
+    run.extra.update(layer_bits=plan, allocation_seconds=seconds)
+    return run

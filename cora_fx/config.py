@@ -8,8 +8,8 @@ cross-entropy loss.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Union
 
 GRANULARITIES = ("per_tensor", "per_channel")
 CLIPPINGS = ("normal", "minmax", "mse")
@@ -79,6 +79,11 @@ class CoRaConfig:
             weight dequant([W]_n) + fold(B o A) is computed from the stored codes in the
             graph; same artifact bytes, the float model's conv FLOPs, and constant-folded
             away by ``torch.compile`` with inductor freezing).
+        layer_bits: per-layer overrides of the main weight's bit-width, ``{qualified name of a
+            Conv2d or Linear: bits}`` (mixed precision, an extension; `allocate_bits` chooses
+            one for a target equivalent bit-width). A named depthwise conv takes these bits
+            instead of its policy's (8 with ``depthwise="int8"``); unknown names raise in
+            `prepare_cora`. Empty (the paper): every layer at ``bits``.
     """
 
     bits: int = 4
@@ -105,6 +110,7 @@ class CoRaConfig:
     finetune_iterations: int = 0
     finetune_lr: float = 1e-3
     adapter_form: str = "parallel"
+    layer_bits: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> ValueError:
@@ -166,6 +172,20 @@ class CoRaConfig:
             raise bad("rounding_batches", "must be an integer >= 1")
         if self.depthwise not in DEPTHWISE_POLICIES:
             raise bad("depthwise", f"must be one of {DEPTHWISE_POLICIES}")
+        if not isinstance(self.layer_bits, Mapping):
+            raise bad("layer_bits", "must be a dict {layer name: bits}")
+        for name, bits in self.layer_bits.items():
+            if not isinstance(name, str) or not _is_int(bits) or not 2 <= bits <= 8:
+                raise bad("layer_bits", f"entry {name!r}: {bits!r} must map a layer name (str) to an integer in 2..8")
+        object.__setattr__(self, "layer_bits", dict(self.layer_bits))  # a private copy: the config stays frozen
+
+    def __hash__(self) -> int:  # frozen and hashable although layer_bits is a dict
+        return hash(tuple(sorted(self.layer_bits.items())) if f.name == "layer_bits" else getattr(self, f.name)
+                    for f in dataclasses.fields(self))
+
+    def bits_for(self, name: str, default: Optional[int] = None) -> int:
+        """The main-weight bit-width of layer ``name``: its `layer_bits` entry, else ``default`` or `bits`."""
+        return self.layer_bits.get(name, self.bits if default is None else default)
 
     @classmethod
     def recommended(cls, bits: int = 4, **changes: Any) -> "CoRaConfig":

@@ -93,7 +93,7 @@ class RewriteConvs:
                 continue
             else:
                 check_finite(name, conv.weight)
-                container = self._build(conv)
+                container = self._build(name, conv)
                 if container is None:
                     self.skipped[name] = "depthwise conv kept float (depthwise='float')"
                     continue
@@ -112,18 +112,19 @@ class RewriteConvs:
             modified = True
         return PassResult(gm, modified)
 
-    def _build(self, conv: nn.Conv2d) -> Optional[CoRaConv2d]:
+    def _build(self, name: str, conv: nn.Conv2d) -> Optional[CoRaConv2d]:
         cfg = self.config
         m, n_per_group, k1, k2 = conv.weight.shape
         depthwise = min(m // conv.groups, n_per_group * k1 * k2) == 1  # rank 1 per group, METHOD.md s.2
         policy = SEARCH
-        bits, observer = cfg.bits, None
+        bits, observer = cfg.bits_for(name), None
         if depthwise:
             if cfg.depthwise == "float":
                 return None
             policy = FIXED if cfg.depthwise == "residual" else OFF
             if cfg.depthwise == "int8":
-                bits, observer = 8, make_observer("minmax", 8, per_channel=True)
+                bits = cfg.bits_for(name, default=8)
+                observer = make_observer("minmax", bits, per_channel=True)
         observer = observer or make_observer(cfg.clipping, bits, cfg.per_channel, cfg.k)
         qw = quantize_weight(conv.weight, observer, bits)
         residual = conv.weight.detach().to(torch.float32) - qw.dequantize()
@@ -136,7 +137,7 @@ class RewriteConvs:
 
 
 class QuantizeLinears:
-    """Swap nn.Linear modules for weight-only `QuantLinear` at ``config.bits``."""
+    """Swap nn.Linear modules for weight-only `QuantLinear` at ``config.bits_for(name)``."""
 
     def __init__(self, config: CoRaConfig) -> None:
         self.config = config
@@ -149,8 +150,9 @@ class QuantizeLinears:
             if name in swapped or not _plain(linear, nn.Linear, "forward"):
                 continue
             check_finite(name, linear.weight)
-            observer = make_observer(cfg.clipping, cfg.bits, cfg.per_channel, cfg.k)
-            qw = quantize_weight(linear.weight, observer, cfg.bits)
+            bits = cfg.bits_for(name)
+            observer = make_observer(cfg.clipping, bits, cfg.per_channel, cfg.k)
+            qw = quantize_weight(linear.weight, observer, bits)
             set_submodule(gm, name, QuantLinear(linear, qw, observer).to(linear.weight.device))
             swapped.add(name)
         return PassResult(gm, bool(swapped))

@@ -61,6 +61,7 @@ def prepare_cora(
         for name, m in source.get_submodule(leaf).named_modules():
             if isinstance(m, nn.Conv2d):
                 skipped[f"{leaf}.{name}" if name else leaf] = f"inside leaf module '{leaf}'; left float"
+    _check_layer_bits(gm, config, skipped)
     float_params = sum(source.get_submodule(n).weight.numel() for n in skipped if isinstance(source.get_submodule(n), nn.Conv2d))
     gm.meta[META_KEY] = CoRaState(config, PREPARED, conv_params, skipped, float_params)
     gm.train(source.training)
@@ -78,6 +79,15 @@ def prepare_cora(
         finally:
             gm.train(source.training)
     return gm
+
+
+def _check_layer_bits(gm: fx.GraphModule, config: CoRaConfig, skipped: Mapping[str, str]) -> None:
+    """Every `CoRaConfig.layer_bits` entry must name a layer that was quantized."""
+    quantized = {n for n, m in gm.named_modules() if isinstance(m, (CoRaConv2d, QuantLinear))}
+    for name in sorted(set(config.layer_bits) - quantized):
+        why = skipped.get(name, "no quantized nn.Conv2d or nn.Linear has this qualified name"
+                          + ("" if config.quantize_linear else " (quantize_linear=False)"))
+        raise CoRaError(f"prepare_cora: config.layer_bits names '{name}', which is not quantized: {why}")
 
 
 def _refuse_meta_tensors(model: nn.Module) -> None:

@@ -1,0 +1,129 @@
+"""`allocate_bits`: a per-layer bit-width plan that meets a target equivalent bit-width (an extension).
+
+CoRa spends an adapter budget on top of one base bit-width n, so its equivalent bits are
+n + m*b + (what depthwise layers at 8 bits add) (METHOD.md section 3). To land at or below a
+target such as exactly 4.0 bits, some layers must take n - 1 bits. `allocate_bits` picks them
+by a one-layer-at-a-time sensitivity (HAWQ-style): the KL divergence of the model's output from
+the float model's when that layer alone is rounded to nearest at n - 1 bits, minus the same at
+n bits, each with the heuristic-rank adapter (the top floor(b*R) singular triplets of its
+residual) added back. Layers are demoted in increasing order of that loss per saved bit until
+the accounting meets the target. The result is a `CoRaConfig.layer_bits` mapping.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .batches import model_device, split_batch
+from .config import CoRaConfig
+from .observers import make_observer, quantize_weight
+from .prepare import adapters, heuristic_rank, prepare_cora
+from .residual import ResidualFactors
+from .state import CoRaError, get_state
+from .summary import layer_infos
+
+
+def planned_bits(prepared: torch.fx.GraphModule, layer_bits: dict[str, int], budget: float) -> float:
+    """Equivalent bits of ``prepared`` with ``layer_bits`` applied and the adapter budget spent in full."""
+    state = get_state(prepared)
+    cfg = state.config
+    adapter_bits = 32 if cfg.adapter_bits is None else cfg.adapter_bits
+    convs = [l for l in layer_infos(prepared) if l.kind == "conv"]
+    weight_bits = sum(layer_bits.get(l.name, l.bits) * l.params for l in convs)
+    fixed_adapters = sum(l.adapter_params for l in convs if l.policy != "search")
+    total = max(state.conv_params, 1)
+    return (weight_bits + 32 * state.float_conv_params + adapter_bits * (budget * total + fixed_adapters)) / total
+
+
+def _output_kl(model: nn.Module, inputs: list[tuple[torch.Tensor, ...]], reference: list[torch.Tensor]) -> float:
+    with torch.no_grad():
+        return sum(F.kl_div(F.log_softmax(model(*x).float(), -1), F.log_softmax(ref, -1), reduction="batchmean",
+                            log_target=True).item() for x, ref in zip(inputs, reference)) / len(inputs)
+
+
+def _approximation(weight: torch.Tensor, groups: int, cfg: CoRaConfig, bits: int, rank: int) -> torch.Tensor:
+    """[W]_bits plus the best rank-``rank`` approximation of its residual: what a heuristic adapter restores."""
+    qw = quantize_weight(weight, make_observer(cfg.clipping, bits, cfg.per_channel, cfg.k), bits)
+    base = qw.dequantize()
+    factors = ResidualFactors(weight.detach().float() - base, groups)
+    keep = (torch.arange(factors.max_rank) < rank).float()
+    return (base + factors.folded_delta(keep)).to(weight.dtype)
+
+
+def allocate_bits(
+    model: nn.Module,
+    calibration: Iterable,
+    config: CoRaConfig,
+    target_bits: float,
+    *,
+    low_bits: Optional[int] = None,
+    batches: int = 1,
+    progress: bool = True,
+) -> dict[str, int]:
+    """Choose which convs drop from ``config.bits`` to ``low_bits`` so that the equivalent bits
+    (adapter budget spent in full) are at most ``target_bits``.
+
+    Args:
+        model: the float model (not modified).
+        calibration: ``(inputs, labels)`` batches; the first ``batches`` measure sensitivity
+            (two forward passes per batch and candidate layer: MobileNetV2 has 35 candidates).
+        config: the CoRa configuration the plan is for (its clipping, granularity, budget).
+        target_bits: the equivalent bit-width to meet.
+        low_bits: the demoted bit-width (default ``config.bits - 1``).
+    Returns:
+        ``config.layer_bits`` plus ``{layer name: low_bits}`` for each demoted layer (empty when the
+        target is already met), to pass as ``config.replace(layer_bits=...)``.
+    """
+    low_bits = config.bits - 1 if low_bits is None else low_bits
+    if not isinstance(low_bits, int) or not 2 <= low_bits < config.bits:
+        raise ValueError(f"allocate_bits: low_bits={low_bits!r} must be an integer in 2..{config.bits - 1}")
+    if not isinstance(batches, int) or batches < 1:
+        raise ValueError(f"allocate_bits: batches={batches!r} must be an integer >= 1")
+    prepared = prepare_cora(model, config)
+    if get_state(prepared).stage != "prepared":
+        raise CoRaError("allocate_bits: the model has no nn.Conv2d layer to allocate bits to")
+    if planned_bits(prepared, dict(config.layer_bits), config.budget) <= target_bits:
+        return {}
+    candidates = {n: a for n, a in adapters(prepared).items() if a.searchable and config.bits_for(n) > low_bits}
+    demote_all = {**config.layer_bits, **{n: low_bits for n in candidates}}
+    floor = planned_bits(prepared, demote_all, config.budget)
+    if floor > target_bits:
+        raise ValueError(f"allocate_bits: target_bits={target_bits} is below {floor:.3f}, the equivalent bits with every "
+                         f"searchable conv at {low_bits} bits and budget {config.budget}")
+
+    reference_model = copy.deepcopy(model).eval()
+    device = model_device(reference_model)
+    inputs = []
+    for batch in calibration:
+        inputs.append(split_batch(batch, device)[0])
+        if len(inputs) == batches:
+            break
+    if not inputs:
+        raise CoRaError("allocate_bits: the calibration batches are empty")
+    with torch.no_grad():
+        reference = [reference_model(*x).float() for x in inputs]
+
+    cost: dict[str, float] = {}
+    for name in tqdm(candidates, desc="bit allocation", disable=not progress, leave=False):
+        conv = reference_model.get_submodule(name)
+        original = conv.weight.data
+        rank = heuristic_rank(candidates[name], config.budget)
+        kl = {}
+        for bits in (config.bits_for(name), low_bits):
+            conv.weight.data = _approximation(original, conv.groups, config, bits, rank)
+            kl[bits] = _output_kl(reference_model, inputs, reference)
+        conv.weight.data = original
+        saved = original.numel() * (config.bits_for(name) - low_bits)
+        cost[name] = (kl[low_bits] - kl[config.bits_for(name)]) / saved
+
+    plan = dict(config.layer_bits)
+    for name in sorted(cost, key=cost.__getitem__):
+        plan[name] = low_bits
+        if planned_bits(prepared, plan, config.budget) <= target_bits:
+            break
+    return plan
