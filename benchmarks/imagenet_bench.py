@@ -39,6 +39,8 @@ LATENCY_METHOD = "CoRa recommended W4"  # the --quick row whose latency the smok
 #: rows whose artifact is saved (``cora_recommended_wN.pt2``, for ``benchmarks/latency.py``) and, without
 #: ``--no-latency``, timed against float in the same process: the recommended configuration at each width
 LATENCY_METHODS = {f"CoRa recommended W{bits}": f"cora_recommended_w{bits}.pt2" for bits in (3, 4, 5)}
+MIXED_BUDGETS = (0.02, 0.045)  # the mixed W3/W4 rows at <= 4.0 equivalent bits (allocate_bits)
+LATENCY_METHODS.update({f"CoRa recommended W4 mixed @4.0 b={b}": f"cora_recommended_w4_mixed_b{b}.pt2" for b in MIXED_BUDGETS})
 FINETUNE = 100  # fine-tuning steps of the "+ finetune" rows (CoRaConfig.finetune_lr default, 1e-3)
 
 
@@ -73,7 +75,7 @@ def plan(quick: bool) -> list[tuple[str, int, callable]]:
         runs.append((name, bits, lambda m, c, x, b=bits, n=name: cora(n, m, CoRaConfig.recommended(b, finetune_iterations=FINETUNE), c, x, ranks="search")))
         name = f"CoRa recommended W{bits}"  # its own budget: <= bits + 0.5 equivalent bits
         runs.append((name, bits, lambda m, c, x, b=bits, n=name: cora(n, m, CoRaConfig.recommended(b), c, x, ranks="search")))
-    for budget in (0.02, 0.045):  # mixed W3/W4 base (allocate_bits) at <= 4.0 equivalent bits, as the 4-bit peers
+    for budget in MIXED_BUDGETS:  # mixed W3/W4 base (allocate_bits) at <= 4.0 equivalent bits, as the 4-bit peers
         for ranks, label in (("heuristic", "heuristic-ranks "), ("search", "")):
             name = f"CoRa recommended {label}W4 mixed @4.0 b={budget}"
             runs.append((name, 4, lambda m, c, x, bu=budget, r=ranks, n=name: cora_mixed(

@@ -7,6 +7,7 @@ from .batchnorm import correct_batchnorm
 from .config import CoRaConfig
 from .convert import convert_cora, quantize_cora
 from .finetune import FinetuneResult, finetune
+from .mixed_precision import allocate_bits
 from .observers import NormalObserver
 from .prepare import prepare_cora, set_ranks
 from .rounding import calibrate_rounding
@@ -21,4 +22,5 @@ __all__ = [
     "CoRaConfig", "calibrate_rounding", "correct_batchnorm", "prepare_cora", "search_ranks", "set_ranks", "convert_cora", "quantize_cora", "summary",
     "CoRaSummary", "LayerInfo", "RankSearchResult", "SearchHistory", "NormalObserver", "CoRaError", "CoRaTraceError",
     "save", "load", "read_summary", "CoRaLoadError", "plot_ranks", "plot_search", "finetune", "FinetuneResult",
+    "allocate_bits",
 ]

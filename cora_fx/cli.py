@@ -224,6 +224,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     dataset = open_dataset(Path(args.calib), args.split, args.image_size, args.resize, args.calib_images, "--calib")
     image = _first_image(dataset, "--calib")
     example = (torch.stack([image, image]),)  # batch 2: the exported batch dimension stays dynamic
+    if args.target_bits is not None:
+        from .mixed_precision import allocate_bits
+
+        try:
+            plan = allocate_bits(model, _loader(dataset, args.batch_size, shuffle=False), config, args.target_bits,
+                                 progress=not args.quiet)
+        except ValueError as err:
+            raise UsageError(f"--target-bits: {err}") from None
+        config = config.replace(layer_bits=plan)
     prepared = prepare_cora(model, config, example_inputs=example)
     if not hasattr(prepared, "meta") or "cora_fx" not in prepared.meta:
         raise UsageError(f"--model {args.model}: no nn.Conv2d layer to quantize")
@@ -247,7 +256,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     float_bytes = serialized_nbytes(model)
     nbytes = file_nbytes(out)
     extra: dict[str, Any] = {"artifact": str(out), "artifact_bytes": nbytes, "float_state_dict_bytes": float_bytes,
-                             "model": args.model, "ranks_from": args.ranks}
+                             "model": args.model, "ranks_from": args.ranks, "layer_bits": dict(config.layer_bits)}
     if extra_finetune is not None:
         extra["finetune"] = extra_finetune
     if result is not None:
@@ -340,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tuning steps of adapters and channel scales after the ranks are set (default 0: none)")
     q.add_argument("--adapter-form", choices=("parallel", "folded"),
                    help="lowered adapter: a parallel two-conv branch (paper) or folded into the conv weight (recommended)")
+    q.add_argument("--target-bits", type=float, metavar="BITS",
+                   help="mixed precision: move the least sensitive convs to --bits - 1 until the equivalent bits, "
+                        "adapter budget included, are at most BITS (e.g. --bits 4 --target-bits 4.0)")
     q.add_argument("--ranks", choices=("search", "heuristic"), default="search", help="search the ranks or use floor(b*R)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", default="model.pt2", help="artifact path (.pt2); the JSON summary and plots go beside it")

@@ -50,6 +50,7 @@ def prepare_cora(
         warnings.warn(f"prepare_cora: {type(model).__name__} has no nn.Conv2d layer; nothing to do, model returned unchanged")
         return model  # type: ignore[return-value]
 
+    _check_layer_names(model, config)
     source = model if inplace else copy.deepcopy(model)
     gm, leaves = trace(source, leaf_modules)
     conv_params = sum(m.weight.numel() for m in source.modules() if isinstance(m, nn.Conv2d))
@@ -81,12 +82,20 @@ def prepare_cora(
     return gm
 
 
+def _check_layer_names(model: nn.Module, config: CoRaConfig) -> None:
+    """Before anything is rewritten: every `CoRaConfig.layer_bits` key names a Conv2d or Linear."""
+    layers = {n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    for name in sorted(set(config.layer_bits) - layers):
+        raise CoRaError(f"prepare_cora: config.layer_bits names '{name}', which is not an nn.Conv2d or nn.Linear "
+                        f"of {type(model).__name__}; e.g. {sorted(layers)[:4]}")
+
+
 def _check_layer_bits(gm: fx.GraphModule, config: CoRaConfig, skipped: Mapping[str, str]) -> None:
-    """Every `CoRaConfig.layer_bits` entry must name a layer that was quantized."""
+    """After the rewrite: every `CoRaConfig.layer_bits` entry names a layer that was quantized."""
     quantized = {n for n, m in gm.named_modules() if isinstance(m, (CoRaConv2d, QuantLinear))}
     for name in sorted(set(config.layer_bits) - quantized):
-        why = skipped.get(name, "no quantized nn.Conv2d or nn.Linear has this qualified name"
-                          + ("" if config.quantize_linear else " (quantize_linear=False)"))
+        why = skipped.get(name, "left float (quantize_linear=False)" if not config.quantize_linear
+                          else "left float (an nn.Linear subclass with its own forward)")
         raise CoRaError(f"prepare_cora: config.layer_bits names '{name}', which is not quantized: {why}")
 
 

@@ -114,6 +114,18 @@ def test_quantize_with_heuristic_ranks_on_an_imagefolder(workspace):
     assert out.with_name("heur_ranks.png").is_file() and not out.with_name("heur_search.png").exists()
 
 
+def test_quantize_with_a_target_bit_width_mixes_precision(workspace):
+    out = workspace / "mixed.pt2"
+    proc = run("quantize", "--model", "tinymodel:make", "--calib", "labels.csv", "--split", "calib", "--bits", "4",
+               "--budget", "0.05", "--target-bits", "4.2", "--iterations", "2", "--batch-size", "4", "--image-size", "16",
+               "--resize", "16", "--out", str(out), "--quiet", cwd=workspace, extra_path=workspace)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["layer_bits"] and set(report["layer_bits"].values()) == {3}
+    assert {l["name"]: l["bits"] for l in report["layers"] if l["name"] in report["layer_bits"]} == report["layer_bits"]
+    assert report["equivalent_bits"] <= 4.2 + 1e-9
+
+
 QUANTIZE = ["quantize", "--calib", "labels.csv", "--image-size", "16", "--resize", "16", "--iterations", "1",
             "--finetune-iterations", "1", "--quiet"]
 
@@ -123,6 +135,7 @@ QUANTIZE = ["quantize", "--calib", "labels.csv", "--image-size", "16", "--resize
     ("unknown torchvision model", QUANTIZE + ["--model", "torchvision:resnet19"], ["resnet19"]),
     ("unknown module", QUANTIZE + ["--model", "nomodule_here:make"], ["nomodule_here"]),
     ("bits out of range", QUANTIZE + ["--model", "tinymodel:make", "--bits", "9"], ["--bits", "2..8"]),
+    ("unreachable target bits", QUANTIZE + ["--model", "tinymodel:make", "--target-bits", "1.0"], ["--target-bits", "target_bits=1.0"]),
     ("missing calib", ["quantize", "--model", "tinymodel:make", "--calib", "nope.csv"], ["--calib", "nope.csv"]),
     ("bad csv row", ["quantize", "--model", "tinymodel:make", "--calib", "bad.csv"], ["bad.csv:3", "not an integer"]),
     ("weights of another model", QUANTIZE + ["--model", "torchvision:resnet18", "--weights", "tiny.pth"], ["--weights", "does not fit"]),

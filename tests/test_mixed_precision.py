@@ -1,0 +1,132 @@
+"""Per-layer bit-widths (`CoRaConfig.layer_bits`) and the bit allocation that chooses them."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import cora_fx
+from cora_fx import CoRaConfig, CoRaError, convert_cora, prepare_cora, search_ranks, set_ranks, summary
+from cora_fx.mixed_precision import allocate_bits, planned_bits
+from cora_fx.prepare import adapters
+
+from .conftest import SmallNet, random_batches
+
+LAYERS = ("stem.0", "block.0", "block.2", "block.4", "down", "head")
+
+
+def _bits(prepared) -> dict[str, int]:
+    return {l.name: l.bits for l in summary(prepared).layers}
+
+
+def test_layer_bits_set_each_layer_and_the_accounting(small_net):
+    cfg = CoRaConfig(depthwise="int8", layer_bits={"down": 3, "block.2": 6, "head": 5})
+    prepared = prepare_cora(small_net, cfg)
+    assert _bits(prepared) == {"stem.0": 4, "block.0": 4, "block.2": 6, "block.4": 4, "down": 3, "head": 5}
+    set_ranks(prepared, {n: 0 for n, a in adapters(prepared).items() if a.searchable})
+    s = summary(prepared)
+    convs = [l for l in s.layers if l.kind == "conv"]
+    assert s.equivalent_bits == pytest.approx(sum(l.bits * l.params for l in convs) / s.conv_params)
+    assert planned_bits(prepared, {}, cfg.budget) == pytest.approx(s.equivalent_bits + 8 * cfg.budget)
+    converted = convert_cora(prepared)
+    words = converted.meta["cora_fx_packed_layout"]["down.weight"][1]  # eight 3-bit codes per 32-bit word
+    assert words == -(-24 // 8) * 16 * 9
+    x = random_batches(1)[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), prepared(x), rtol=0, atol=1e-5)
+
+
+@given(st.dictionaries(st.sampled_from(LAYERS), st.integers(2, 8), max_size=len(LAYERS)), st.sampled_from(["skip", "int8"]))
+def test_any_layer_bits_convert_exactly(layer_bits, depthwise):
+    torch.manual_seed(0)
+    net = SmallNet().eval()
+    prepared = prepare_cora(net, CoRaConfig(granularity="per_channel", clipping="minmax", depthwise=depthwise, layer_bits=layer_bits))
+    bits = _bits(prepared)
+    default = {"block.2": 8 if depthwise == "int8" else 4}
+    assert all(bits[n] == layer_bits.get(n, default.get(n, 4)) for n in LAYERS)
+    set_ranks(prepared, "heuristic")
+    converted = convert_cora(prepared)
+    x = random_batches(1)[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), prepared(x), rtol=0, atol=1e-5)
+
+
+def test_layer_bits_are_validated_and_copied(small_net):
+    with pytest.raises(ValueError, match="layer_bits"):
+        CoRaConfig(layer_bits={"down": 9})
+    with pytest.raises(ValueError, match="layer_bits"):
+        CoRaConfig(layer_bits={"down": True})
+    with pytest.raises(ValueError, match="layer_bits"):
+        CoRaConfig(layer_bits=[("down", 3)])
+    with pytest.raises(CoRaError, match="'nope'"):
+        prepare_cora(small_net, CoRaConfig(layer_bits={"nope": 3}))
+    with pytest.raises(CoRaError, match="depthwise='float'"):
+        prepare_cora(small_net, CoRaConfig(depthwise="float", layer_bits={"block.2": 6}))
+    with pytest.raises(CoRaError, match="quantize_linear=False"):
+        prepare_cora(small_net, CoRaConfig(quantize_linear=False, layer_bits={"head": 6}))
+    plan = {"down": 3}
+    cfg = CoRaConfig(layer_bits=plan)
+    plan["down"] = 5
+    assert cfg.bits_for("down") == 3 and cfg.bits_for("head") == 4 and cfg.bits_for("head", 8) == 8
+    assert hash(cfg) == hash(CoRaConfig(layer_bits={"down": 3})) and cfg == CoRaConfig(layer_bits={"down": 3})
+    assert cfg != CoRaConfig() and CoRaConfig.recommended(4, layer_bits={"down": 3}).layer_bits == {"down": 3}
+
+
+class TwoBranchNet(nn.Module):
+    """Two convs of the same size; only ``used`` reaches the output (``ignored`` is scaled by 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.used = nn.Conv2d(8, 32, 3, padding=1)
+        self.ignored = nn.Conv2d(8, 32, 3, padding=1)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        return self.head((self.used(x) + 0.0 * self.ignored(x)).mean(dim=(2, 3)))
+
+
+def test_allocation_demotes_the_layer_the_output_does_not_feel_and_meets_the_target():
+    net = TwoBranchNet().eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    cfg = CoRaConfig(bits=4, granularity="per_channel", clipping="minmax", budget=0.02, quantize_linear=False)
+    prepared = prepare_cora(net, cfg)
+    base = planned_bits(prepared, {}, cfg.budget)
+    one = 8 * 32 * 9 / prepared.meta["cora_fx"].conv_params  # bits saved by demoting one of the big convs
+    plan = allocate_bits(net, random_batches(2), cfg, base - one / 2, progress=False)
+    assert plan == {"ignored": 3}
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # the float model is untouched
+    assert allocate_bits(net, random_batches(1), cfg, base, progress=False) == {}
+    two = allocate_bits(net, random_batches(1), cfg, base - 1.5 * one, progress=False)
+    assert {"ignored", "used"} <= set(two) and set(two.values()) == {3}  # stem alone saves too little
+    assert planned_bits(prepare_cora(net, cfg.replace(layer_bits=two)), {}, cfg.budget) <= base - 1.5 * one
+    with pytest.raises(ValueError, match="target_bits"):
+        allocate_bits(net, random_batches(1), cfg, 2.0, progress=False)
+    with pytest.raises(ValueError, match="low_bits"):
+        allocate_bits(net, random_batches(1), cfg, 3.5, low_bits=4, progress=False)
+    with pytest.raises(CoRaError, match="empty"):
+        allocate_bits(net, [], cfg, base - one / 2, progress=False)
+
+
+def test_allocated_plan_searches_converts_and_round_trips_within_the_target(small_net, tmp_path):
+    cfg = CoRaConfig.recommended(4, rounding_batches=1, iterations=4)
+    batches = random_batches(3)
+    prepared = prepare_cora(small_net, cfg)
+    target = planned_bits(prepared, {}, cfg.budget) - 0.3
+    plan = allocate_bits(small_net, batches, cfg, target, progress=False)
+    assert plan and set(plan.values()) == {3}
+    prepared = prepare_cora(small_net, cfg.replace(layer_bits=plan))
+    result = search_ranks(prepared, batches, progress=False)
+    converted = convert_cora(prepared)
+    s = summary(converted)
+    assert result.budget <= cfg.budget + 1e-9 and s.equivalent_bits <= target + 1e-9
+    assert {l.name: l.bits for l in s.layers if l.name in plan} == plan
+    path = tmp_path / "mixed.pt2"
+    x = random_batches(1)[0][0]
+    cora_fx.save(converted, path, (x,))
+    loaded = cora_fx.load(path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), converted(x), rtol=0, atol=1e-6)
