@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .batches import model_device, split_batch
+from .batches import input_dtype, model_device, split_batch
 from .config import CoRaConfig
 from .observers import make_observer, quantize_weight
 from .prepare import adapters, heuristic_rank, prepare_cora
@@ -76,19 +76,21 @@ def allocate_bits(
         target_bits: the equivalent bit-width to meet.
         low_bits: the demoted bit-width (default ``config.bits - 1``).
     Returns:
-        ``config.layer_bits`` plus ``{layer name: low_bits}`` for each demoted layer (empty when the
-        target is already met), to pass as ``config.replace(layer_bits=...)``.
+        ``config.layer_bits`` plus ``{layer name: low_bits}`` for each demoted layer (nothing added
+        when the target is already met), to pass as ``config.replace(layer_bits=...)``.
     """
     low_bits = config.bits - 1 if low_bits is None else low_bits
     if not isinstance(low_bits, int) or not 2 <= low_bits < config.bits:
         raise ValueError(f"allocate_bits: low_bits={low_bits!r} must be an integer in 2..{config.bits - 1}")
     if not isinstance(batches, int) or batches < 1:
         raise ValueError(f"allocate_bits: batches={batches!r} must be an integer >= 1")
+    if not isinstance(target_bits, (int, float)) or isinstance(target_bits, bool) or not target_bits > 0:
+        raise ValueError(f"allocate_bits: target_bits={target_bits!r} must be a positive number")
+    if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        raise CoRaError(f"allocate_bits: {type(model).__name__} has no nn.Conv2d layer to allocate bits to")
     prepared = prepare_cora(model, config)
-    if get_state(prepared).stage != "prepared":
-        raise CoRaError("allocate_bits: the model has no nn.Conv2d layer to allocate bits to")
     if planned_bits(prepared, dict(config.layer_bits), config.budget) <= target_bits:
-        return {}
+        return dict(config.layer_bits)
     candidates = {n: a for n, a in adapters(prepared).items() if a.searchable and config.bits_for(n) > low_bits}
     demote_all = {**config.layer_bits, **{n: low_bits for n in candidates}}
     floor = planned_bits(prepared, demote_all, config.budget)
@@ -97,10 +99,10 @@ def allocate_bits(
                          f"searchable conv at {low_bits} bits and budget {config.budget}")
 
     reference_model = copy.deepcopy(model).eval()
-    device = model_device(reference_model)
+    device, dtype = model_device(reference_model), input_dtype(reference_model)
     inputs = []
     for batch in calibration:
-        inputs.append(split_batch(batch, device)[0])
+        inputs.append(split_batch(batch, device, dtype)[0])
         if len(inputs) == batches:
             break
     if not inputs:

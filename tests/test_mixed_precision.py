@@ -107,6 +107,10 @@ def test_allocation_demotes_the_layer_the_output_does_not_feel_and_meets_the_tar
         allocate_bits(net, random_batches(1), cfg, 2.0, progress=False)
     with pytest.raises(ValueError, match="low_bits"):
         allocate_bits(net, random_batches(1), cfg, 3.5, low_bits=4, progress=False)
+    with pytest.raises(ValueError, match="target_bits"):
+        allocate_bits(net, random_batches(1), cfg, float("nan"), progress=False)
+    with pytest.raises(CoRaError, match="no nn.Conv2d"):
+        allocate_bits(nn.Sequential(nn.Linear(4, 4)), random_batches(1), cfg, 4.0, progress=False)
     with pytest.raises(CoRaError, match="empty"):
         allocate_bits(net, [], cfg, base - one / 2, progress=False)
 
