@@ -46,13 +46,16 @@ def _output_kl(model: nn.Module, inputs: list[tuple[torch.Tensor, ...]], referen
                             log_target=True).item() for x, ref in zip(inputs, reference)) / len(inputs)
 
 
-def _approximation(weight: torch.Tensor, groups: int, cfg: CoRaConfig, bits: int, rank: int) -> torch.Tensor:
-    """[W]_bits plus the best rank-``rank`` approximation of its residual: what a heuristic adapter restores."""
-    qw = quantize_weight(weight, make_observer(cfg.clipping, bits, cfg.per_channel, cfg.k), bits)
-    base = qw.dequantize()
-    factors = ResidualFactors(weight.detach().float() - base, groups)
+def _restored(base: torch.Tensor, factors: ResidualFactors, rank: int) -> torch.Tensor:
+    """[W]_n plus the best rank-``rank`` approximation of its residual: what a heuristic adapter restores."""
     keep = (torch.arange(factors.max_rank) < rank).float()
-    return (base + factors.folded_delta(keep)).to(weight.dtype)
+    return base + factors.folded_delta(keep)
+
+
+def _demoted(weight: torch.Tensor, groups: int, cfg: CoRaConfig, bits: int, rank: int) -> torch.Tensor:
+    """`_restored` for ``weight`` rounded to nearest at ``bits`` (the config's clipping and granularity)."""
+    base = quantize_weight(weight, make_observer(cfg.clipping, bits, cfg.per_channel, cfg.k), bits).dequantize()
+    return _restored(base, ResidualFactors(weight.detach().float() - base, groups), rank)
 
 
 def allocate_bits(
@@ -114,14 +117,16 @@ def allocate_bits(
     for name in tqdm(candidates, desc="bit allocation", disable=not progress, leave=False):
         conv = reference_model.get_submodule(name)
         original = conv.weight.data
-        rank = heuristic_rank(candidates[name], config.budget)
-        kl = {}
-        for bits in (config.bits_for(name), low_bits):
-            conv.weight.data = _approximation(original, conv.groups, config, bits, rank)
-            kl[bits] = _output_kl(reference_model, inputs, reference)
+        adapter = candidates[name]
+        rank = heuristic_rank(adapter, config.budget)
+        kl = []
+        # at its own bits the prepared layer already holds [W]_n and its residual's SVD; only the demotion is new
+        for weight in (_restored(prepared.get_submodule(name).quantized.weight, adapter.factors, rank),
+                       _demoted(original, conv.groups, config, low_bits, rank)):
+            conv.weight.data = weight.to(original.dtype)
+            kl.append(_output_kl(reference_model, inputs, reference))
         conv.weight.data = original
-        saved = original.numel() * (config.bits_for(name) - low_bits)
-        cost[name] = (kl[low_bits] - kl[config.bits_for(name)]) / saved
+        cost[name] = (kl[1] - kl[0]) / (original.numel() * (config.bits_for(name) - low_bits))
 
     plan = dict(config.layer_bits)
     for name in sorted(cost, key=cost.__getitem__):
