@@ -68,7 +68,7 @@ def pack_codes(unsigned: torch.Tensor, bits: int) -> torch.Tensor:
         raise RuntimeError("cora_fx's packed weights are read as little-endian words; this host is big-endian")
     per = codes_per_word(bits)
     rows, cols = _matrix_shape(tuple(unsigned.shape))
-    word_rows = -(-rows // per)
+    word_rows = packed_shape(tuple(unsigned.shape), bits)[0]
     matrix = unsigned.reshape(rows, cols).to(torch.int64)
     padded = torch.cat([matrix, matrix.new_zeros(per * word_rows - rows, cols)]).reshape(per, word_rows, cols)
     words = (padded << word_shifts(bits).to(torch.int64)).sum(dim=0)  # < 2^32: exact in int64
@@ -91,7 +91,7 @@ def unpack_words(words, shifts, bits: int, shape: tuple[int, ...]):
     rows, cols = _matrix_shape(shape)
     codes = torch.bitwise_and(torch.bitwise_right_shift(words.view(torch.int32).unsqueeze(0), shifts),
                               (1 << field_bits(bits)) - 1)
-    codes = codes.reshape(per * (-(-rows // per)), cols)
+    codes = codes.reshape(per * packed_shape(shape, bits)[0], cols)
     if rows % per:
         codes = codes[:rows]
     return codes.reshape(shape)
