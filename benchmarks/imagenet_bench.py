@@ -39,7 +39,7 @@ LATENCY_METHOD = "CoRa recommended W4"  # the --quick row whose latency the smok
 #: rows whose artifact is saved (``cora_recommended_wN.pt2``, for ``benchmarks/latency.py``) and, without
 #: ``--no-latency``, timed against float in the same process: the recommended configuration at each width
 LATENCY_METHODS = {f"CoRa recommended W{bits}": f"cora_recommended_w{bits}.pt2" for bits in (3, 4, 5)}
-MIXED_BUDGETS = (0.02, 0.045)  # the mixed W3/W4 rows at <= 4.0 equivalent bits (allocate_bits)
+MIXED_BUDGETS = (0.01, 0.02, 0.045)  # the mixed W3/W4 rows at <= 4.0 equivalent bits (allocate_bits)
 LATENCY_METHODS.update({f"CoRa recommended W4 mixed @4.0 b={b}": f"cora_recommended_w4_mixed_b{b}.pt2" for b in MIXED_BUDGETS})
 FINETUNE = 100  # fine-tuning steps of the "+ finetune" rows (CoRaConfig.finetune_lr default, 1e-3)
 
