@@ -28,7 +28,8 @@ def prepare_cora(
 
     Args:
         model: the float model (left untouched unless ``inplace=True``, in which case the
-            result shares the model's unrewritten submodules instead of copying them).
+            result shares the model's unrewritten submodules instead of copying them; the
+            model's own containers are never rewritten, so a failed prepare leaves it as it was).
         config: a `CoRaConfig` (default: the paper's settings).
         example_inputs: optional tuple of inputs; when given, the prepared model is run
             once on them so shape errors surface here, naming the model.

@@ -326,3 +326,30 @@ def test_example_inputs_check_does_not_touch_batchnorm_statistics():
     prepared = prepare_cora(model, example_inputs=(X,), inplace=True)
     assert prepared.training
     assert_unchanged(before, model)  # the shared BatchNorm of the inplace result kept its statistics
+
+
+@pytest.mark.parametrize("case", ["layer_bits of a float depthwise conv", "NaN in the last conv", "example_inputs"])
+def test_a_failed_inplace_prepare_leaves_the_users_model_as_it_was(case):
+    """inplace=True shares leaf modules only: an error raised after the rewrite started (a
+    `layer_bits` check, NaN weights met mid-rewrite, a failing `example_inputs` run) leaves
+    every module of the user's model in place and every tensor bit-identical."""
+    model = SmallNet().eval()
+    config, inputs = CoRaConfig(), None
+    if case.startswith("layer_bits"):
+        config = CoRaConfig(depthwise="float", layer_bits={"block.2": 4})
+    elif case.startswith("NaN"):
+        with torch.no_grad():
+            model.down.bias[0] = float("nan")
+            model.down.weight[0, 0, 0, 0] = float("nan")
+    else:
+        inputs = (torch.randn(2, 5, 16, 16),)  # 5 channels: the stem expects 3
+    modules, before = dict(model.named_modules()), snapshot(model)
+    with torch.no_grad():
+        reference = model(X)
+    with pytest.raises(CoRaError):
+        prepare_cora(model, config, example_inputs=inputs, inplace=True)
+    assert dict(model.named_modules()).keys() == modules.keys()
+    assert all(m is modules[n] for n, m in model.named_modules())
+    assert_unchanged(before, model)
+    with torch.no_grad():
+        assert same(model(X), reference)
