@@ -186,7 +186,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def quantize_config(args: argparse.Namespace) -> "CoRaConfig":
-    """``--config`` (recommended by default, or the paper's) with the options given explicitly on top."""
+    """``--config`` (recommended by default, or the paper's) with the options given explicitly on top;
+    with ``--target-bits`` and no ``--budget``, recommended takes `mixed_precision.MIXED_BUDGET`."""
     from .config import CoRaConfig
 
     base = CoRaConfig.recommended(args.bits) if args.config == "recommended" else CoRaConfig(bits=args.bits)
@@ -197,6 +198,10 @@ def quantize_config(args: argparse.Namespace) -> "CoRaConfig":
             changes[option] = getattr(args, option)
     if args.per_channel or args.per_tensor:
         changes["granularity"] = "per_channel" if args.per_channel else "per_tensor"
+    if getattr(args, "target_bits", None) is not None and args.budget is None and args.config == "recommended":
+        from .mixed_precision import MIXED_BUDGET
+
+        changes["budget"] = MIXED_BUDGET  # at a fixed bit-width, 4-bit weights are worth more than adapters
     return base.replace(**changes)
 
 
@@ -351,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lowered adapter: a parallel two-conv branch (paper) or folded into the conv weight (recommended)")
     q.add_argument("--target-bits", type=float, metavar="BITS",
                    help="mixed precision: move the least sensitive convs to --bits - 1 until the equivalent bits, "
-                        "adapter budget included, are at most BITS (e.g. --bits 4 --target-bits 4.0)")
+                        "adapter budget included, are at most BITS (e.g. --bits 4 --target-bits 4.0); without --budget, "
+                        "the recommended config then takes budget 0.02")
     q.add_argument("--ranks", choices=("search", "heuristic"), default="search", help="search the ranks or use floor(b*R)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", default="model.pt2", help="artifact path (.pt2); the JSON summary and plots go beside it")

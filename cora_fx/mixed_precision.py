@@ -27,6 +27,13 @@ from .residual import ResidualFactors
 from .state import CoRaError, get_state
 from .summary import layer_infos
 
+#: The adapter budget that `CoRaConfig.recommended` takes when `allocate_bits` meets a target
+#: bit-width (``cora-fx quantize --target-bits`` without ``--budget``). At a fixed 4.0 bits the
+#: budget competes with 4-bit weights (each adapter parameter costs 8 bits): on MobileNetV2,
+#: b = 0.01 / 0.02 / 0.045 gave top-1 78.71 / 78.14 / 77.43 and tiny64 agreement 60.26 / 61.04 /
+#: 55.02 (benchmarks/RESULTS.md section 1); 0.02 has the best agreement, the larger sample.
+MIXED_BUDGET = 0.02
+
 
 def planned_bits(prepared: torch.fx.GraphModule, layer_bits: dict[str, int], budget: float) -> float:
     """Equivalent bits of ``prepared`` with ``layer_bits`` applied and the adapter budget spent in full."""

@@ -155,11 +155,12 @@ def test_quantize_defaults_to_the_recommended_config_and_options_override_it():
 
     from cora_fx import CoRaConfig
     from cora_fx.cli import quantize_config
+    from cora_fx.mixed_precision import MIXED_BUDGET
 
     def args(**kw):
         base = dict(config="recommended", bits=4, seed=0, adapter_bits=None, budget=None, clipping=None, depthwise=None,
                     loss=None, iterations=None, per_channel=False, per_tensor=False,
-                    finetune_iterations=None, adapter_form=None)
+                    finetune_iterations=None, adapter_form=None, target_bits=None)
         return argparse.Namespace(**{**base, **kw})
 
     assert quantize_config(args()) == CoRaConfig.recommended(4)
@@ -167,5 +168,8 @@ def test_quantize_defaults_to_the_recommended_config_and_options_override_it():
     tuned = quantize_config(args(budget=0.1, per_tensor=True, clipping="normal", iterations=7))
     assert (tuned.budget, tuned.granularity, tuned.clipping, tuned.iterations) == (0.1, "per_tensor", "normal", 7)
     assert tuned.rounding == "gptq"  # the rest stays recommended
+    assert quantize_config(args(target_bits=4.0)) == CoRaConfig.recommended(4, budget=MIXED_BUDGET)
+    assert quantize_config(args(target_bits=4.0, budget=0.05)).budget == 0.05  # an explicit --budget wins
+    assert quantize_config(args(config="paper", target_bits=4.0)) == CoRaConfig()  # the paper's settings stay
     plain = quantize_config(args(finetune_iterations=0, adapter_form="parallel"))
     assert (plain.finetune_iterations, plain.adapter_form) == (0, "parallel")
