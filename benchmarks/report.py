@@ -85,19 +85,28 @@ def overlap_area(a, b) -> float:
     return 0.0 if shared is None else shared.width * shared.height
 
 
+def plot_family(name: str) -> str:
+    """The line a row belongs to: its name up to the bit-width ("CoRa recommended W4 b=0.02" ->
+    "CoRa recommended"), or up to the budget for mixed-precision rows, which get lines of their own
+    ("CoRa recommended W4 mixed @4.0 b=0.01" -> "CoRa recommended W4 mixed @4.0")."""
+    if name == "float":
+        return name
+    if " mixed @" in name:
+        return name.split(" b=")[0]
+    return name.split(" W")[0] + (" + finetune" if name.endswith(" + finetune") else "")
+
+
 def pareto_plot(results: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(11.5, 6))
+    fig, ax = plt.subplots(figsize=(12, 6.2))
     families = {}
     for name, r in results.items():
         if name.startswith("_") or "error" in r or "top1" not in r:
             continue
-        family = name.split(" W")[0] if name != "float" else "float"
-        if name.endswith(" + finetune"):
-            family += " + finetune"
+        family = plot_family(name)
         families.setdefault(family, []).append((r["artifact_bytes"] / 1e6, r["top1"], name))
     colors = plt.get_cmap("tab20").colors  # more families than the default 10-colour cycle: the 10 dark, then the 10 light
     zoom = ax.inset_axes([0.45, 0.2, 0.38, 0.65])  # the crowded top-left corner, drawn in the empty 5-40 MB band
@@ -106,11 +115,15 @@ def pareto_plot(results: dict, path: Path) -> None:
     for index, (family, pts) in enumerate(sorted(families.items())):
         pts.sort()
         style = dict(marker="os^D"[index % 4], color=colors[(2 * index) % 20 + index // 10])
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=family, **style)
+        mixed = " mixed @" in family  # a tight cluster near 1.9 MB: the legend names its budgets, no point labels
+        legend = f"{family}\n(b = {', '.join(n.split(' b=')[1] for _, _, n in pts)} from the left)" if mixed else family
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=legend, **style)
         inside = [p for p in pts if ZOOM_MB[0] <= p[0] <= ZOOM_MB[1] and p[1] >= ZOOM_TOP1]
         if inside:
             zoom_top = max(zoom_top, max(p[1] for p in inside) + 2.0)  # room for the labels above the top points
             zoom.plot([p[0] for p in inside], [p[1] for p in inside], **style)
+        if mixed:
+            continue
         for x, y, name in pts:  # "W4", "W3 b=0.02": what distinguishes the points of one line
             label = name[len(family.removesuffix(" + finetune")):].removesuffix(" + finetune").strip() or name
             labels.append((zoom if (x, y, name) in inside else ax, x, y, label))

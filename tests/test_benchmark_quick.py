@@ -109,3 +109,16 @@ def test_pareto_point_label_stays_inside_the_axes(monkeypatch):
     box, frame = text.get_window_extent(renderer), ax.get_window_extent(renderer)
     plt.close(fig)
     assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+
+
+def test_pareto_lines_group_rows_by_method_and_mixed_rows_by_target(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))
+    from benchmarks import report
+
+    assert report.plot_family("float") == "float"
+    assert report.plot_family("CoRa recommended W4 b=0.02") == "CoRa recommended"
+    assert report.plot_family("CoRa recommended W3 + finetune") == "CoRa recommended + finetune"
+    assert report.plot_family("torchao IntxWeightOnly W4 per-channel") == "torchao IntxWeightOnly"
+    assert report.plot_family("CoRa recommended W4 mixed @4.0 b=0.01") == "CoRa recommended W4 mixed @4.0"
+    assert (report.plot_family("CoRa recommended heuristic-ranks W4 mixed @4.0 b=0.045")
+            == "CoRa recommended heuristic-ranks W4 mixed @4.0")
