@@ -198,7 +198,7 @@ def quantize_config(args: argparse.Namespace) -> "CoRaConfig":
             changes[option] = getattr(args, option)
     if args.per_channel or args.per_tensor:
         changes["granularity"] = "per_channel" if args.per_channel else "per_tensor"
-    if getattr(args, "target_bits", None) is not None and args.budget is None and args.config == "recommended":
+    if args.target_bits is not None and args.budget is None and args.config == "recommended":
         from .mixed_precision import MIXED_BUDGET
 
         changes["budget"] = MIXED_BUDGET  # at a fixed bit-width, 4-bit weights are worth more than adapters
