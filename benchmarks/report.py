@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -85,15 +86,32 @@ def overlap_area(a, b) -> float:
     return 0.0 if shared is None else shared.width * shared.height
 
 
+#: "AIMET AdaRound (500 steps) W4": a peer re-run with a longer schedule than its own row's
+LONGER_SCHEDULE = re.compile(r"(?P<method>.+) \((?P<steps>\d+) steps\) (?P<bits>W\d+)$")
+
+
 def plot_family(name: str) -> str:
     """The line a row belongs to: its name up to the bit-width ("CoRa recommended W4 b=0.02" ->
     "CoRa recommended"), or up to the budget for mixed-precision rows, which get lines of their own
-    ("CoRa recommended W4 mixed @4.0 b=0.01" -> "CoRa recommended W4 mixed @4.0")."""
+    ("CoRa recommended W4 mixed @4.0 b=0.01" -> "CoRa recommended W4 mixed @4.0"). A peer's re-runs
+    with longer schedules share one line per bit-width ("AIMET AdaRound (500 steps) W4" ->
+    "AIMET AdaRound W4 (steps per layer)")."""
     if name == "float":
         return name
     if " mixed @" in name:
         return name.split(" b=")[0]
+    longer = LONGER_SCHEDULE.match(name)
+    if longer:
+        return f"{longer['method']} {longer['bits']} (steps per layer)"
     return name.split(" W")[0] + (" + finetune" if name.endswith(" + finetune") else "")
+
+
+def point_label(name: str, family: str) -> str:
+    """What tells a point from the others on its line: "W3 b=0.02", "500 steps"."""
+    longer = LONGER_SCHEDULE.match(name)
+    if longer:
+        return f"{longer['steps']} steps"
+    return name[len(family.removesuffix(" + finetune")):].removesuffix(" + finetune").strip() or name
 
 
 def pareto_plot(results: dict, path: Path) -> None:
@@ -108,11 +126,13 @@ def pareto_plot(results: dict, path: Path) -> None:
             continue
         family = plot_family(name)
         families.setdefault(family, []).append((r["artifact_bytes"] / 1e6, r["top1"], name))
-    colors = plt.get_cmap("tab20").colors  # more families than the default 10-colour cycle: the 10 dark, then the 10 light
+    # more families than the default 10-colour cycle: the 10 dark, then the 10 light; in the order the
+    # families first appear in results.json, so that a family added at the end recolours no other
+    colors = plt.get_cmap("tab20").colors
     zoom = ax.inset_axes([0.45, 0.2, 0.38, 0.65])  # the crowded top-left corner, drawn in the empty 5-40 MB band
     zoom_top = ZOOM_TOP1 + 1.0
     labels = []
-    for index, (family, pts) in enumerate(sorted(families.items())):
+    for index, (family, pts) in enumerate(families.items()):
         pts.sort()
         style = dict(marker="os^D"[index % 4], color=colors[(2 * index) % 20 + index // 10])
         mixed = " mixed @" in family  # a tight cluster near 1.9 MB: the legend names its budgets, no point labels
@@ -124,9 +144,8 @@ def pareto_plot(results: dict, path: Path) -> None:
             zoom.plot([p[0] for p in inside], [p[1] for p in inside], **style)
         if mixed:
             continue
-        for x, y, name in pts:  # "W4", "W3 b=0.02": what distinguishes the points of one line
-            label = name[len(family.removesuffix(" + finetune")):].removesuffix(" + finetune").strip() or name
-            labels.append((zoom if (x, y, name) in inside else ax, x, y, label))
+        for x, y, name in pts:
+            labels.append((zoom if (x, y, name) in inside else ax, x, y, point_label(name, family)))
     zoom.set_xlim(*ZOOM_MB)
     zoom.set_ylim(ZOOM_TOP1, zoom_top)
     zoom.tick_params(labelsize=7)

@@ -122,3 +122,15 @@ def test_pareto_lines_group_rows_by_method_and_mixed_rows_by_target(monkeypatch)
     assert report.plot_family("CoRa recommended W4 mixed @4.0 b=0.01") == "CoRa recommended W4 mixed @4.0"
     assert (report.plot_family("CoRa recommended heuristic-ranks W4 mixed @4.0 b=0.045")
             == "CoRa recommended heuristic-ranks W4 mixed @4.0")
+
+
+def test_a_peers_longer_schedules_share_one_line_labelled_by_steps(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))
+    from benchmarks import report
+
+    family = report.plot_family("AIMET AdaRound (500 steps) W4")
+    assert family == report.plot_family("AIMET AdaRound (1000 steps) W4") == "AIMET AdaRound W4 (steps per layer)"
+    assert report.plot_family("AIMET AdaRound W4") == "AIMET AdaRound"  # its own schedule: the W3/W4/W5 line
+    assert report.point_label("AIMET AdaRound (500 steps) W4", family) == "500 steps"
+    assert report.point_label("CoRa recommended W3 b=0.02", "CoRa recommended") == "W3 b=0.02"
+    assert report.point_label("CoRa recommended W3 + finetune", "CoRa recommended + finetune") == "W3"
