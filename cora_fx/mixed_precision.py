@@ -6,12 +6,14 @@ target such as exactly 4.0 bits, some layers must take n - 1 bits. `allocate_bit
 by a one-layer-at-a-time sensitivity (HAWQ-style): the KL divergence of the model's output from
 the float model's when that layer alone is rounded to nearest at n - 1 bits, minus the same at
 n bits, each with the heuristic-rank adapter (the top floor(b*R) singular triplets of its
-residual) added back. Layers are demoted in increasing order of that loss per saved bit until
-the accounting meets the target. The result is a `CoRaConfig.layer_bits` mapping.
+residual) added back. Taking those losses as additive, the demoted set is the one with the least
+summed loss whose saved bits meet the target: a 0/1 knapsack, solved exactly (`_cheapest_demotions`).
+The result is a `CoRaConfig.layer_bits` mapping.
 """
 from __future__ import annotations
 
 import copy
+import math
 from typing import Iterable, Optional
 
 import torch
@@ -121,7 +123,7 @@ def allocate_bits(
     with torch.no_grad():
         reference = [reference_model(*x).float() for x in inputs]
 
-    cost: dict[str, float] = {}
+    kl_growth: dict[str, float] = {}
     for name in tqdm(candidates, desc="bit allocation", disable=not progress, leave=False):
         conv = reference_model.get_submodule(name)
         original = conv.weight.data
@@ -134,11 +136,46 @@ def allocate_bits(
             conv.weight.data = weight.to(original.dtype)
             kl.append(_output_kl(reference_model, inputs, reference))
         conv.weight.data = original
-        cost[name] = (kl[1] - kl[0]) / (original.numel() * (config.bits_for(name) - low_bits))
+        kl_growth[name] = kl[1] - kl[0]
 
-    plan = dict(config.layer_bits)
-    for name in sorted(cost, key=cost.__getitem__):
-        plan[name] = low_bits
-        if planned_bits(prepared, plan, config.budget) <= target_bits:
-            break
-    return plan
+    params = {l.name: l.params for l in layer_infos(prepared)}
+    saved = {name: params[name] * (config.bits_for(name) - low_bits) for name in candidates}
+    total = max(get_state(prepared).conv_params, 1)
+    excess = planned_bits(prepared, dict(config.layer_bits), config.budget) - target_bits
+    need = excess * total * (1 + 1e-9)  # a hair more, so float rounding cannot leave the plan just above the target
+    demoted = _cheapest_demotions({name: kl_growth[name] for name in candidates}, saved, need)
+    return {**config.layer_bits, **{name: low_bits for name in demoted}}
+
+
+def _cheapest_demotions(loss: dict[str, float], saved: dict[str, int], need: float,
+                        resolution: int = 20_000) -> list[str]:
+    """The layers with the least summed ``loss`` whose ``saved`` bits add up to at least ``need``.
+
+    A 0/1 knapsack (min-cost cover), solved by dynamic programming over the saved bits in units of
+    ``need / resolution``; each layer's saving is rounded down to whole units, so the set found meets
+    ``need`` (to a relative 1e-12). Negative losses (noise: the demotion measured as harmless) count as zero, so such
+    layers are taken only where they help. The greedy rule (demote in order of loss per saved bit until
+    the target is met) can end on one large layer where two small ones lose less; this cannot.
+    """
+    names = list(loss)
+    if need <= 0 or not names:
+        return []
+    units = {name: math.floor(saved[name] * resolution / need * (1 + 1e-12)) for name in names}  # 1e-12: 100 // 0.005 is 19999
+    best = torch.full((resolution + 1,), float("inf"), dtype=torch.float64)
+    best[0] = 0.0  # best[j]: least loss that saves at least j units (j = resolution: at least ``need``)
+    reach = torch.arange(resolution + 1)
+    taken = []
+    for name in names:
+        source = (reach - units[name]).clamp(min=0)
+        with_it = best[source] + max(loss[name], 0.0)
+        take = with_it < best
+        best = torch.where(take, with_it, best)
+        taken.append(take)
+    if not torch.isfinite(best[resolution]):  # only the rounding down can leave it unreached: demote every layer
+        return names
+    chosen, j = [], resolution
+    for name, take in zip(reversed(names), reversed(taken)):
+        if take[j]:
+            chosen.append(name)
+            j = max(j - units[name], 0)
+    return chosen[::-1]

@@ -1,15 +1,17 @@
 """Per-layer bit-widths (`CoRaConfig.layer_bits`) and the bit allocation that chooses them."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import cora_fx
 from cora_fx import CoRaConfig, CoRaError, convert_cora, prepare_cora, search_ranks, set_ranks, summary
-from cora_fx.mixed_precision import allocate_bits, planned_bits
+from cora_fx.mixed_precision import _cheapest_demotions, allocate_bits, planned_bits
 from cora_fx.prepare import adapters
 
 from .conftest import SmallNet, random_batches
@@ -113,6 +115,32 @@ def test_allocation_demotes_the_layer_the_output_does_not_feel_and_meets_the_tar
         allocate_bits(nn.Sequential(nn.Linear(4, 4)), random_batches(1), cfg, 4.0, progress=False)
     with pytest.raises(CoRaError, match="empty"):
         allocate_bits(net, [], cfg, base - one / 2, progress=False)
+
+
+def test_demotions_take_two_small_layers_where_the_greedy_rule_takes_one_large():
+    loss = {"small": 1.0, "large": 5.0, "medium": 2.0}
+    saved = {"small": 10, "large": 100, "medium": 95}
+    # greedy by loss per saved bit: medium (0.021), then large (0.05): loss 7; the cheapest cover: 3
+    assert sorted(_cheapest_demotions(loss, saved, 100)) == ["medium", "small"]
+    assert _cheapest_demotions(loss, saved, 0) == [] and _cheapest_demotions(loss, saved, 95) == ["medium"]
+    assert _cheapest_demotions({"free": -1.0, "large": 5.0}, {"free": 1, "large": 100}, 100) == ["large"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.floats(-1, 10), st.integers(1, 10_000)), min_size=1, max_size=7), st.floats(0.01, 1.0))
+def test_demotions_are_the_cheapest_cover_brute_force_finds(items, share):
+    """Against every subset: the chosen layers meet the need, and no subset that meets it loses less."""
+    loss = {f"l{i}": c for i, (c, _) in enumerate(items)}
+    saved = {f"l{i}": w for i, (_, w) in enumerate(items)}
+    need = share * sum(saved.values())
+    chosen = _cheapest_demotions(loss, saved, need)
+    assert sum(saved[n] for n in chosen) >= need * (1 - 1e-9)
+
+    def cost(names):
+        return sum(max(loss[n], 0.0) for n in names)
+    best = min(cost(c) for r in range(len(loss) + 1) for c in itertools.combinations(loss, r)
+               if sum(saved[n] for n in c) >= need)
+    assert cost(chosen) <= best + 1e-9 + 1e-3 * max(best, 1.0)  # savings are rounded down to need/20,000
 
 
 def test_allocated_plan_searches_converts_and_round_trips_within_the_target(small_net, tmp_path):
