@@ -355,9 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--adapter-form", choices=("parallel", "folded"),
                    help="lowered adapter: a parallel two-conv branch (paper) or folded into the conv weight (recommended)")
     q.add_argument("--target-bits", type=float, metavar="BITS",
-                   help="mixed precision: move the least sensitive convs to --bits - 1 until the equivalent bits, "
-                        "adapter budget included, are at most BITS (e.g. --bits 4 --target-bits 4.0); without --budget, "
-                        "the recommended config then takes budget 0.02")
+                   help="mixed precision: move the convs with the least summed sensitivity to --bits - 1 so that "
+                        "the equivalent bits, adapter budget included, are at most BITS (e.g. --bits 4 --target-bits "
+                        "4.0); without --budget, the recommended config then takes budget 0.02")
     q.add_argument("--ranks", choices=("search", "heuristic"), default="search", help="search the ranks or use floor(b*R)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", default="model.pt2", help="artifact path (.pt2); the JSON summary and plots go beside it")

@@ -160,7 +160,8 @@ def _cheapest_demotions(loss: dict[str, float], saved: dict[str, int], need: flo
     names = list(loss)
     if need <= 0 or not names:
         return []
-    units = {name: math.floor(saved[name] * resolution / need * (1 + 1e-12)) for name in names}  # 1e-12: 100 // 0.005 is 19999
+    # the 1e-12 absorbs float error at exact multiples (100 // (100 / 20_000) is 19999.0)
+    units = {name: math.floor(saved[name] * resolution / need * (1 + 1e-12)) for name in names}
     best = torch.full((resolution + 1,), float("inf"), dtype=torch.float64)
     best[0] = 0.0  # best[j]: least loss that saves at least j units (j = resolution: at least ``need``)
     reach = torch.arange(resolution + 1)
