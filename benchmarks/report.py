@@ -114,18 +114,24 @@ def point_label(name: str, family: str) -> str:
     return name[len(family.removesuffix(" + finetune")):].removesuffix(" + finetune").strip() or name
 
 
+def plot_lines(results: dict) -> dict[str, list[tuple[float, float, str]]]:
+    """(MB, top-1, row name) per `plot_family`, in the order the families first appear. Rows that could
+    not run and rows marked ``superseded_by`` (an older version of a method, kept in the table) are left out."""
+    families: dict[str, list[tuple[float, float, str]]] = {}
+    for name, r in results.items():
+        if name.startswith("_") or "error" in r or "top1" not in r or r.get("superseded_by"):
+            continue
+        families.setdefault(plot_family(name), []).append((r["artifact_bytes"] / 1e6, r["top1"], name))
+    return families
+
+
 def pareto_plot(results: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(12, 6.2))
-    families = {}
-    for name, r in results.items():
-        if name.startswith("_") or "error" in r or "top1" not in r:
-            continue
-        family = plot_family(name)
-        families.setdefault(family, []).append((r["artifact_bytes"] / 1e6, r["top1"], name))
+    families = plot_lines(results)
     # more families than the default 10-colour cycle: the 10 dark, then the 10 light; in the order the
     # families first appear in results.json, so that a family added at the end recolours no other
     colors = plt.get_cmap("tab20").colors

@@ -32,9 +32,9 @@ from .summary import layer_infos
 #: The adapter budget to pair with `allocate_bits`, e.g. ``CoRaConfig.recommended(4, budget=MIXED_BUDGET)``
 #: (what ``cora-fx quantize --target-bits`` takes without ``--budget``). At a fixed 4.0 bits the
 #: budget competes with 4-bit weights (each adapter parameter costs 8 bits): on MobileNetV2,
-#: b = 0.01 / 0.02 / 0.045 gave top-1 78.71 / 78.14 / 77.43 and tiny64 agreement 60.26 / 61.04 /
-#: 55.02 (benchmarks/RESULTS.md section 1): 0.01 and 0.02 within a point of each other on both
-#: (0.02 ahead on agreement, the larger sample), 0.045 5-6 points of agreement behind.
+#: b = 0.01 / 0.02 / 0.045 gave top-1 79.00 / 78.14 / 78.00 and tiny64 agreement 60.84 / 61.04 /
+#: 54.69 (benchmarks/RESULTS.md section 1, searched ranks): 0.01 and 0.02 within a point of each
+#: other on both (0.02 ahead on agreement, the larger sample, by 0.2), 0.045 6 points of agreement behind.
 MIXED_BUDGET = 0.02
 
 

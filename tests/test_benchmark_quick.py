@@ -134,3 +134,18 @@ def test_a_peers_longer_schedules_share_one_line_labelled_by_steps(monkeypatch):
     assert report.point_label("AIMET AdaRound (500 steps) W4", family) == "500 steps"
     assert report.point_label("CoRa recommended W3 b=0.02", "CoRa recommended") == "W3 b=0.02"
     assert report.point_label("CoRa recommended W3 + finetune", "CoRa recommended + finetune") == "W3"
+
+
+def test_pareto_lines_leave_out_rows_that_failed_or_were_superseded(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))
+    from benchmarks import report
+
+    def row(top1, mb, **extra):
+        return dict(top1=top1, artifact_bytes=int(mb * 1e6), **extra)
+
+    results = {"_meta": {}, "float": row(79.0, 14.0), "peer W4": dict(error="ImportError"),
+               "CoRa recommended W4 mixed[greedy] @4.0 b=0.01": row(78.7, 1.85, superseded_by="CoRa recommended W4 mixed @4.0 b=0.01"),
+               "CoRa recommended W4 mixed @4.0 b=0.01": row(79.0, 1.86), "CoRa recommended W4": row(79.4, 2.0)}
+    lines = report.plot_lines(results)
+    assert list(lines) == ["float", "CoRa recommended W4 mixed @4.0", "CoRa recommended"]
+    assert lines["CoRa recommended W4 mixed @4.0"] == [(1.86, 79.0, "CoRa recommended W4 mixed @4.0 b=0.01")]
