@@ -152,10 +152,11 @@ def _cheapest_demotions(loss: dict[str, float], saved: dict[str, int], need: flo
     """The layers with the least summed ``loss`` whose ``saved`` bits add up to at least ``need``.
 
     A 0/1 knapsack (min-cost cover), solved by dynamic programming over the saved bits in units of
-    ``need / resolution``; each layer's saving is rounded down to whole units, so the set found meets
-    ``need`` (to a relative 1e-12). Negative losses (noise: the demotion measured as harmless) count as zero, so such
-    layers are taken only where they help. The greedy rule (demote in order of loss per saved bit until
-    the target is met) can end on one large layer where two small ones lose less; this cannot.
+    ``need / resolution``. Each layer's saving is rounded down to whole units, so the set found meets
+    ``need`` (to a relative 1e-12) and loses no more than any set that saves ``len(loss)`` units more.
+    Negative losses (noise: the demotion measured as harmless) count as zero, so such layers are taken
+    only where they help. The greedy rule (demote in order of loss per saved bit until the target is
+    met) can end on one large layer where two small ones lose less; this cannot.
     """
     names = list(loss)
     if need <= 0 or not names:
