@@ -102,7 +102,8 @@ def allocate_bits(
     if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
         raise CoRaError(f"allocate_bits: {type(model).__name__} has no nn.Conv2d layer to allocate bits to")
     prepared = prepare_cora(model, config)
-    if planned_bits(prepared, dict(config.layer_bits), config.budget) <= target_bits:
+    start = planned_bits(prepared, dict(config.layer_bits), config.budget)
+    if start <= target_bits:
         return dict(config.layer_bits)
     candidates = {n: a for n, a in adapters(prepared).items() if a.searchable and config.bits_for(n) > low_bits}
     demote_all = {**config.layer_bits, **{n: low_bits for n in candidates}}
@@ -138,16 +139,15 @@ def allocate_bits(
         conv.weight.data = original
         kl_growth[name] = kl[1] - kl[0]
 
-    params = {l.name: l.params for l in layer_infos(prepared)}
-    saved = {name: params[name] * (config.bits_for(name) - low_bits) for name in candidates}
-    total = max(get_state(prepared).conv_params, 1)
-    excess = planned_bits(prepared, dict(config.layer_bits), config.budget) - target_bits
-    need = excess * total * (1 + 1e-9)  # a hair more, so float rounding cannot leave the plan just above the target
-    demoted = _cheapest_demotions({name: kl_growth[name] for name in candidates}, saved, need)
+    # equivalent bits are linear in the layers' bits: each demotion saves what it saves alone
+    saved = {name: start - planned_bits(prepared, {**config.layer_bits, name: low_bits}, config.budget)
+             for name in candidates}
+    need = (start - target_bits) * (1 + 1e-9)  # a hair more, so float rounding cannot leave the plan just above the target
+    demoted = _cheapest_demotions(kl_growth, saved, need)
     return {**config.layer_bits, **{name: low_bits for name in demoted}}
 
 
-def _cheapest_demotions(loss: dict[str, float], saved: dict[str, int], need: float,
+def _cheapest_demotions(loss: dict[str, float], saved: dict[str, float], need: float,
                         resolution: int = 20_000) -> list[str]:
     """The layers with the least summed ``loss`` whose ``saved`` bits add up to at least ``need``.
 
