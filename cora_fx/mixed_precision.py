@@ -6,7 +6,7 @@ target such as exactly 4.0 bits, some layers must take n - 1 bits. `allocate_bit
 by a one-layer-at-a-time sensitivity (HAWQ-style): the KL divergence of the model's output from
 the float model's when that layer alone is rounded to nearest at n - 1 bits, minus the same at
 n bits, each with the heuristic-rank adapter (the top floor(b*R) singular triplets of its
-residual) added back. Taking those losses as additive, the demoted set is the one with the least
+residual) added back, averaged over the first `ALLOCATION_BATCHES` calibration batches. Taking those losses as additive, the demoted set is the one with the least
 summed loss whose saved bits meet the target: a 0/1 knapsack, solved exactly (`_cheapest_demotions`).
 The result is a `CoRaConfig.layer_bits` mapping.
 """
@@ -36,6 +36,14 @@ from .summary import layer_infos
 #: 54.69 (benchmarks/RESULTS.md section 1, searched ranks): 0.01 and 0.02 within a point of each
 #: other on both (0.02 ahead on agreement, the larger sample, by 0.2), 0.045 6 points of agreement behind.
 MIXED_BUDGET = 0.02
+
+#: Calibration batches that measure each layer's sensitivity in `allocate_bits`. One batch's KL growth
+#: has a standard deviation of 30-50 % of its mean on MobileNetV2 (12 batches of 32 measured), so one
+#: batch can rank layers wrongly: at b = 0.045 it chose 13 convs whose loss, re-estimated on all 12
+#: batches, is 1.6x that of the 9 convs chosen from 2, 4, 8 or 12 batches (heuristic ranks, top-1
+#: 76.14 -> 77.14, tiny64 agreement 45.21 -> 48.46; benchmarks/RESULTS.md, fourteenth session).
+#: Each batch costs two forward passes per candidate layer.
+ALLOCATION_BATCHES = 4
 
 
 def planned_bits(prepared: torch.fx.GraphModule, layer_bits: dict[str, int], budget: float) -> float:
@@ -75,7 +83,7 @@ def allocate_bits(
     target_bits: float,
     *,
     low_bits: Optional[int] = None,
-    batches: int = 1,
+    batches: int = ALLOCATION_BATCHES,
     progress: bool = True,
 ) -> dict[str, int]:
     """Choose which convs drop from ``config.bits`` to ``low_bits`` so that the equivalent bits
@@ -83,8 +91,9 @@ def allocate_bits(
 
     Args:
         model: the float model (not modified).
-        calibration: ``(inputs, labels)`` batches; the first ``batches`` measure sensitivity
-            (two forward passes per batch and candidate layer: MobileNetV2 has 35 candidates).
+        calibration: ``(inputs, labels)`` batches; the first ``batches`` (default
+            `ALLOCATION_BATCHES`, 4) measure sensitivity, averaged (two forward passes per batch and
+            candidate layer: MobileNetV2 has 35 candidates). Fewer are used if fewer are given.
         config: the CoRa configuration the plan is for (its clipping, granularity, budget).
         target_bits: the equivalent bit-width to meet.
         low_bits: the demoted bit-width (default ``config.bits - 1``).

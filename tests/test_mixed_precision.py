@@ -11,7 +11,7 @@ from torch import nn
 
 import cora_fx
 from cora_fx import CoRaConfig, CoRaError, convert_cora, prepare_cora, search_ranks, set_ranks, summary
-from cora_fx.mixed_precision import _cheapest_demotions, allocate_bits, planned_bits
+from cora_fx.mixed_precision import ALLOCATION_BATCHES, _cheapest_demotions, allocate_bits, planned_bits
 from cora_fx.prepare import adapters
 
 from .conftest import SmallNet, random_batches
@@ -143,6 +143,30 @@ def test_demotions_are_the_cheapest_cover_brute_force_finds(items, share):
     best = min((cost(c) for r in range(len(loss) + 1) for c in itertools.combinations(loss, r)
                 if sum(saved[n] for n in c) >= margin), default=float("inf"))
     assert cost(chosen) <= best + 1e-9
+
+
+def test_allocation_averages_the_first_batches_and_reads_no_further():
+    net = TwoBranchNet().eval()
+    cfg = CoRaConfig(bits=4, granularity="per_channel", clipping="minmax", budget=0.02, quantize_linear=False)
+    base = planned_bits(prepare_cora(net, cfg), {}, cfg.budget)
+    data = random_batches(ALLOCATION_BATCHES + 2)
+    read = []
+
+    def counted():
+        for i, batch in enumerate(data):
+            read.append(i)
+            yield batch
+
+    target = base - 0.05
+    plan = allocate_bits(net, counted(), cfg, target, progress=False)
+    assert read == list(range(ALLOCATION_BATCHES))  # the default, and not one batch more
+    read.clear()
+    assert allocate_bits(net, counted(), cfg, target, batches=2, progress=False) == \
+        allocate_bits(net, data[1::-1], cfg, target, batches=2, progress=False)  # a mean: the order does not matter
+    assert read == [0, 1]
+    assert allocate_bits(net, data[:2], cfg, target, progress=False) == \
+        allocate_bits(net, data, cfg, target, batches=2, progress=False)  # fewer batches than asked: all of them
+    assert plan and planned_bits(prepare_cora(net, cfg.replace(layer_bits=plan)), {}, cfg.budget) <= target
 
 
 def test_allocated_plan_searches_converts_and_round_trips_within_the_target(small_net, tmp_path):
