@@ -37,12 +37,13 @@ from .summary import layer_infos
 #: other on both (0.02 ahead on agreement, the larger sample, by 0.2), 0.045 6 points of agreement behind.
 MIXED_BUDGET = 0.02
 
-#: Calibration batches that measure each layer's sensitivity in `allocate_bits`. One batch's KL growth
-#: has a standard deviation of 30-50 % of its mean on MobileNetV2 (12 batches of 32 measured), so one
-#: batch can rank layers wrongly: at b = 0.045 it chose 13 convs whose loss, re-estimated on all 12
-#: batches, is 1.6x that of the 9 convs chosen from 2, 4, 8 or 12 batches (heuristic ranks, top-1
-#: 76.14 -> 77.14, tiny64 agreement 45.21 -> 48.46; benchmarks/RESULTS.md, fourteenth session).
-#: Each batch costs two forward passes per candidate layer.
+#: Calibration batches that measure each layer's sensitivity in `allocate_bits`. On MobileNetV2 one
+#: batch's KL growth has a standard deviation of 23-54 % (median 38 %) of the mean over 12 batches of
+#: 32, and the first batch alone put a layer at 0.24-1.58x its mean. So one batch can pick the wrong
+#: set: at b = 0.045 it chose 13 convs whose loss, on all 12 batches, is 1.6x that of the 9 convs
+#: that the first 2, 4, 8 or 12 batches choose (heuristic ranks: top-1 76.14 -> 77.14, tiny64
+#: agreement 45.21 -> 48.46). `benchmarks/allocation_noise.py`; benchmarks/RESULTS.md, fourteenth
+#: session. Each batch costs two forward passes per candidate layer.
 ALLOCATION_BATCHES = 4
 
 
@@ -58,10 +59,11 @@ def planned_bits(prepared: torch.fx.GraphModule, layer_bits: dict[str, int], bud
     return (weight_bits + 32 * state.float_conv_params + adapter_bits * (budget * total + fixed_adapters)) / total
 
 
-def _output_kl(model: nn.Module, inputs: list[tuple[torch.Tensor, ...]], reference: list[torch.Tensor]) -> float:
+def _output_kls(model: nn.Module, inputs: list[tuple[torch.Tensor, ...]], reference: list[torch.Tensor]) -> list[float]:
+    """KL(reference || model output) on each batch, batch-mean."""
     with torch.no_grad():
-        return sum(F.kl_div(F.log_softmax(model(*x).float(), -1), F.log_softmax(ref, -1), reduction="batchmean",
-                            log_target=True).item() for x, ref in zip(inputs, reference)) / len(inputs)
+        return [F.kl_div(F.log_softmax(model(*x).float(), -1), F.log_softmax(ref, -1), reduction="batchmean",
+                         log_target=True).item() for x, ref in zip(inputs, reference)]
 
 
 def _restored(base: torch.Tensor, factors: ResidualFactors, rank: int) -> torch.Tensor:
@@ -133,20 +135,8 @@ def allocate_bits(
     with torch.no_grad():
         reference = [reference_model(*x).float() for x in inputs]
 
-    kl_growth: dict[str, float] = {}
-    for name in tqdm(candidates, desc="bit allocation", disable=not progress, leave=False):
-        conv = reference_model.get_submodule(name)
-        original = conv.weight.data
-        adapter = candidates[name]
-        rank = heuristic_rank(adapter, config.budget)
-        kl = []
-        # at its own bits the prepared layer already holds [W]_n and its residual's SVD; only the demotion is new
-        for weight in (_restored(prepared.get_submodule(name).quantized.weight, adapter.factors, rank),
-                       _demoted(original, conv.groups, config, low_bits, rank)):
-            conv.weight.data = weight.to(original.dtype)
-            kl.append(_output_kl(reference_model, inputs, reference))
-        conv.weight.data = original
-        kl_growth[name] = kl[1] - kl[0]
+    per_batch = _batch_sensitivities(reference_model, prepared, candidates, config, low_bits, inputs, reference, progress)
+    kl_growth = {name: sum(demoted) / len(demoted) - sum(kept) / len(kept) for name, (kept, demoted) in per_batch.items()}
 
     # equivalent bits are linear in the layers' bits: each demotion saves what it saves alone
     saved = {name: start - planned_bits(prepared, {**config.layer_bits, name: low_bits}, config.budget)
@@ -154,6 +144,32 @@ def allocate_bits(
     need = (start - target_bits) * (1 + 1e-9)  # a hair more, so float rounding cannot leave the plan just above the target
     demoted = _cheapest_demotions(kl_growth, saved, need)
     return {**config.layer_bits, **{name: low_bits for name in demoted}}
+
+
+def _batch_sensitivities(reference_model: nn.Module, prepared: torch.fx.GraphModule, candidates: dict, config: CoRaConfig,
+                        low_bits: int, inputs: list, reference: list[torch.Tensor],
+                        progress: bool = False) -> dict[str, tuple[list[float], list[float]]]:
+    """Per candidate layer, the output KL to ``reference`` on each batch with the layer at its own bits
+    and at ``low_bits``, its heuristic-rank adapter added back each time (what `allocate_bits` averages).
+
+    ``reference_model`` is the float model whose weights are swapped one layer at a time (and put
+    back); ``candidates`` maps layer names to their adapters in ``prepared``.
+    """
+    out = {}
+    for name in tqdm(candidates, desc="bit allocation", disable=not progress, leave=False):
+        conv = reference_model.get_submodule(name)
+        original = conv.weight.data
+        adapter = candidates[name]
+        rank = heuristic_rank(adapter, config.budget)
+        kls = []
+        # at its own bits the prepared layer already holds [W]_n and its residual's SVD; only the demotion is new
+        for weight in (_restored(prepared.get_submodule(name).quantized.weight, adapter.factors, rank),
+                       _demoted(original, conv.groups, config, low_bits, rank)):
+            conv.weight.data = weight.to(original.dtype)
+            kls.append(_output_kls(reference_model, inputs, reference))
+        conv.weight.data = original
+        out[name] = (kls[0], kls[1])
+    return out
 
 
 def _cheapest_demotions(loss: dict[str, float], saved: dict[str, float], need: float,
