@@ -6,8 +6,9 @@ target such as exactly 4.0 bits, some layers must take n - 1 bits. `allocate_bit
 by a one-layer-at-a-time sensitivity (HAWQ-style): the KL divergence of the model's output from
 the float model's when that layer alone is rounded to nearest at n - 1 bits, minus the same at
 n bits, each with the heuristic-rank adapter (the top floor(b*R) singular triplets of its
-residual) added back, averaged over the first `ALLOCATION_BATCHES` calibration batches. Taking those losses as additive, the demoted set is the one with the least
-summed loss whose saved bits meet the target: a 0/1 knapsack, solved exactly (`_cheapest_demotions`).
+residual) added back, averaged over the first `ALLOCATION_BATCHES` calibration batches. Taking
+those losses as additive, the demoted set is the one with the least summed loss whose saved bits
+meet the target: a 0/1 knapsack, solved exactly (`_cheapest_demotions`).
 The result is a `CoRaConfig.layer_bits` mapping.
 """
 from __future__ import annotations
@@ -32,9 +33,10 @@ from .summary import layer_infos
 #: The adapter budget to pair with `allocate_bits`, e.g. ``CoRaConfig.recommended(4, budget=MIXED_BUDGET)``
 #: (what ``cora-fx quantize --target-bits`` takes without ``--budget``). At a fixed 4.0 bits the
 #: budget competes with 4-bit weights (each adapter parameter costs 8 bits): on MobileNetV2,
-#: b = 0.01 / 0.02 / 0.045 gave top-1 79.00 / 78.14 / 78.00 and tiny64 agreement 60.84 / 61.04 /
-#: 54.69 (benchmarks/RESULTS.md section 1, searched ranks): 0.01 and 0.02 within a point of each
-#: other on both (0.02 ahead on agreement, the larger sample, by 0.2), 0.045 6 points of agreement behind.
+#: b = 0.01 / 0.02 / 0.045 gave top-1 79.00 / 78.14 / 77.71 and tiny64 agreement 59.90 / 61.04 /
+#: 55.94 (benchmarks/RESULTS.md section 1, searched ranks, four sensitivity batches): 0.01 and 0.02
+#: within a point of each other on top-1 (0.02 ahead on agreement, the larger sample, by 1.1), 0.045
+#: 5 points of agreement behind.
 MIXED_BUDGET = 0.02
 
 #: Calibration batches that measure each layer's sensitivity in `allocate_bits`. On MobileNetV2 one
@@ -146,9 +148,9 @@ def allocate_bits(
     return {**config.layer_bits, **{name: low_bits for name in demoted}}
 
 
-def _batch_sensitivities(reference_model: nn.Module, prepared: torch.fx.GraphModule, candidates: dict, config: CoRaConfig,
-                        low_bits: int, inputs: list, reference: list[torch.Tensor],
-                        progress: bool = False) -> dict[str, tuple[list[float], list[float]]]:
+def _batch_sensitivities(reference_model: nn.Module, prepared: torch.fx.GraphModule, candidates: dict,
+                         config: CoRaConfig, low_bits: int, inputs: list, reference: list[torch.Tensor],
+                         progress: bool = False) -> dict[str, tuple[list[float], list[float]]]:
     """Per candidate layer, the output KL to ``reference`` on each batch with the layer at its own bits
     and at ``low_bits``, its heuristic-rank adapter added back each time (what `allocate_bits` averages).
 

@@ -149,3 +149,12 @@ def test_pareto_lines_leave_out_rows_that_failed_or_were_superseded(monkeypatch)
     lines = report.plot_lines(results)
     assert list(lines) == ["float", "CoRa recommended W4 mixed @4.0", "CoRa recommended"]
     assert lines["CoRa recommended W4 mixed @4.0"] == [(1.86, 79.0, "CoRa recommended W4 mixed @4.0 b=0.01")]
+
+
+def test_allocation_noise_plans_come_from_the_mean_of_the_first_k_batches(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))
+    from benchmarks import allocation_noise
+
+    # either layer alone saves enough (need 0.2): the first batch favours "a", the mean of two or three "b"
+    measured = {"start": 4.2, "saved": {"a": 0.3, "b": 0.3}, "kl": {"a": [0.1, 0.5, 0.5], "b": [0.2, 0.2, 0.2]}}
+    assert allocation_noise.plans(measured, [1, 2, 3]) == {1: ("a",), 2: ("b",), 3: ("b",)}
