@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import agreement, batches, data_paths, load_split, normalize, predict, topk_with_ci  # noqa: E402
 from benchmarks.methods import cora  # noqa: E402
 from cora_fx import CoRaConfig  # noqa: E402
-from cora_fx.mixed_precision import _batch_sensitivities, _cheapest_demotions, planned_bits  # noqa: E402
-from cora_fx.prepare import adapters, prepare_cora  # noqa: E402
+from cora_fx.mixed_precision import _batch_sensitivities, _cheapest_demotions, _demotion_candidates, planned_bits  # noqa: E402
+from cora_fx.prepare import prepare_cora  # noqa: E402
 
 TARGET_BITS = 4.0
 
@@ -49,9 +49,8 @@ def measure(budget: float, n_batches: int, out: Path, data: str | None) -> None:
     cfg = CoRaConfig.recommended(4, budget=budget)
     prepared = prepare_cora(model, cfg)
     start = planned_bits(prepared, dict(cfg.layer_bits), cfg.budget)
-    candidates = {n: a for n, a in adapters(prepared).items() if a.searchable and cfg.bits_for(n) > 3}
-    saved = {n: start - planned_bits(prepared, {**cfg.layer_bits, n: 3}, cfg.budget) for n in candidates}
-    reference_model = copy.deepcopy(model).eval()
+    candidates, saved = _demotion_candidates(prepared, cfg, 3, start)
+    reference_model = copy.deepcopy(model).eval()  # as allocate_bits: weights are swapped in a copy
     inputs = [(calib[i][0],) for i in range(n_batches)]
     with torch.no_grad():
         reference = [reference_model(*x).float() for x in inputs]

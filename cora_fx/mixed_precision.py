@@ -118,7 +118,7 @@ def allocate_bits(
     start = planned_bits(prepared, dict(config.layer_bits), config.budget)
     if start <= target_bits:
         return dict(config.layer_bits)
-    candidates = {n: a for n, a in adapters(prepared).items() if a.searchable and config.bits_for(n) > low_bits}
+    candidates, saved = _demotion_candidates(prepared, config, low_bits, start)
     demote_all = {**config.layer_bits, **{n: low_bits for n in candidates}}
     floor = planned_bits(prepared, demote_all, config.budget)
     if floor > target_bits:
@@ -140,12 +140,19 @@ def allocate_bits(
     per_batch = _batch_sensitivities(reference_model, prepared, candidates, config, low_bits, inputs, reference, progress)
     kl_growth = {name: sum(demoted) / len(demoted) - sum(kept) / len(kept) for name, (kept, demoted) in per_batch.items()}
 
-    # equivalent bits are linear in the layers' bits: each demotion saves what it saves alone
-    saved = {name: start - planned_bits(prepared, {**config.layer_bits, name: low_bits}, config.budget)
-             for name in candidates}
     need = (start - target_bits) * (1 + 1e-9)  # a hair more, so float rounding cannot leave the plan just above the target
     demoted = _cheapest_demotions(kl_growth, saved, need)
     return {**config.layer_bits, **{name: low_bits for name in demoted}}
+
+
+def _demotion_candidates(prepared: torch.fx.GraphModule, config: CoRaConfig, low_bits: int,
+                         start: float) -> tuple[dict, dict[str, float]]:
+    """The searchable convs above ``low_bits`` (name -> adapter) and the equivalent bits that demoting
+    each one saves from ``start`` (equivalent bits are linear in the layers' bits, so savings add up)."""
+    candidates = {n: a for n, a in adapters(prepared).items() if a.searchable and config.bits_for(n) > low_bits}
+    saved = {name: start - planned_bits(prepared, {**config.layer_bits, name: low_bits}, config.budget)
+             for name in candidates}
+    return candidates, saved
 
 
 def _batch_sensitivities(reference_model: nn.Module, prepared: torch.fx.GraphModule, candidates: dict,
