@@ -5,8 +5,9 @@
     python benchmarks/ablation.py --bits 3 --budget 0.044 --variant gptq --rounding-batches 8 --tiny --no-bn-correction
 
 Prints top-1 with heuristic ranks floor(b*R) (with ``--tiny`` also the top-1 agreement with the float
-model on the 10,000 tiny64 images), then after `correct_batchnorm` on 8 calibration batches. No search:
-this isolates what the base rounding and the adapters' factorization bring.
+model on the 10,000 tiny64 images), then after each later step of `run_pipeline` (`correct_batchnorm` on 8
+calibration batches unless ``--no-bn-correction``, `finetune` with ``--finetune N``). No search: this isolates
+what the base rounding and the adapters' factorization bring.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import agreement, batches, data_paths, load_split, predict, topk_with_ci  # noqa: E402
-from cora_fx import CoRaConfig, calibrate_rounding, correct_batchnorm, finetune, prepare_cora, set_ranks, summary  # noqa: E402
+from cora_fx import CoRaConfig, prepare_cora, run_pipeline, summary  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -45,34 +46,37 @@ def main(argv=None) -> int:
     calib = batches(*load_split(labels_csv, "calib"))
     eval_images, eval_labels = load_split(labels_csv, "eval")
     model = torchvision.models.mobilenet_v2()
-    model.load_state_dict(torch.load(labels_csv.parents[1] / "weights" / "mobilenet_v2-b0353104.pth", weights_only=True))
+    model.load_state_dict(torch.load(labels_csv.parents[1] / "weights" / "mobilenet_v2-b0353104.pth",
+                                     weights_only=True))
     model.eval()
     tiny = load_split(tiny_csv, None, image_size=64, resize=64)[0] if args.tiny else None
     float_tiny = predict(model, tiny)[:, 0] if tiny is not None else None
 
     def score() -> str:
         top1 = topk_with_ci(predict(prepared, eval_images), eval_labels)["top1"]
-        return f"top-1 {top1:.2f}" + ("" if tiny is None else f" | tiny64 agreement {agreement(prepared, float_tiny, tiny):.2f}")
+        return f"top-1 {top1:.2f}" + ("" if tiny is None
+                                      else f" | tiny64 agreement {agreement(prepared, float_tiny, tiny):.2f}")
 
     start = time.time()
     kw = dict(bits=args.bits, budget=args.budget, granularity="per_channel", clipping=args.clipping, depthwise="int8",
               rounding_inputs=args.rounding_inputs, loss="kl", adapter_bits=args.adapter_bits)
     if args.variant == "gptq":
         kw.update(rounding="gptq", svd="activation", rounding_batches=args.rounding_batches)
-    prepared = prepare_cora(model, CoRaConfig(**kw))
-    if args.variant == "gptq":
-        calibrate_rounding(prepared, calib)
-    set_ranks(prepared, "heuristic")
-    s = summary(prepared)
-    print(f"W{args.bits} {args.variant} heuristic: {score()} | budget {s.budget:.4f} | "
-          f"equivalent bits {s.equivalent_bits:.3f} | {time.time() - start:.0f}s", flush=True)
-    if args.finetune:
-        result = finetune(prepared, calib, iterations=args.finetune, lr=args.finetune_lr)
-        print(f"W{args.bits} {args.variant} heuristic + finetune {args.finetune} (lr {args.finetune_lr:g}): {score()} | "
-              f"{result} | {time.time() - start:.0f}s", flush=True)
-    if not args.no_bn_correction:
-        correct_batchnorm(prepared, calib, max_batches=8)
-        print(f"W{args.bits} {args.variant} heuristic + BatchNorm correction: {score()} | {time.time() - start:.0f}s", flush=True)
+    kw.update(bn_correction=0 if args.no_bn_correction else 8, finetune_iterations=args.finetune,
+              finetune_lr=args.finetune_lr)
+    prepared = prepare_cora(model, CoRaConfig().replace(**kw))
+    done: list[str] = []
+
+    def report(next_step: str) -> None:
+        """Score the model after each step of the pipeline, before the next one runs."""
+        if "set_ranks" in done:
+            s = summary(prepared)
+            print(f"W{args.bits} {args.variant} {' + '.join(done)}: {score()} | budget {s.budget:.4f} | "
+                  f"equivalent bits {s.equivalent_bits:.3f} | {time.time() - start:.0f}s", flush=True)
+        done.append(next_step)
+
+    run_pipeline(prepared, calib, ranks="heuristic", on_step=report)
+    report("")
     return 0
 
 

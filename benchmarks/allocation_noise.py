@@ -10,7 +10,7 @@ top-1 on the 700 eval images and top-1 agreement with float on the tiny64 images
     python benchmarks/allocation_noise.py evaluate --budget 0.045 --ks 1,2,12 --out OUT  # ~5 min per plan
 
 `measure` writes OUT/kl_b{budget}.json; `evaluate` reads it and writes OUT/eval_b{budget}.json.
-Results: benchmarks/RESULTS.md (fourteenth session) and `cora_fx.mixed_precision.ALLOCATION_BATCHES`.
+Results: benchmarks/RESULTS.md and `cora_fx.mixed_precision.ALLOCATION_BATCHES`.
 """
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ TARGET_BITS = 4.0
 def _model_and_calib(data: str | None):
     labels_csv, tiny_csv = data_paths(data)
     model = torchvision.models.mobilenet_v2()
-    model.load_state_dict(torch.load(labels_csv.parents[1] / "weights" / "mobilenet_v2-b0353104.pth", weights_only=True))
+    model.load_state_dict(torch.load(labels_csv.parents[1] / "weights" / "mobilenet_v2-b0353104.pth",
+                                     weights_only=True))
     model.eval()
     images, labels = load_split(labels_csv, "calib")
     return model, batches(images, labels, 32), labels_csv, tiny_csv
@@ -48,7 +49,7 @@ def measure(budget: float, n_batches: int, out: Path, data: str | None) -> None:
     model, calib, _, _ = _model_and_calib(data)
     cfg = CoRaConfig.recommended(4, budget=budget)
     prepared = prepare_cora(model, cfg)
-    start = planned_bits(prepared, dict(cfg.layer_bits), cfg.budget)
+    start = planned_bits(prepared, dict(cfg.quant.layer_bits), cfg.search.budget)
     candidates, saved = _demotion_candidates(prepared, cfg, 3, start)
     reference_model = copy.deepcopy(model).eval()  # as allocate_bits: weights are swapped in a copy
     inputs = [(calib[i][0],) for i in range(n_batches)]

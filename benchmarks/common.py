@@ -46,7 +46,8 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return (images.float() - _MEAN) / _STD
 
 
-def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def batches(images: torch.Tensor, labels: torch.Tensor,
+            batch_size: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Normalized float batches (a list, so the rank search can cycle over it)."""
     return [(normalize(images[i:i + batch_size]), labels[i:i + batch_size]) for i in range(0, len(images), batch_size)]
 

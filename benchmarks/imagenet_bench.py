@@ -28,11 +28,11 @@ from cora_fx import CoRaConfig  # noqa: E402
 
 
 def paper(bits: int, **kw) -> CoRaConfig:
-    return CoRaConfig(bits=bits, **kw)
+    return CoRaConfig().replace(bits=bits, **kw)
 
 
 def per_channel(bits: int, **kw) -> CoRaConfig:
-    return CoRaConfig(bits=bits, granularity="per_channel", clipping="minmax", **kw)
+    return CoRaConfig().replace(bits=bits, granularity="per_channel", clipping="minmax", **kw)
 
 
 LATENCY_METHOD = "CoRa recommended W4"  # the --quick row whose latency the smoke test checks
@@ -40,7 +40,8 @@ LATENCY_METHOD = "CoRa recommended W4"  # the --quick row whose latency the smok
 #: ``--no-latency``, timed against float in the same process: the recommended configuration at each width
 LATENCY_METHODS = {f"CoRa recommended W{bits}": f"cora_recommended_w{bits}.pt2" for bits in (3, 4, 5)}
 MIXED_BUDGETS = (0.01, 0.02, 0.045)  # the mixed W3/W4 rows at <= 4.0 equivalent bits (allocate_bits)
-LATENCY_METHODS.update({f"CoRa recommended W4 mixed @4.0 b={b}": f"cora_recommended_w4_mixed_b{b}.pt2" for b in MIXED_BUDGETS})
+LATENCY_METHODS.update({f"CoRa recommended W4 mixed @4.0 b={b}": f"cora_recommended_w4_mixed_b{b}.pt2"
+                        for b in MIXED_BUDGETS})
 FINETUNE = 100  # fine-tuning steps of the "+ finetune" rows (CoRaConfig.finetune_lr default, 1e-3)
 
 
@@ -48,33 +49,57 @@ def plan(quick: bool) -> list[tuple[str, int, callable]]:
     """(name, bits, runner(model, calib, example) -> MethodRun) in run order."""
     if quick:
         return [
-            ("RTN per-tensor normal W4", 4, lambda m, c, x: cora("RTN per-tensor normal W4", m, paper(4), c, x, ranks="rtn")),
-            ("CoRa heuristic per-channel W4", 4, lambda m, c, x: cora("CoRa heuristic per-channel W4", m, per_channel(4), c, x, ranks="heuristic")),
-            ("CoRa searched per-channel W4", 4, lambda m, c, x: cora("CoRa searched per-channel W4", m, per_channel(4, iterations=3), c, x, ranks="search")),
-            (LATENCY_METHOD, 4, lambda m, c, x: cora(LATENCY_METHOD, m, CoRaConfig.recommended(4).replace(iterations=3, rounding_batches=1, bn_correction=1, finetune_iterations=2), c, x, ranks="search")),
+            ("RTN per-tensor normal W4", 4,
+             lambda m, c, x: cora("RTN per-tensor normal W4", m, paper(4), c, x, ranks="rtn")),
+            ("CoRa heuristic per-channel W4", 4,
+             lambda m, c, x: cora("CoRa heuristic per-channel W4", m, per_channel(4), c, x, ranks="heuristic")),
+            ("CoRa searched per-channel W4", 4,
+             lambda m, c, x: cora("CoRa searched per-channel W4", m, per_channel(4, iterations=3), c, x,
+                                  ranks="search")),
+            (LATENCY_METHOD, 4,
+             lambda m, c, x: cora(LATENCY_METHOD, m,
+                                  CoRaConfig.recommended(4).replace(iterations=3, rounding_batches=1, bn_correction=1,
+                                                                    finetune_iterations=2),
+                                  c, x, ranks="search")),
         ]
     runs = []
     for bits in (3, 4, 5):
-        runs.append((f"RTN per-tensor normal W{bits}", bits, lambda m, c, x, b=bits: cora(f"RTN per-tensor normal W{b}", m, paper(b), c, x, ranks="rtn")))
-        runs.append((f"RTN per-channel min-max W{bits}", bits, lambda m, c, x, b=bits: cora(f"RTN per-channel min-max W{b}", m, per_channel(b), c, x, ranks="rtn")))
+        runs.append((f"RTN per-tensor normal W{bits}", bits,
+                     lambda m, c, x, b=bits: cora(f"RTN per-tensor normal W{b}", m, paper(b), c, x, ranks="rtn")))
+        runs.append((f"RTN per-channel min-max W{bits}", bits,
+                     lambda m, c, x, b=bits:
+                         cora(f"RTN per-channel min-max W{b}", m, per_channel(b), c, x, ranks="rtn")))
     for bits in (4, 3):
         for base, make in (("per-tensor", paper), ("per-channel", per_channel)):
-            runs.append((f"CoRa heuristic {base} W{bits}", bits, lambda m, c, x, b=bits, mk=make, n=f"CoRa heuristic {base} W{bits}": cora(n, m, mk(b), c, x, ranks="heuristic")))
-            runs.append((f"CoRa searched {base} W{bits}", bits, lambda m, c, x, b=bits, mk=make, n=f"CoRa searched {base} W{bits}": cora(n, m, mk(b, iterations=5 if quick else 250), c, x, ranks="search")))
+            runs.append((f"CoRa heuristic {base} W{bits}", bits,
+                         lambda m, c, x, b=bits, mk=make, n=f"CoRa heuristic {base} W{bits}":
+                             cora(n, m, mk(b), c, x, ranks="heuristic")))
+            runs.append((f"CoRa searched {base} W{bits}", bits,
+                         lambda m, c, x, b=bits, mk=make, n=f"CoRa searched {base} W{bits}":
+                             cora(n, m, mk(b, iterations=5 if quick else 250), c, x, ranks="search")))
     for bits in (4, 3, 5):  # the budget sweep without search or fine-tuning (recommended base, floor(b*R)): cheap
         for budget in (0.02, 0.05, 0.10):
             name = f"CoRa recommended heuristic-ranks W{bits} b={budget}"
-            runs.append((name, bits, lambda m, c, x, b=bits, bu=budget, n=name: cora(n, m, CoRaConfig.recommended(b).replace(budget=bu), c, x, ranks="heuristic")))
+            runs.append((name, bits,
+                         lambda m, c, x, b=bits, bu=budget, n=name:
+                             cora(n, m, CoRaConfig.recommended(b).replace(budget=bu), c, x, ranks="heuristic")))
         name = f"CoRa recommended heuristic-ranks+finetune W{bits}"  # no search, own budget, 100 fine-tuning steps
-        runs.append((name, bits, lambda m, c, x, b=bits, n=name: cora(n, m, CoRaConfig.recommended(b, finetune_iterations=FINETUNE), c, x, ranks="heuristic")))
+        runs.append((name, bits,
+                     lambda m, c, x, b=bits, n=name:
+                         cora(n, m, CoRaConfig.recommended(b, finetune_iterations=FINETUNE), c, x, ranks="heuristic")))
     for bits in (4, 3, 5):
         for budget in (0.02, 0.05, 0.10):
             name = f"CoRa recommended W{bits} b={budget}"
-            runs.append((name, bits, lambda m, c, x, b=bits, bu=budget, n=name: cora(n, m, CoRaConfig.recommended(b).replace(budget=bu), c, x, ranks="search")))
+            runs.append((name, bits,
+                         lambda m, c, x, b=bits, bu=budget, n=name:
+                             cora(n, m, CoRaConfig.recommended(b).replace(budget=bu), c, x, ranks="search")))
         name = f"CoRa recommended W{bits} + finetune"  # the search, then 100 fine-tuning steps (not in recommended())
-        runs.append((name, bits, lambda m, c, x, b=bits, n=name: cora(n, m, CoRaConfig.recommended(b, finetune_iterations=FINETUNE), c, x, ranks="search")))
+        runs.append((name, bits,
+                     lambda m, c, x, b=bits, n=name:
+                         cora(n, m, CoRaConfig.recommended(b, finetune_iterations=FINETUNE), c, x, ranks="search")))
         name = f"CoRa recommended W{bits}"  # its own budget: <= bits + 0.5 equivalent bits
-        runs.append((name, bits, lambda m, c, x, b=bits, n=name: cora(n, m, CoRaConfig.recommended(b), c, x, ranks="search")))
+        runs.append((name, bits,
+                     lambda m, c, x, b=bits, n=name: cora(n, m, CoRaConfig.recommended(b), c, x, ranks="search")))
     for budget in MIXED_BUDGETS:  # mixed W3/W4 base (allocate_bits) at <= 4.0 equivalent bits, as the 4-bit peers
         for ranks, label in (("heuristic", "heuristic-ranks "), ("search", "")):
             name = f"CoRa recommended {label}W4 mixed @4.0 b={budget}"
@@ -95,7 +120,8 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=None, help="data folder (default: $CORA_FX_DATA or ../shared/data)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--quick", action="store_true", help="few images and iterations: a smoke test")
-    parser.add_argument("--only", default="", help="comma-separated method names to run (a trailing * matches a prefix)")
+    parser.add_argument("--only", default="",
+                        help="comma-separated method names to run (a trailing * matches a prefix)")
     parser.add_argument("--peers", default="torchao,brevitas,aimet")
     parser.add_argument("--no-latency", action="store_true")
     parser.add_argument("--tiny-limit", type=int, default=None, help="use only the first N tiny64 images")
@@ -177,9 +203,11 @@ def main(argv=None) -> int:
         print(f"   top1 {record.get('top1', float('nan')):.2f} bits {run.equivalent_bits:.3f} "
               f"calib {run.calib_seconds:.0f}s bytes {run.artifact_bytes:,}", flush=True)
         results_path.write_text(json.dumps(results, indent=1))
-    meta = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), machine=f"{platform.machine()}, {torch.get_num_threads()} threads",
+    meta = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                machine=f"{platform.machine()}, {torch.get_num_threads()} threads",
                 torch=torch.__version__, torchvision=torchvision.__version__, arch=args.arch, quick=args.quick,
-                calib_images=len(calib_images), eval_images=len(eval_images), tiny_images=0 if tiny is None else len(tiny),
+                calib_images=len(calib_images), eval_images=len(eval_images),
+                tiny_images=0 if tiny is None else len(tiny),
                 command="python benchmarks/imagenet_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     results["_meta"] = meta
     results_path.write_text(json.dumps(results, indent=1))

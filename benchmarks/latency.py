@@ -87,7 +87,8 @@ def main(argv=None) -> int:
     import cora_fx
     from benchmarks.common import data_paths
 
-    weights = Path(args.weights) if args.weights else data_paths(args.data)[0].parents[1] / "weights" / "mobilenet_v2-b0353104.pth"
+    weights = (Path(args.weights) if args.weights
+               else data_paths(args.data)[0].parents[1] / "weights" / "mobilenet_v2-b0353104.pth")
     model = getattr(torchvision.models, args.arch)()
     model.load_state_dict(torch.load(weights, weights_only=True))
     quantized = cora_fx.load(args.artifact)

@@ -17,8 +17,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from cora_fx import (CoRaConfig, calibrate_rounding, convert_cora, correct_batchnorm, finetune, prepare_cora,
-                     search_ranks, set_ranks, summary)
+from cora_fx import CoRaConfig, convert_cora, prepare_cora, run_pipeline, summary
 from cora_fx.mixed_precision import allocate_bits
 from cora_fx.prepare import adapters
 
@@ -68,38 +67,35 @@ def cora(name: str, model: nn.Module, cfg: CoRaConfig, calib: list, example: tor
     iterations = 0
     extra: dict = {}
     recorded = RECORDED_RANKS.get(name) if ranks == "search" else None
-    if recorded is not None and (cfg.bn_correction or cfg.finetune_iterations):
+    if recorded is not None and (cfg.refine.bn_correction or cfg.refine.finetune_iterations):
         raise ValueError(f"{name}: recorded ranks rebuild only configs without BN correction or fine-tuning")
-    if ranks == "search" and recorded is None:
-        result = search_ranks(prepared, calib, progress=progress)  # runs the config's finetune too
-        iterations = result.iterations
-        if result.finetune is not None:
-            extra["finetune_iterations"] = result.finetune.iterations
-    else:  # what search_ranks does around the search, with fixed ranks
-        if cfg.needs_rounding_data:
-            calibrate_rounding(prepared, calib)
-        if recorded is not None:
-            extra["ranks_recorded"] = True
-            set_ranks(prepared, recorded)
-        else:
-            set_ranks(prepared, {n: 0 for n, a in adapters(prepared).items() if a.searchable} if ranks == "rtn" else "heuristic")
-        if cfg.bn_correction:
-            correct_batchnorm(prepared, calib, max_batches=cfg.bn_correction)
-        if cfg.finetune_iterations and ranks != "rtn":
-            extra["finetune_iterations"] = finetune(prepared, calib, progress=progress).iterations
+    if recorded is not None:
+        extra["ranks_recorded"] = True
+        rank_spec = recorded
+    elif ranks == "rtn":
+        rank_spec = {n: 0 for n, a in adapters(prepared).items() if a.searchable}
+    else:
+        rank_spec = "search" if ranks == "search" else "heuristic"
+    steps = run_pipeline(prepared, calib, ranks=rank_spec, skip=("finetune",) if ranks == "rtn" else (),
+                         progress=progress)
+    if steps.search is not None:
+        iterations = steps.search.iterations
+    if steps.finetune is not None:
+        extra["finetune_iterations"] = steps.finetune.iterations
     converted = convert_cora(prepared)
     seconds = time.perf_counter() - start
     s = summary(converted)
-    conv_layers = [l for l in s.layers if l.kind == "conv" and l.policy == "search"]
-    extra.update({"ranks": {l.name: l.rank for l in conv_layers}, "max_ranks": {l.name: l.max_rank for l in conv_layers},
-                  "heuristic": {l.name: int(cfg.budget * l.max_rank) for l in conv_layers}})
-    return MethodRun(name, "cora" if ranks != "rtn" else "rtn", cfg.bits, converted, seconds, iterations,
+    conv_layers = [layer for layer in s.layers if layer.kind == "conv" and layer.policy == "search"]
+    extra.update({"ranks": {layer.name: layer.rank for layer in conv_layers},
+                  "max_ranks": {layer.name: layer.max_rank for layer in conv_layers},
+                  "heuristic": {layer.name: int(cfg.search.budget * layer.max_rank) for layer in conv_layers}})
+    return MethodRun(name, "cora" if ranks != "rtn" else "rtn", cfg.quant.bits, converted, seconds, iterations,
                      s.equivalent_bits, exported_bytes(converted, example[:1]), s.budget, extra=extra)
 
 
 def cora_mixed(name: str, model: nn.Module, cfg: CoRaConfig, calib: list, example: torch.Tensor, *,
                target_bits: float, ranks: str) -> MethodRun:
-    """CoRa on a mixed-precision base: `allocate_bits` demotes layers to ``cfg.bits - 1`` until the
+    """CoRa on a mixed-precision base: `allocate_bits` demotes layers to ``cfg.quant.bits - 1`` until the
     equivalent bits meet ``target_bits``; its time counts as calibration."""
     start = time.perf_counter()
     plan = allocate_bits(model, calib, cfg, target_bits, progress=False)

@@ -60,7 +60,8 @@ def peer_runs(names: list[str], quick: bool) -> list[tuple[str, int, Runner]]:
         iters = ADAROUND_ITERATIONS_QUICK if quick else ADAROUND_ITERATIONS
         for bits in (4, 3, 5):
             name = f"AIMET AdaRound W{bits}"
-            runs.append((name, bits, lambda m, c, x, b=bits, n=name: aimet_adaround(n, m, c, x, bits=b, iterations=iters)))
+            runs.append((name, bits,
+                         lambda m, c, x, b=bits, n=name: aimet_adaround(n, m, c, x, bits=b, iterations=iters)))
     return runs
 
 
@@ -120,7 +121,8 @@ def torchao_rtn(name: str, float_model: nn.Module, calib: list, example: torch.T
     def pointwise(module: nn.Module, fqn: str) -> bool:
         return type(module) is nn.Linear or (type(module) is nn.Conv2d and module.kernel_size == (1, 1))
 
-    quantize_(model, IntxWeightOnlyConfig(weight_dtype=dtype, granularity=PerAxis(0), mapping_type=MappingType.SYMMETRIC),
+    quantize_(model,
+              IntxWeightOnlyConfig(weight_dtype=dtype, granularity=PerAxis(0), mapping_type=MappingType.SYMMETRIC),
               filter_fn=pointwise)
     spatial = 0
     for module in model.modules():
@@ -274,7 +276,8 @@ def aimet_adaround(name: str, float_model: nn.Module, calib: list, example: torc
             f"post_training_tf_enhanced, default_config_per_channel.json) with {num_batches} batches and {iterations} "
             f"iterations per layer (AIMET default 15000), then QuantizationSimModel with activation quantizers removed "
             f"+ set_and_freeze_param_encodings; all {len(convs)} convs"
-            f"{' + Linear' if not missing else ''} at W{bits} per-channel, weight-only, BN not folded; artifact = {how}")
+            f"{' + Linear' if not missing else ''} at W{bits} per-channel, weight-only, BN not folded; "
+            f"artifact = {how}")
     return MethodRun(name, "peer", bits, model, seconds, iterations * (len(convs) + len(linears) - len(missing)),
                      conv_equivalent_bits(float_model, [n for n in convs if n in quant], bits), artifact, note=note,
                      extra=dict(adaround_iterations_per_layer=iterations, adaround_batches=num_batches,
@@ -300,7 +303,8 @@ def _aimet_artifact_bytes(sim, dummy: torch.Tensor, tmp: str) -> tuple[int, str]
         size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
         return size, "AIMET sim.export (fp32 ONNX + encodings JSON; integer weights are produced by the target runtime)"
     except Exception as err:  # noqa: BLE001 - the export is informative only
-        return state_dict_bytes(sim.model), f"torch.save(sim state_dict) (fp32 weights; sim.export failed: {type(err).__name__})"
+        return (state_dict_bytes(sim.model),
+                f"torch.save(sim state_dict) (fp32 weights; sim.export failed: {type(err).__name__})")
 
 
 def _version(package: str) -> str:

@@ -1,43 +1,405 @@
-"""RESULTS.md tables and plots from the benchmark's JSON.
+"""benchmarks/RESULTS.md, its plots and the README's headline table, all from the benchmark's JSON.
 
-    python benchmarks/report.py benchmarks/results/results.json
+    python benchmarks/report.py                         # RESULTS.md, results/pareto.png, results/ranks.png
+    python benchmarks/report.py --no-plots              # the page only (plots also skip without matplotlib)
+    python benchmarks/report.py --readme README.md      # also the table between the README's results markers
+
+The page shows the current rows only: rows with a ``superseded_by`` key stay in results.json and off the page.
+Same JSON in, same page out (no clock, no environment); torch is not needed.
 """
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
+import math
+import os
 import re
 import sys
+import textwrap
 from pathlib import Path
 
+RESULTS = Path(__file__).resolve().parent / "results" / "results.json"
+README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
+WIDTH = 116  # wrap width of the page's prose and commands (lines stay <= 120)
 
-def fmt(v, digits=2):
+#: (key, title, what the table shows) in page order; `section_of` puts each row in one of them
+SECTIONS = [
+    ("baselines", "Float, plain rounding and the paper's recipe",
+     "Round-to-nearest (RTN: every adapter at rank 0) and the paper's CoRa recipe (heuristic floor(b*R) or "
+     "searched ranks, b = 0.05, depthwise convs quantized with no adapter) on a per-tensor normal-clipping or "
+     "per-channel min-max base."),
+    ("recommended", "`CoRaConfig.recommended(n)`: searched ranks",
+     "The recommended configuration (per-channel MSE ranges, 8-bit depthwise convs, GPTQ base rounding, "
+     "250 iterations of rank search against the float model's outputs) at its own budget, at b = 0.02 and "
+     "0.1, and followed by 100 fine-tuning steps (`+ finetune`)."),
+    ("heuristic", "The recommended base with heuristic ranks (no search)",
+     "The same base with floor(b*R) ranks instead of the search, which overshoots b on small layers, "
+     "optionally followed by 100 fine-tuning steps (`+finetune`)."),
+    ("mixed", "Mixed W3/W4 at <= 4.0 equivalent bits",
+     "`allocate_bits(model, calib, config, target_bits=4.0)` moves the convs whose 3-bit version costs "
+     "least to 3 bits, so that the whole model, adapters included, fits the 4.0 bits of the 4-bit peers; "
+     "then `recommended(4, budget=b)` with searched or heuristic ranks."),
+    ("peers", "Peers",
+     "Weight-only peer quantizers, every conv (depthwise included) and the Linear per output channel at "
+     "the row's bits; sizes are their own formats (torchao, brevitas: int8 codes and fp32 scales; AIMET: "
+     "an fp32 ONNX model and an encodings JSON)."),
+]
+COLUMNS = "| method | top-1 % (95% CI) | top-5 % | tiny64 agr. % | eq. bits | size MB | calib s |"
+
+
+# ----------------------------------------------------------------------------------------------- rows
+
+def load(path: Path) -> dict:
+    """The results JSON: row name -> record, plus ``_meta``."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def superseded(results: dict) -> list[str]:
+    """Rows kept for the record but replaced by another (``superseded_by``), in file order."""
+    return [n for n, r in results.items() if not n.startswith("_") and r.get("superseded_by")]
+
+
+def section_of(name: str, row: dict) -> str:
+    """The `SECTIONS` key of a row."""
+    if row.get("family") == "peer":
+        return "peers"
+    if " mixed @" in name:
+        return "mixed"
+    if name.startswith("CoRa recommended heuristic-ranks"):
+        return "heuristic"
+    return "recommended" if name.startswith("CoRa recommended") else "baselines"
+
+
+def sort_key(name: str, row: dict) -> tuple:
+    """Float first, then by bit-width, equivalent bits and name."""
+    return (name != "float", row.get("bits", 0), row.get("equivalent_bits") or 0.0, name)
+
+
+def current(results: dict) -> dict[str, list[tuple[str, dict]]]:
+    """The page's rows: section key -> [(name, row)] in table order, superseded rows left out."""
+    out: dict[str, list[tuple[str, dict]]] = {key: [] for key, _, _ in SECTIONS}
+    for name, row in results.items():
+        if not name.startswith("_") and not row.get("superseded_by"):
+            out[section_of(name, row)].append((name, row))
+    return {key: sorted(rows, key=lambda nr: sort_key(*nr)) for key, rows in out.items()}
+
+
+def all_current(results: dict) -> list[tuple[str, dict]]:
+    """Every current row, in page order."""
+    return [nr for rows in current(results).values() for nr in rows]
+
+
+# ------------------------------------------------------------------------------------------- formatting
+
+def fmt(v: float | int | None, digits: int = 2) -> str:
+    """A number with `digits` decimals, "-" for None."""
     return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 
 
+def top1_ci(row: dict) -> str:
+    """Top-1 with its 95% interval when recorded: "79.43 (76.3-82.6)"."""
+    if "top1_lo" not in row:
+        return fmt(row.get("top1"))
+    return f"{row['top1']:.2f} ({row['top1_lo']:.1f}-{row['top1_hi']:.1f})"
+
+
+def megabytes(row: dict) -> str:
+    """Artifact size in MB (10^6 bytes)."""
+    return f"{row['artifact_bytes'] / 1e6:.2f}" if row.get("artifact_bytes") else "-"
+
+
+def rows_table(rows: list[tuple[str, dict]]) -> str:
+    """The page's Markdown table of rows, `COLUMNS`."""
+    lines = [COLUMNS, "|---|---|---|---|---|---|---|"]
+    for name, r in rows:
+        if "error" in r:
+            lines.append(f"| {name} | cannot run: {r['error']} | | | | | |")
+            continue
+        lines.append(f"| {name} | {top1_ci(r)} | {fmt(r.get('top5'))} | {fmt(r.get('tiny_agreement'))} | "
+                     f"{fmt(r.get('equivalent_bits'), 3)} | {megabytes(r)} | {r.get('calib_seconds', 0):,.0f} |")
+    return "\n".join(lines)
+
+
+def wrap(text: str) -> str:
+    """Prose wrapped at `WIDTH` without breaking words or hyphenated names."""
+    return textwrap.fill(text, WIDTH, break_long_words=False, break_on_hyphens=False)
+
+
+# ------------------------------------------------------------------------------------------- headline
+
+def best(rows: list[tuple[str, dict]], key: str) -> list[tuple[str, dict]]:
+    """The row with the highest `key` (first one on ties), as a list of at most one."""
+    rows = [nr for nr in rows if nr[1].get(key) is not None]
+    return [max(rows, key=lambda nr: nr[1][key])] if rows else []
+
+
+def headline_rows(results: dict) -> list[tuple[str, dict]]:
+    """Float; the best plain RTN row at W4 and W3; `recommended(4)` and `recommended(3)`; the searched
+    mixed row with the highest tiny64 agreement; the peer row with the highest top-1."""
+    rows = dict(all_current(results))
+    pick = [("float", rows["float"])] if "float" in rows else []
+    for bits in (4, 3):
+        pick += best([(n, r) for n, r in rows.items() if r.get("family") == "rtn" and r.get("bits") == bits], "top1")
+    pick += [(n, rows[n]) for n in ("CoRa recommended W4", "CoRa recommended W3") if n in rows]
+    mixed = [(n, r) for n, r in rows.items() if " mixed @" in n and "heuristic" not in n]
+    pick += best(mixed, "tiny_agreement")
+    pick += best([(n, r) for n, r in rows.items() if r.get("family") == "peer"], "top1")
+    return [nr for nr in pick if "error" not in nr[1]]
+
+
+def headline_table(results: dict) -> str:
+    """A 5-8 row Markdown table: float, plain rounding, cora_fx's recommended rows, the best peer."""
+    float_bytes = (results.get("float") or {}).get("artifact_bytes")
+    lines = ["| method | top-1 % (95% CI) | tiny64 agreement % | eq. bits | size |", "|---|---|---|---|---|"]
+    for name, r in headline_rows(results):
+        share = f" ({100 * r['artifact_bytes'] / float_bytes:.1f}%)" if float_bytes and name != "float" else ""
+        lines.append(f"| {name} | {top1_ci(r)} | {fmt(r.get('tiny_agreement'))} | "
+                     f"{fmt(r.get('equivalent_bits'), 3)} | {megabytes(r)} MB{share} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- commands
+
+#: "AIMET AdaRound (500 steps) W4": a peer re-run with a longer schedule than its own row's
+LONGER_SCHEDULE = re.compile(r"(?P<method>.+) \((?P<steps>\d+) steps\) (?P<bits>W\d+)$")
+
+
+def driver_name(name: str) -> str:
+    """The name `imagenet_bench.py` gives the row ("AIMET AdaRound (500 steps) W4" -> "AIMET AdaRound W4")."""
+    longer = LONGER_SCHEDULE.match(name)
+    return f"{longer['method']} {longer['bits']}" if longer else name
+
+
+def run_key(name: str, row: dict, calib_images: int | None) -> tuple[str, str, str, str, str]:
+    """What tells the driver invocations apart: (environment, peers, peer images, renamed row, section)."""
+    steps = (row.get("extra") or {}).get("adaround_iterations_per_layer")
+    env = f"CORA_FX_BENCH_ADAROUND_ITERS={steps}" if steps else ""
+    peer = name.split()[0].lower() if row.get("family") == "peer" else ""
+    images = row.get("calib_images")
+    fewer = f"--peer-calib-images {images}" if peer and images and calib_images and images < calib_images else ""
+    renamed = name if driver_name(name) != name else ""
+    return env, peer, fewer, renamed, "" if peer else section_of(name, row)
+
+
+def shell_lines(options: list[str], names: list[str]) -> list[str]:
+    """One command, wrapped with backslash continuations: the options, then ``--only "name,name,..."``
+    (the driver strips the spaces that indent a continued name)."""
+    quoted = [f'--only "{names[0]}'] + names[1:]
+    quoted[-1] += '"'
+    pieces = [(o, " ") for o in options if o] + [(q, " " if i == 0 else ",") for i, q in enumerate(quoted)]
+    lines, line = [], pieces[0][0]
+    for text, sep in pieces[1:]:
+        if len(line) + len(sep) + len(text) + 2 > WIDTH:
+            lines.append(line + (" \\" if sep == " " else ",\\"))
+            line = "    " + text
+        else:
+            line += sep + text
+    return lines + [line]
+
+
+def renamed_comment(names: list[str]) -> str:
+    """A comment for rows the driver names differently, e.g. by method and bits only."""
+    return f'# {len(names)} rows the driver names "{driver_name(names[0])}" (the page adds the steps): one --out each'
+
+
+def commands(results: dict) -> str:
+    """The shell commands that produce the page's rows, one driver call per kind of run."""
+    meta = results.get("_meta") or {}
+    threads = re.match(r".*?(\d+) threads?", meta.get("machine", ""))
+    groups: dict[tuple, list[str]] = {}
+    for name, row in all_current(results):
+        if name != "float":  # every driver run measures float
+            groups.setdefault(run_key(name, row, meta.get("calib_images")), []).append(name)
+    lines = ["pip install -e . -r benchmarks/requirements-peers.txt  # data: $CORA_FX_DATA, default ../shared/data"]
+    renamed_rows = [key[3] for key in groups if key[3]]
+    commented = set()
+    for (env, peer, fewer, renamed, _), names in groups.items():
+        out = "--out runs/" + re.sub(r"[^a-z0-9]+", "-", renamed.lower()).strip("-") if renamed else ""
+        if renamed and driver_name(renamed) not in commented:
+            commented.add(driver_name(renamed))
+            lines.append(renamed_comment([r for r in renamed_rows if driver_name(r) == driver_name(renamed)]))
+        timed = any("latency" in results[n] for n in names)
+        peers = peer or '""'
+        options = [env, "python benchmarks/imagenet_bench.py", f"--threads {threads[1]}" if threads else "",
+                   f"--peers {peers}", fewer, "" if timed else "--no-latency", out]
+        lines += shell_lines(options, [driver_name(n) for n in names])
+    lines.append("python benchmarks/report.py --readme README.md  # this page, its plots, the README table")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- page
+
+def noise(results: dict) -> tuple[float, float]:
+    """(widest top-1 half-interval on the page, binomial 95% half-width of a tiny64 agreement), in points."""
+    rows = [r for _, r in all_current(results) if "top1_lo" in r]
+    top1 = max(((r["top1_hi"] - r["top1_lo"]) / 2 for r in rows), default=float("nan"))
+    tiny = (results.get("_meta") or {}).get("tiny_images")
+    return top1, (100 * 1.96 * math.sqrt(0.25 / tiny) if tiny else float("nan"))
+
+
+def meta_value(meta: dict, key: str) -> str:
+    """A metadata field as the page shows it."""
+    return f"`{meta[key]}`" if meta.get(key) not in (None, "") else "not recorded"
+
+
+def intro(results: dict) -> str:
+    """What is measured, how to read the columns, and where the rows were measured."""
+    meta = results.get("_meta") or {}
+    arch = {"mobilenet_v2": "MobileNetV2"}.get(meta.get("arch"), meta.get("arch") or "the model")
+    counts = ("calib_images", "eval_images", "tiny_images")
+    calib, evals, tiny = (f"{meta[k]:,}" if meta.get(k) else "?" for k in counts)
+    top1, agreement = noise(results)
+    what = (f"Each row but float quantizes the weights of torchvision's {arch} with its ImageNet weights after "
+            f"calibrating on {calib} labelled ImageNet images, then measures top-1 and top-5 accuracy on {evals} other "
+            "labelled ImageNet images (Resize 256, CenterCrop 224) and the top-1 agreement with the float model on "
+            f"{tiny} tiny64 images (64 px: a larger-sample fidelity measure, not comparable to top-1). "
+            "Activations stay float.")
+    columns = [
+        f"top-1 % (95% CI): on the {evals} images, 95% bootstrap interval over images (up to +-{top1:.1f} "
+        "points here); rows whose difference lies inside the interval are ties.",
+        f"tiny64 agr. %: images where the row and float pick the same class (95% interval <= +-{agreement:.1f} "
+        "points).",
+        "eq. bits: stored bits per conv weight, averaged over all Conv2d weights (cora_fx: 8-bit depthwise "
+        "convs and 8-bit adapters included; peers: their weight bits).",
+        "size MB: the artifact file (cora_fx: the `.pt2` of `cora_fx.save`; float: `torch.save(state_dict)`).",
+        "calib s: calibration wall time, 1 thread, on a machine shared with other jobs: compare orders of magnitude.",
+    ]
+    where = ("Metadata in results.json (one record for the file, whose rows come from several merged driver runs "
+             f"and carry no date or torch build of their own): machine {meta_value(meta, 'machine')}, torch "
+             f"{meta_value(meta, 'torch')}, torchvision {meta_value(meta, 'torchvision')}, date "
+             f"{meta_value(meta, 'date')}.")
+    old = superseded(results)
+    if old:
+        where += f" The file also keeps {len(old)} superseded rows (`superseded_by`), left out of this page."
+    bullets = "\n".join(bullet(c) for c in columns)
+    return f"{wrap(what)}\n\n{bullets}\n\n{wrap(where)}"
+
+
+def bullet(text: str) -> str:
+    """A Markdown list item wrapped at `WIDTH`."""
+    return textwrap.fill(text, WIDTH, initial_indent="- ", subsequent_indent="  ", break_long_words=False,
+                         break_on_hyphens=False)
+
+
+def peer_notes(rows: list[tuple[str, dict]], calib_images: int | None) -> str:
+    """Calibration images and AdaRound schedules of the peer rows that differ from the others."""
+    groups: dict[tuple[int, int], list[str]] = {}
+    default = ""
+    for name, r in rows:
+        steps = (r.get("extra") or {}).get("adaround_iterations_per_layer") or 0
+        images = r.get("calib_images") or calib_images or 0
+        if steps or (calib_images and images != calib_images):
+            groups.setdefault((steps, images), []).append(name)
+            found = re.search(r"default (\d+)", r.get("note", ""))
+            default = f" (AIMET's default: {int(found[1]):,})" if found else default
+    notes = []
+    for (steps, images), names in sorted(groups.items()):
+        schedule = f", {steps:,} AdaRound steps per layer" if steps else ""
+        notes.append(f"{', '.join(names)}: {images:,} calibration images{schedule}")
+    return "\n".join(bullet(n + (default if i == len(notes) - 1 else "")) for i, n in enumerate(notes))
+
+
+def latency_summary(results: dict) -> str:
+    """Quantized / float median latency per mode and batch, one row per timed artifact."""
+    modes = [("eager", "eager"), ("compile", "compile"), ("compile_frozen", "frozen")]
+    head = " | ".join(f"{label} b{b}" for _, label in modes for b in (1, 32))
+    lines = [f"| artifact | timed file MB | {head} |", "|---|---|" + "---|" * 6]
+    for name, r in all_current(results):
+        lat = r.get("latency") or {}
+        if lat:
+            size = r.get("latency_artifact_bytes", r.get("artifact_bytes", 0)) / 1e6
+            cells = " | ".join(f"{lat[f'{m}_b{b}']['ratio']:.2f}" if f"{m}_b{b}" in lat else "-"
+                               for m, _ in modes for b in (1, 32))
+            lines.append(f"| {name} | {size:.2f} | {cells} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def render_results(results: dict, plots: str = "results") -> str:
+    """The whole RESULTS.md page; `plots` is the plots' folder relative to the page."""
+    meta = results.get("_meta") or {}
+    parts = ["# Benchmark results: cora_fx on ImageNet", intro(results),
+             "## Reproduce", "```bash\n" + commands(results) + "\n```",
+             "## Headline", headline_table(results),
+             wrap("Float, the best plain rounding at W4 and W3, `recommended(4)` and `recommended(3)`, the searched "
+                  "mixed W3/W4 row with the highest tiny64 agreement and the peer row with the highest top-1.")]
+    sections = current(results)
+    for key, title, sentence in SECTIONS:
+        if sections[key]:
+            parts += [f"## {title}", wrap(sentence), rows_table(sections[key])]
+            notes = peer_notes(sections[key], meta.get("calib_images")) if key == "peers" else ""
+            parts += [notes] if notes else []
+    latency = latency_summary(results)
+    if latency:
+        parts += ["## Latency", wrap(
+            "Median latency of the saved artifact over the float model's (1 thread, 224 px, the two called "
+            "alternately in one process, so the ratio holds under machine load but the milliseconds do not); "
+            "`frozen` is `torch.compile` with inductor freezing, below 1.00 is faster than float."), latency]
+    parts += ["## Plots", f"![top-1 against artifact size]({plots}/pareto.png)", wrap(
+        "Top-1 against artifact size (log scale), one line per method, points labelled by bit-width and budget; "
+        "the inset zooms on the crowded corner of the cora_fx rows."),
+        f"![searched ranks per layer]({plots}/ranks.png)", wrap(
+        "The ranks that the search gives `CoRa recommended W4` per layer, against the heuristic floor(b*R) "
+        "and the maximum rank R.")]
+    return "\n\n".join(parts) + "\n"
+
+
+# --------------------------------------------------------------------------------------------- README
+
+def replace_between_markers(text: str, block: str) -> str:
+    """`text` with the lines between `README_START` and `README_END` replaced by `block`."""
+    lines = text.splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if line.strip() == README_START]
+    ends = [i for i, line in enumerate(lines) if line.strip() == README_END]
+    if len(starts) != 1 or len(ends) != 1 or ends[0] < starts[0]:
+        raise ValueError(f"expected one '{README_START}' line followed by one '{README_END}' line, found "
+                         f"{len(starts)} start and {len(ends)} end marker(s)")
+    block = block if block.endswith("\n") or not block else block + "\n"
+    return "".join(lines[:starts[0] + 1]) + block + "".join(lines[ends[0]:])
+
+
+def readme_block(results: dict) -> str:
+    """The README's results: the headline table and a link to the full page, between blank lines."""
+    return (f"\n{headline_table(results)}\n\nAll rows, the commands that produce them and plots: "
+            "[benchmarks/RESULTS.md](benchmarks/RESULTS.md).\n\n")
+
+
+def update_readme(path: Path, results: dict) -> None:
+    """Rewrite the results block of the README at `path` (ValueError without the markers)."""
+    path = Path(path)
+    path.write_text(replace_between_markers(path.read_text(encoding="utf-8"), readme_block(results)), encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------ all rows (stdout)
+
 def table(results: dict) -> str:
-    rows = ["| method | top-1 (95% CI) | top-5 | tiny64 agreement | eq. bits | budget | artifact bytes | calib s | iters |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    """Every row of results.json, superseded ones included: the full record, printed by `main`."""
+    rows = ["| method | top-1 (95% CI) | top-5 | tiny64 agreement | eq. bits | budget | artifact bytes | calib s "
+            "| iters |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         if name.startswith("_"):
             continue
         if "error" in r:
             rows.append(f"| {name} | cannot run: {r['error']} | | | | | | | |")
             continue
-        ci = f"{r['top1']:.2f} ({r['top1_lo']:.1f}-{r['top1_hi']:.1f})"
-        rows.append(f"| {name} | {ci} | {r['top5']:.2f} | {fmt(r.get('tiny_agreement'))} | {r['equivalent_bits']:.3f} | "
-                    f"{fmt(r.get('budget'), 4)} | {r['artifact_bytes']:,} | {r['calib_seconds']:.0f} | {r.get('iterations', 0)} |")
+        rows.append(f"| {name} | {top1_ci(r)} | {r['top5']:.2f} | {fmt(r.get('tiny_agreement'))} | "
+                    f"{r['equivalent_bits']:.3f} | {fmt(r.get('budget'), 4)} | {r['artifact_bytes']:,} | "
+                    f"{r['calib_seconds']:.0f} | {r.get('iterations', 0)} |")
     return "\n".join(rows)
 
 
 def latency_table(results: dict) -> str:
-    """Median ms of float and quantized, interleaved, per mode and batch (`benchmarks/latency.py`)."""
+    """Median ms of float and quantized, interleaved, per mode and batch, for every row with latency."""
     rows = ["| method | mode | batch | float ms | quantized ms | ratio |", "|---|---|---|---|---|---|"]
     for name, r in results.items():
         for key, v in (r.get("latency") or {}).items() if isinstance(r, dict) else ():
             mode, batch = key.rsplit("_b", 1)
-            rows.append(f"| {name} | {mode} | {batch} | {v['float_ms']:.1f} | {v['quantized_ms']:.1f} | {v['ratio']:.2f} |")
+            rows.append(f"| {name} | {mode} | {batch} | {v['float_ms']:.1f} | {v['quantized_ms']:.1f} | "
+                        f"{v['ratio']:.2f} |")
     return "\n".join(rows) if len(rows) > 2 else ""
 
+
+# ---------------------------------------------------------------------------------------------- plots
 
 ZOOM_MB, ZOOM_TOP1 = (1.5, 2.8), 64.0  # the inset of the Pareto plot
 
@@ -47,33 +409,33 @@ LABEL_SPOTS = [(4, 4, "left"), (4, -10, "left"), (-4, 4, "right"), (-4, -10, "ri
                (-4, 12, "right"), (4, -18, "left"), (-4, -18, "right"), (10, -3, "left"), (-10, -3, "right")]
 
 
-def place_labels(fig, labels: list) -> None:
+def place_labels(fig, labels: list, unlabelled: list = ()) -> None:
     """Annotate each (axes, x, y, text) at the first spot in `LABEL_SPOTS` that overlaps no earlier label,
-    no marker of its axes and does not run past the axes' edge (greedy; the least crowded spot if none is
-    free). Call after the layout is final."""
+    no marker of its axes (the labelled ones and the (axes, x, y) of `unlabelled`) and does not run past the
+    axes' edge (greedy; the least crowded spot if none is free). Call after the layout is final."""
     from matplotlib.transforms import Bbox
 
     fig.canvas.draw()  # inset axes get their final place only when drawn
     renderer = fig.canvas.get_renderer()
     half = 3 * fig.dpi / 72  # every marker is an obstacle, as a 6x6-point box around the point
     taken = {}
-    for target, x, y, _ in labels:
+    for target, x, y, *_ in [*labels, *unlabelled]:
         cx, cy = target.transData.transform((x, y))
         taken.setdefault(target, []).append(Bbox.from_extents(cx - half, cy - half, cx + half, cy + half))
     for target, x, y, text in labels:
         frame = target.get_window_extent(renderer)
-        best = None  # (overlap, spot, box)
+        best_spot = None  # (overlap, spot, box)
         for dx, dy, ha in LABEL_SPOTS:
             trial = target.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=6, ha=ha)
             box = trial.get_window_extent(renderer)
             trial.remove()
             clash = sum(overlap_area(box, other) for other in taken[target])
             clash += box.width * box.height - overlap_area(box, frame)  # the part cut off by the axes' edge
-            if best is None or clash < best[0]:
-                best = (clash, (dx, dy, ha), box)
+            if best_spot is None or clash < best_spot[0]:
+                best_spot = (clash, (dx, dy, ha), box)
             if clash == 0:
                 break
-        _, (dx, dy, ha), box = best
+        _, (dx, dy, ha), box = best_spot
         target.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=6, ha=ha)
         taken[target].append(box)
 
@@ -84,10 +446,6 @@ def overlap_area(a, b) -> float:
 
     shared = Bbox.intersection(a, b)
     return 0.0 if shared is None else shared.width * shared.height
-
-
-#: "AIMET AdaRound (500 steps) W4": a peer re-run with a longer schedule than its own row's
-LONGER_SCHEDULE = re.compile(r"(?P<method>.+) \((?P<steps>\d+) steps\) (?P<bits>W\d+)$")
 
 
 def plot_family(name: str) -> str:
@@ -116,7 +474,7 @@ def point_label(name: str, family: str) -> str:
 
 def plot_lines(results: dict) -> dict[str, list[tuple[float, float, str]]]:
     """(MB, top-1, row name) per `plot_family`, in the order the families first appear. Rows that could
-    not run and rows marked ``superseded_by`` (an older version of a method, kept in the table) are left out."""
+    not run and rows marked ``superseded_by`` are left out."""
     families: dict[str, list[tuple[float, float, str]]] = {}
     for name, r in results.items():
         if name.startswith("_") or "error" in r or "top1" not in r or r.get("superseded_by"):
@@ -125,21 +483,33 @@ def plot_lines(results: dict) -> dict[str, list[tuple[float, float, str]]]:
     return families
 
 
+def color_order(results: dict) -> list[str]:
+    """The `plot_lines` families in colour order: tab20's 10 dark colours go first to cora_fx's recommended
+    lines, then to float and the peers, the light ones to the rest; within each group in order of first
+    appearance, so that a family added at the end recolours no other of its group."""
+    peers = {plot_family(n) for n, r in results.items() if not n.startswith("_") and r.get("family") == "peer"}
+
+    def rank(family: str) -> int:
+        return 0 if family.startswith("CoRa recommended") else 1 if family == "float" or family in peers else 2
+    return sorted(plot_lines(results), key=rank)
+
+
 def pareto_plot(results: dict, path: Path) -> None:
+    """Top-1 against artifact size, one line per `plot_family`, with an inset on the crowded corner."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(12, 6.2))
     families = plot_lines(results)
-    # more families than the default 10-colour cycle: the 10 dark, then the 10 light; in the order the
-    # families first appear in results.json, so that a family added at the end recolours no other
+    order = color_order(results)
     colors = plt.get_cmap("tab20").colors
     zoom = ax.inset_axes([0.45, 0.2, 0.38, 0.65])  # the crowded top-left corner, drawn in the empty 5-40 MB band
     zoom_top = ZOOM_TOP1 + 1.0
-    labels = []
-    for index, (family, pts) in enumerate(families.items()):
+    labels, unlabelled = [], []
+    for family, pts in families.items():
         pts.sort()
+        index = order.index(family)
         style = dict(marker="os^D"[index % 4], color=colors[(2 * index) % 20 + index // 10])
         mixed = " mixed @" in family  # a tight cluster near 1.9 MB: the legend names its budgets, no point labels
         legend = f"{family}\n(b = {', '.join(n.split(' b=')[1] for _, _, n in pts)} from the left)" if mixed else family
@@ -148,10 +518,12 @@ def pareto_plot(results: dict, path: Path) -> None:
         if inside:
             zoom_top = max(zoom_top, max(p[1] for p in inside) + 2.0)  # room for the labels above the top points
             zoom.plot([p[0] for p in inside], [p[1] for p in inside], **style)
-        if mixed:
-            continue
         for x, y, name in pts:
-            labels.append((zoom if (x, y, name) in inside else ax, x, y, point_label(name, family)))
+            target = zoom if (x, y, name) in inside else ax
+            if mixed:
+                unlabelled.append((target, x, y))
+            else:
+                labels.append((target, x, y, point_label(name, family)))
     zoom.set_xlim(*ZOOM_MB)
     zoom.set_ylim(ZOOM_TOP1, zoom_top)
     zoom.tick_params(labelsize=7)
@@ -169,12 +541,13 @@ def pareto_plot(results: dict, path: Path) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: points reach every corner
     fig.tight_layout()
-    place_labels(fig, labels)
-    fig.savefig(path, dpi=120)
+    place_labels(fig, labels, unlabelled)
+    fig.savefig(path, dpi=120, metadata={"Software": None})
     plt.close(fig)
 
 
 def ranks_plot(record: dict, path: Path, title: str) -> None:
+    """Searched, heuristic and maximum rank per layer of one row."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -190,23 +563,59 @@ def ranks_plot(record: dict, path: Path, title: str) -> None:
     ax.set_xticks(list(x))
     ax.set_xticklabels(names, rotation=90, fontsize=6)
     ax.set_ylabel("rank (symlog)")
-    ax.set_title(title)
+    ax.set_title(f"{title}: rank per layer")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, metadata={"Software": None})
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    path = Path(args[0] if args else Path(__file__).resolve().parent / "results" / "results.json")
-    results = json.loads(path.read_text())
-    print(table(results))
-    print("\n" + latency_table(results))
-    pareto_plot(results, path.with_name("pareto.png"))
-    searched = [n for n, r in results.items() if n == "CoRa recommended W4" and "extra" in r]
-    if searched:
-        ranks_plot(results[searched[0]], path.with_name("ranks.png"), searched[0])
+def write_plots(results: dict, folder: Path) -> list[Path]:
+    """pareto.png and, when the row has searched ranks, ranks.png of `CoRa recommended W4`, in `folder`."""
+    written = [folder / "pareto.png"]
+    pareto_plot(results, written[0])
+    record = results.get("CoRa recommended W4") or {}
+    if "ranks" in (record.get("extra") or {}):
+        written.append(folder / "ranks.png")
+        ranks_plot(record, written[1], "CoRa recommended W4")
+    return written
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+def page_path(results_path: Path) -> Path:
+    """benchmarks/results/results.json -> benchmarks/RESULTS.md; a JSON elsewhere -> RESULTS.md beside it."""
+    folder = results_path.parent
+    return folder.parent / "RESULTS.md" if folder.name == "results" else folder / "RESULTS.md"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write the page and the plots (and the README's block with ``--readme``); print every row."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="?", default=str(RESULTS), help="results JSON (default: %(default)s)")
+    parser.add_argument("--page", default=None, help="where the page goes (default: RESULTS.md, see page_path)")
+    parser.add_argument("--readme", default=None, help="replace the README's results block with the headline table")
+    parser.add_argument("--no-plots", action="store_true", help="leave pareto.png and ranks.png as they are")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    path = Path(args.results)
+    results = load(path)
+    if args.readme:  # fail before writing anything
+        try:
+            replace_between_markers(Path(args.readme).read_text(encoding="utf-8"), "")
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"report.py: {args.readme}: {err}") from None
+    page = Path(args.page) if args.page else page_path(path)
+    plots = Path(os.path.relpath(path.parent.resolve(), page.parent.resolve())).as_posix()
+    page.write_text(render_results(results, plots), encoding="utf-8")
+    print(table(results) + "\n\n" + latency_table(results) + "\n\n" + headline_table(results))
+    print(f"wrote {page}")
+    if args.readme:
+        update_readme(Path(args.readme), results)
+        print(f"wrote the results block of {args.readme}")
+    if args.no_plots or importlib.util.find_spec("matplotlib") is None:
+        print("plots not regenerated" + ("" if args.no_plots else " (matplotlib is not installed)"))
+    else:
+        print("wrote " + ", ".join(str(p) for p in write_plots(results, path.parent)))
     return 0
 
 

@@ -3,7 +3,7 @@
     python benchmarks/search_speed.py --arch resnet18 --batch 32 --size 224 --steps 5
 
 Alternates blocks of float forward+backward steps (all weights trainable, gradients only) and a
-cora_fx search of as many iterations (folded form, METHOD.md section 4, its setup included) on
+cora_fx search of as many iterations (folded form, docs/method.md section 4, its setup included) on
 the same random batch, twice; prints the per-step means of each.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     model = getattr(torchvision.models, args.arch)().eval()
     batch = (torch.randn(args.batch, 3, args.size, args.size), torch.randint(0, 1000, (args.batch,)))
-    prepared = prepare_cora(model, CoRaConfig(loss=args.loss))
+    prepared = prepare_cora(model, CoRaConfig().replace(loss=args.loss))
     float_times, search_times = [], []
     for block in range(3):  # block 0 warms up
         start = time.perf_counter()
@@ -46,7 +46,8 @@ def main(argv=None) -> int:
         search_times.append((time.perf_counter() - start) / args.steps)
     f, s = statistics.mean(float_times[1:]), statistics.mean(search_times[1:])
     print(f"{args.arch} batch {args.batch} at {args.size}px, loss {args.loss}: float fwd+bwd {f:.2f} s/step, "
-          f"search {s:.2f} s/step, ratio {s / f:.2f} ({args.steps} steps x 2 blocks, threads {torch.get_num_threads()})")
+          f"search {s:.2f} s/step, ratio {s / f:.2f} "
+          f"({args.steps} steps x 2 blocks, threads {torch.get_num_threads()})")
     return 0
 
 

@@ -1,16 +1,16 @@
 """Compiled unpack + dequantize of sub-byte codes: the word layout against the earlier byte layouts.
 
 The converted graph dequantizes its weights on every call unless inductor freezing folds them
-(RESULTS.md section 2). This times that step alone, under ``torch.compile``, for one weight
+(benchmarks/RESULTS.md). This times that step alone, under ``torch.compile``, for one weight
 matrix (default: MobileNetV2's 1000 x 1280 classifier at 4 bits):
 
 - ``words``: `cora_fx.packing.unpack_codes` (what `convert_cora` emits): row-planar 32-bit words
   stored as bytes, read through a float32 view, one broadcast shift, one mask;
 - ``words_int32_load``: the same words read straight as int32 (no float32 view in between): what
   the float32 view saves, inductor's integer vector loads;
-- ``planar_bytes``: the sixth to ninth sessions' layout, codes cut into ``8 // field`` flat slices
+- ``planar_bytes``: an alternative byte layout, codes cut into ``8 // field`` flat slices
   sharing each byte, unpacked with constant shifts and a concatenation;
-- ``interleaved``: the fifth session's layout, element 2i in the low nibble and 2i + 1 in the high
+- ``interleaved``: a nibble-interleaved layout, element 2i in the low nibble and 2i + 1 in the high
   one, unpacked by shifting against a stored shift buffer;
 - ``int8``: one code per byte, no unpacking (the earlier floor);
 - ``float``: the dequantize arithmetic alone on float codes (no unpacking at all).
@@ -93,7 +93,8 @@ def main(argv=None) -> int:
 
     packed_words = pack_codes(codes, args.bits)
     cases = {"words": (words_fn, (packed_words, word_shifts(args.bits), zero_point, scale)),
-             "words_int32_load": (words_int32_load_fn, (packed_words.view(torch.int32), word_shifts(args.bits), zero_point, scale)),
+             "words_int32_load": (words_int32_load_fn,
+                                  (packed_words.view(torch.int32), word_shifts(args.bits), zero_point, scale)),
              "planar_bytes": (planar_fn, (planar, zero_point, scale)),
              "interleaved": (interleaved_fn, (interleaved, shift_buffer, zero_point, scale)),
              "int8": (int8_fn, (codes.reshape(-1).clone(), zero_point, scale)),
@@ -104,7 +105,8 @@ def main(argv=None) -> int:
             assert torch.equal(fn(*fn_args), expected), name  # all decode the same weights
             result[f"{name}_ms"] = _best_ms(fn, fn_args, args.repeats)
     result["planar_bytes_over_words"] = result["planar_bytes_ms"] / result["words_ms"]
-    print(json.dumps(dict(rows=args.rows, cols=args.cols, bits=args.bits, threads=torch.get_num_threads(), **result), indent=1))
+    print(json.dumps(dict(rows=args.rows, cols=args.cols, bits=args.bits, threads=torch.get_num_threads(), **result),
+                     indent=1))
     return 0
 
 

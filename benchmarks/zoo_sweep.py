@@ -77,7 +77,8 @@ def _classifier(name: str) -> Callable[[], nn.Module]:
 
 
 def _segmentation(name: str) -> Callable[[], nn.Module]:
-    return lambda: torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=5, aux_loss=False)
+    return lambda: torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=5,
+                                                aux_loss=False)
 
 
 def _fpn_backbone(arch: str) -> Callable[[], nn.Module]:
@@ -185,7 +186,8 @@ def sweep_model(entry: ZooModel, seed: int = 0) -> ZooRow:
             model = entry.build().eval()
         row.params = sum(p.numel() for p in model.parameters())
         if row.params > MAX_PARAMS:
-            row.status, row.reason = "not run", f"{row.params / 1e6:.0f}M parameters > sweep cap {MAX_PARAMS / 1e6:.0f}M"
+            row.status, row.reason = ("not run",
+                                      f"{row.params / 1e6:.0f}M parameters > sweep cap {MAX_PARAMS / 1e6:.0f}M")
             return row
         _check(model, entry, row)
     except Exception as err:  # the row records it; the test asserts on status
@@ -204,7 +206,7 @@ def _check(model: nn.Module, entry: ZooModel, row: ZooRow) -> None:
         reference = model(x)
 
     # 1) exactness: full-rank float adapters, depthwise residual kept, Linear float
-    exact_cfg = CoRaConfig(adapter_bits=None, depthwise="residual", quantize_linear=False)
+    exact_cfg = CoRaConfig().replace(adapter_bits=None, depthwise="residual", quantize_linear=False)
     try:
         prepared = prepare_cora(model, exact_cfg)
     except CoRaError as err:

@@ -1,14 +1,17 @@
-"""cora_fx: CoRa low-bit weight quantization of ConvNets as a torch.fx pass.
+"""cora_fx: CoRa low-bit weight quantization of ConvNets as torch.fx passes.
 
-Workflow (torch.ao style): ``prepare_cora`` -> ``search_ranks`` (or ``set_ranks``) ->
-``convert_cora``; ``quantize_cora`` does all three. See METHOD.md for the math.
+Pipeline (torch.ao style, docs/method.md): ``prepare_cora`` -> ``calibrate_rounding`` -> ``search_ranks``
+(or ``set_ranks``) -> ``correct_batchnorm`` -> ``finetune`` -> ``convert_cora``. ``run_pipeline`` runs the
+data-aware steps the config asks for, in that order; ``quantize_cora`` runs the whole chain.
 """
 from .batchnorm import correct_batchnorm
-from .config import CoRaConfig
+from .config import (AdapterConfig, CoRaConfig, CoRaDeprecationWarning, QuantConfig, RefineConfig, RoundingConfig,
+                     SearchConfig)
 from .convert import convert_cora, quantize_cora
 from .finetune import FinetuneResult, finetune
 from .mixed_precision import allocate_bits
 from .observers import NormalObserver
+from .pipeline import STEPS, PipelineResult, run_pipeline
 from .prepare import prepare_cora, set_ranks
 from .rounding import calibrate_rounding
 from .rank_search import RankSearchResult, SearchHistory, search_ranks
@@ -18,9 +21,12 @@ from .tracer import CoRaTraceError
 from .serialization import CoRaLoadError, load, read_summary, save
 from .plots import plot_ranks, plot_search
 
+__version__ = "0.2.0"
+
 __all__ = [
-    "CoRaConfig", "calibrate_rounding", "correct_batchnorm", "prepare_cora", "search_ranks", "set_ranks", "convert_cora", "quantize_cora", "summary",
-    "CoRaSummary", "LayerInfo", "RankSearchResult", "SearchHistory", "NormalObserver", "CoRaError", "CoRaTraceError",
-    "save", "load", "read_summary", "CoRaLoadError", "plot_ranks", "plot_search", "finetune", "FinetuneResult",
-    "allocate_bits",
+    "CoRaConfig", "QuantConfig", "AdapterConfig", "RoundingConfig", "SearchConfig", "RefineConfig",
+    "CoRaDeprecationWarning", "prepare_cora", "calibrate_rounding", "search_ranks", "set_ranks", "correct_batchnorm",
+    "finetune", "convert_cora", "run_pipeline", "quantize_cora", "STEPS", "PipelineResult", "summary", "allocate_bits",
+    "CoRaSummary", "LayerInfo", "RankSearchResult", "SearchHistory", "FinetuneResult", "NormalObserver", "CoRaError",
+    "CoRaTraceError", "save", "load", "read_summary", "CoRaLoadError", "plot_ranks", "plot_search",
 ]

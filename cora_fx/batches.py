@@ -27,7 +27,8 @@ def input_dtype(module: torch.nn.Module) -> Optional[torch.dtype]:
     return None
 
 
-def split_batch(batch: Any, device: torch.device, dtype: Optional[torch.dtype] = None) -> tuple[tuple[torch.Tensor, ...], Any]:
+def split_batch(batch: Any, device: torch.device,
+                dtype: Optional[torch.dtype] = None) -> tuple[tuple[torch.Tensor, ...], Any]:
     """``(inputs, labels)`` -> (input tensors on ``device``, floating ones cast to ``dtype``; labels on ``device``)."""
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise CoRaError(f"each calibration batch must be an (inputs, labels) pair, got {type(batch).__name__}")

@@ -69,7 +69,8 @@ def build_model(spec: str, num_classes: Optional[int] = None) -> nn.Module:
         import torchvision
 
         if attr not in torchvision.models.list_models():
-            raise UsageError(f"--model {spec!r}: unknown torchvision model '{attr}' (see torchvision.models.list_models())")
+            raise UsageError(f"--model {spec!r}: unknown torchvision model '{attr}' "
+                             "(see torchvision.models.list_models())")
         return torchvision.models.get_model(attr, weights=None, **kwargs)
     try:
         module = importlib.import_module(module_name)
@@ -91,7 +92,8 @@ def load_weights(model: nn.Module, path: Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise UsageError(f"--weights {path}: not a loadable state dict ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+        raise UsageError(f"--weights {path}: not a loadable state dict "
+                         f"({type(err).__name__}: {str(err).splitlines()[0]})") from None
     if isinstance(state, dict) and not any(isinstance(v, torch.Tensor) for v in state.values()):
         state = state.get("state_dict", state.get("model", state))
     if not isinstance(state, dict):
@@ -99,14 +101,17 @@ def load_weights(model: nn.Module, path: Path) -> None:
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as err:
-        lines = [l.strip() for l in str(err).splitlines() if "size mismatch" in l]
-        raise UsageError(f"--weights {path} does not fit the model: {lines[0] if lines else str(err).splitlines()[0]}") from None
+        lines = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
+        raise UsageError(f"--weights {path} does not fit the model: "
+                         f"{lines[0] if lines else str(err).splitlines()[0]}") from None
     if result.missing_keys or result.unexpected_keys:
         raise UsageError(f"--weights {path} does not fit the model: {len(result.missing_keys)} missing keys "
-                         f"(e.g. {result.missing_keys[:2]}), {len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:2]})")
+                         f"(e.g. {result.missing_keys[:2]}), {len(result.unexpected_keys)} unexpected "
+                         f"(e.g. {result.unexpected_keys[:2]})")
 
 
-def open_dataset(path: Path, split: Optional[str], image_size: int, resize: int, limit: Optional[int], flag: str) -> Any:
+def open_dataset(path: Path, split: Optional[str], image_size: int, resize: int, limit: Optional[int],
+                 flag: str) -> Any:
     """An ImageFolder directory or a ``path,label[,split]`` CSV, with the ImageNet preprocessing."""
     from .data import CsvImageDataset, imagenet_transform
 
@@ -121,7 +126,8 @@ def open_dataset(path: Path, split: Optional[str], image_size: int, resize: int,
         except (FileNotFoundError, RuntimeError) as err:
             raise UsageError(f"{flag} {path}: not an ImageFolder ({err})") from None
         if limit is not None:
-            dataset = torch.utils.data.Subset(dataset, torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:limit].tolist())
+            dataset = torch.utils.data.Subset(
+                dataset, torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:limit].tolist())
     elif path.is_file():
         try:
             dataset = CsvImageDataset(path, split=split, transform=transform, limit=limit)
@@ -190,7 +196,7 @@ def quantize_config(args: argparse.Namespace) -> "CoRaConfig":
     with ``--target-bits`` and no ``--budget``, recommended takes `mixed_precision.MIXED_BUDGET`."""
     from .config import CoRaConfig
 
-    base = CoRaConfig.recommended(args.bits) if args.config == "recommended" else CoRaConfig(bits=args.bits)
+    base = CoRaConfig.recommended(args.bits) if args.config == "recommended" else CoRaConfig().replace(bits=args.bits)
     changes: dict[str, Any] = {"seed": args.seed}
     for option in ("adapter_bits", "budget", "clipping", "depthwise", "loss", "iterations", "finetune_iterations",
                    "adapter_form"):
@@ -206,12 +212,9 @@ def quantize_config(args: argparse.Namespace) -> "CoRaConfig":
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .batchnorm import correct_batchnorm
-    from .finetune import finetune
-    from .rounding import calibrate_rounding
     from .convert import convert_cora
-    from .prepare import prepare_cora, set_ranks
-    from .rank_search import search_ranks
+    from .pipeline import run_pipeline
+    from .prepare import prepare_cora
     from .serialization import as_json, file_nbytes, save
     from .summary import serialized_nbytes, summary
 
@@ -241,37 +244,29 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     prepared = prepare_cora(model, config, example_inputs=example)
     if not hasattr(prepared, "meta") or "cora_fx" not in prepared.meta:
         raise UsageError(f"--model {args.model}: no nn.Conv2d layer to quantize")
-    result = None
-    extra_finetune: Optional[dict] = None
-    if args.ranks == "heuristic":
-        loader = _loader(dataset, args.batch_size, shuffle=False)
-        if config.needs_rounding_data:
-            calibrate_rounding(prepared, loader)
-        set_ranks(prepared, "heuristic")
-        if config.bn_correction:
-            correct_batchnorm(prepared, loader, max_batches=config.bn_correction)
-        if config.finetune_iterations:
-            tuned = finetune(prepared, _loader(dataset, args.batch_size, shuffle=True), progress=not args.quiet)
-            extra_finetune = {"iterations": tuned.iterations, "seconds": tuned.seconds}
-    else:
-        result = search_ranks(prepared, _loader(dataset, args.batch_size, shuffle=True), progress=not args.quiet)
+    loader = _loader(dataset, args.batch_size, shuffle=True)
+    say = (lambda step: None) if args.quiet else (lambda step: print(f"cora-fx quantize: {step} ...", flush=True))
+    steps = run_pipeline(prepared, loader, ranks="search" if args.ranks == "search" else "heuristic",
+                         progress=not args.quiet, on_step=say)
+    result = steps.search
     quantized = convert_cora(prepared)
     save(quantized, out, example)
     report = summary(quantized)
     float_bytes = serialized_nbytes(model)
     nbytes = file_nbytes(out)
     extra: dict[str, Any] = {"artifact": str(out), "artifact_bytes": nbytes, "float_state_dict_bytes": float_bytes,
-                             "model": args.model, "ranks_from": args.ranks, "layer_bits": dict(config.layer_bits)}
-    if extra_finetune is not None:
-        extra["finetune"] = extra_finetune
+                             "model": args.model, "ranks_from": args.ranks, "layer_bits": dict(config.quant.layer_bits)}
+    extra["steps"] = steps.steps
+    if steps.finetune is not None:
+        extra["finetune"] = {"iterations": steps.finetune.iterations, "seconds": steps.finetune.seconds}
     if result is not None:
-        extra["search"] = {"iterations": result.iterations, "seconds": result.seconds, "soft_budget": result.soft_budget}
-        if result.finetune is not None:
-            extra["finetune"] = {"iterations": result.finetune.iterations, "seconds": result.finetune.seconds}
+        extra["search"] = {"iterations": result.iterations, "seconds": result.seconds,
+                           "soft_budget": result.soft_budget}
     json_path = out.with_suffix(".json")
     json_path.write_text(as_json(report, **extra))
     print(report)
-    print(f"wrote {out} ({nbytes:,} bytes, {100 * nbytes / float_bytes:.1f}% of the float state dict's {float_bytes:,}) and {json_path}")
+    print(f"wrote {out} ({nbytes:,} bytes, {100 * nbytes / float_bytes:.1f}% of the float state dict's "
+          f"{float_bytes:,}) and {json_path}")
     if result is not None:
         paths = _write_plots(result, out, print)
     else:
@@ -317,7 +312,8 @@ def cmd_summary(args: argparse.Namespace) -> int:
 def _data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", help="keep only CSV rows whose split column equals this (e.g. calib, eval)")
     p.add_argument("--image-size", type=_positive_int, default=224, help="center crop size (default 224)")
-    p.add_argument("--resize", type=_positive_int, default=256, help="resize of the short side before the crop (default 256)")
+    p.add_argument("--resize", type=_positive_int, default=256,
+                   help="resize of the short side before the crop (default 256)")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="batch size (default 32)")
     p.add_argument("--num-classes", type=_positive_int, help="num_classes passed to the model factory")
 
@@ -325,11 +321,14 @@ def _data_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser = _Parser(prog="cora-fx", description="CoRa low-bit weight quantization of ConvNets (torch.fx).", parents=[common])
+    parser = _Parser(prog="cora-fx", description="CoRa low-bit weight quantization of ConvNets (torch.fx).",
+                     parents=[common])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    demo = sub.add_parser("demo", parents=[common], help="train a digit ConvNet on real MNIST digits and quantize it (W4/W3/W2)")
-    demo.add_argument("--fast", action="store_true", help="CI mode: same code, far fewer steps (also $CORA_FX_DEMO_FAST=1)")
+    demo = sub.add_parser("demo", parents=[common],
+                          help="train a digit ConvNet on real MNIST digits and quantize it (W4/W3/W2)")
+    demo.add_argument("--fast", action="store_true",
+                      help="CI mode: same code, far fewer steps (also $CORA_FX_DEMO_FAST=1)")
     demo.add_argument("--out-dir", default="cora-fx-demo", help="where the plots go (default ./cora-fx-demo)")
     demo.set_defaults(run=cmd_demo)
 
@@ -353,12 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--finetune-iterations", type=_int_in(0, 1 << 30),
                    help="fine-tuning steps of adapters and channel scales after the ranks are set (default 0: none)")
     q.add_argument("--adapter-form", choices=("parallel", "folded"),
-                   help="lowered adapter: a parallel two-conv branch (paper) or folded into the conv weight (recommended)")
+                   help="lowered adapter: a parallel two-conv branch (paper) or folded into the conv weight "
+                        "(recommended)")
     q.add_argument("--target-bits", type=float, metavar="BITS",
                    help="mixed precision: move the convs with the least summed sensitivity to --bits - 1 so that "
                         "the equivalent bits, adapter budget included, are at most BITS (e.g. --bits 4 --target-bits "
                         "4.0); without --budget, the recommended config then takes budget 0.02")
-    q.add_argument("--ranks", choices=("search", "heuristic"), default="search", help="search the ranks or use floor(b*R)")
+    q.add_argument("--ranks", choices=("search", "heuristic"), default="search",
+                   help="search the ranks or use floor(b*R)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", default="model.pt2", help="artifact path (.pt2); the JSON summary and plots go beside it")
     _data_options(q)

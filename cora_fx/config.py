@@ -1,15 +1,26 @@
-"""`CoRaConfig`: one validated dataclass for the whole CoRa workflow.
+"""`CoRaConfig`: the settings of one CoRa run, grouped by the pipeline step that reads them.
 
-The defaults are the paper's settings (METHOD.md sections 1 and 3): 4-bit per-tensor
-weights with normal clipping (k = 4), 8-bit min-max adapters, budget 5 %, NBK order 4,
-penalty 1, Adam lr 0.01, 250 iterations, gradient clip 0.2, initial normalized rank 0.9,
-cross-entropy loss.
+Each group is a small frozen, validated dataclass (the shape of torchao's per-workflow configs):
+
+- `QuantConfig` (``config.quant``): the main weights' quantizer (docs/method.md section 1);
+- `AdapterConfig` (``config.adapter``): the residual adapters (sections 2, 4 and 6);
+- `RoundingConfig` (``config.rounding``): data-aware base rounding, `calibrate_rounding` (section 5);
+- `SearchConfig` (``config.search``): the differentiable rank search, `search_ranks` (section 3);
+- `RefineConfig` (``config.refine``): the optional steps after the search (section 9).
+
+The defaults are the paper's settings; `CoRaConfig.recommended(bits)` is the measured best recipe.
+`to_dict` / `from_dict` give a JSON-ready form with a version, which `save` records in the artifact.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, ClassVar, Mapping, Optional, Union
+
+#: Version of the `to_dict` layout; `from_dict` reads this version and the flat layout before it.
+CONFIG_VERSION = 2
 
 GRANULARITIES = ("per_tensor", "per_channel")
 CLIPPINGS = ("normal", "minmax", "mse")
@@ -20,208 +31,11 @@ SVDS = ("weight", "activation")
 ROUNDING_INPUTS = ("float", "quantized")
 ADAPTER_FORMS = ("parallel", "folded")
 
-#: Fields that only steer the rank search; `search_ranks(..., **overrides)` may change them.
-SEARCH_FIELDS = frozenset(
-    {"budget", "nbk_order", "penalty", "lr", "iterations", "grad_clip", "init_rank", "loss", "seed", "bn_correction",
-     "finetune_iterations", "finetune_lr"}
-)
-
 LossFn = Callable[..., Any]
 
 
-@dataclass(frozen=True)
-class CoRaConfig:
-    """Settings of one CoRa run; every field is checked in `__post_init__`.
-
-    Attributes:
-        bits: weight bit-width n of the main convs (and of Linear layers), 2..8.
-        adapter_bits: bit-width of the adapters A and B (min-max, METHOD.md s.1);
-            ``None`` keeps them in float.
-        granularity: ``"per_tensor"`` (paper) or ``"per_channel"`` (per output channel).
-        clipping: ``"normal"`` (mu +- k*sigma, paper), ``"minmax"``, ``"mse"`` (the range that
-            minimizes the squared rounding error, an extension), or any torch.ao
-            observer class / ``with_args`` factory; it is built with ``dtype=torch.int8``
-            and the n-bit ``quant_min``/``quant_max``.
-        k: width of the normal clipping range in standard deviations.
-        budget: target adapter parameters as a fraction b of the conv parameters, in (0, 1].
-        nbk_order: order k of the normalized Butterworth kernel (METHOD.md s.3).
-        penalty: lambda of the budget term lambda * exp(ReLU(running_budget - b)).
-        lr: Adam learning rate on the normalized ranks r_l / R_l.
-        iterations: maximum number of search steps.
-        grad_clip: each rank gradient is clipped to [-grad_clip, grad_clip].
-        init_rank: initial normalized rank (also the rank right after `prepare_cora`).
-        loss: ``"ce"`` (labels), ``"kl"`` (distil the float model's soft outputs) or a
-            callable ``loss(output, float_output, labels) -> scalar``.
-        quantize_linear: weight-quantize nn.Linear layers at ``bits`` (no adapter).
-        seed: seed of the search's random state.
-        depthwise: policy for convs whose residual has rank 1 per group (depthwise):
-            ``"skip"`` quantizes them with no adapter (reference code), ``"residual"``
-            keeps the whole residual as a fixed rank-1 adapter at ``adapter_bits``
-            (counted in the budget), ``"float"`` leaves them in float (counted as 32 bits),
-            ``"int8"`` quantizes them at 8 bits per channel, min-max (counted as 8 bits).
-        rounding: ``"nearest"`` (paper) or ``"gptq"``: output-error-compensating rounding of
-            the main weights from calibration data (rounding.py), done by `search_ranks`.
-        svd: ``"weight"`` (paper: best rank-r approximation of dW) or ``"activation"``:
-            adapters that minimize the conv's output error on calibration data.
-        rounding_batches: calibration batches used to estimate the inputs' second moments
-            for ``rounding="gptq"`` / ``svd="activation"``.
-        rounding_inputs: whose inputs those moments describe: ``"float"`` (the float model's,
-            one pass) or ``"quantized"`` (a second pass over the model already rounded once,
-            with heuristic-rank adapters, so each layer sees the inputs it will see deployed).
-        bn_correction: after the search, correct the BatchNorm statistics on this many
-            calibration batches (`correct_batchnorm`); 0 (paper) leaves them alone.
-        finetune_iterations: after the search, train A_r, B_r (fake-quantized) and per-channel
-            scale factors for this many Adam steps on the task loss (`finetune`, an extension;
-            0, the paper, skips it). Ranks, codes and bits are unchanged.
-        finetune_lr: Adam learning rate of that fine-tuning.
-        adapter_form: how `convert_cora` lowers an adapter: ``"parallel"`` (paper, METHOD.md
-            s.2: conv(x, [W]_n) + conv(conv(x, A), B)) or ``"folded"`` (s.4: one conv whose
-            weight dequant([W]_n) + fold(B o A) is computed from the stored codes in the
-            graph; same artifact bytes, the float model's conv FLOPs, and constant-folded
-            away by ``torch.compile`` with inductor freezing).
-        layer_bits: per-layer overrides of the main weight's bit-width, ``{qualified name of a
-            Conv2d or Linear: bits}`` (mixed precision, an extension; `allocate_bits` chooses
-            one for a target equivalent bit-width). A named depthwise conv takes these bits
-            instead of its policy's (8 with ``depthwise="int8"``); unknown names raise in
-            `prepare_cora`. Empty (the paper): every layer at ``bits``.
-    """
-
-    bits: int = 4
-    adapter_bits: Optional[int] = 8
-    granularity: str = "per_tensor"
-    clipping: Union[str, Callable[..., Any]] = "normal"
-    k: float = 4.0
-    budget: float = 0.05
-    nbk_order: float = 4.0
-    penalty: float = 1.0
-    lr: float = 0.01
-    iterations: int = 250
-    grad_clip: float = 0.2
-    init_rank: float = 0.9
-    loss: Union[str, LossFn] = "ce"
-    quantize_linear: bool = True
-    seed: int = 0
-    depthwise: str = "skip"
-    bn_correction: int = 0
-    rounding: str = "nearest"
-    svd: str = "weight"
-    rounding_batches: int = 8
-    rounding_inputs: str = "float"
-    finetune_iterations: int = 0
-    finetune_lr: float = 1e-3
-    adapter_form: str = "parallel"
-    layer_bits: Mapping[str, int] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        def bad(field: str, why: str) -> ValueError:
-            return ValueError(f"CoRaConfig.{field}={getattr(self, field)!r}: {why}")
-
-        if not _is_int(self.bits) or not 2 <= self.bits <= 8:
-            raise bad("bits", "must be an integer in 2..8")
-        if self.adapter_bits is not None and (
-            not _is_int(self.adapter_bits) or not 2 <= self.adapter_bits <= 8
-        ):
-            raise bad("adapter_bits", "must be an integer in 2..8 or None (float adapters)")
-        if self.granularity not in GRANULARITIES:
-            raise bad("granularity", f"must be one of {GRANULARITIES}")
-        if isinstance(self.clipping, str):
-            if self.clipping not in CLIPPINGS:
-                raise bad("clipping", f"must be one of {CLIPPINGS} or a torch.ao observer class/factory")
-        elif not callable(self.clipping):
-            raise bad("clipping", "must be a string or a torch.ao observer class/factory")
-        if not _is_number(self.k) or self.k <= 0:
-            raise bad("k", "must be a positive number")
-        if not _is_number(self.budget) or not 0 < self.budget <= 1:
-            raise bad("budget", "must be in (0, 1]")
-        if not _is_number(self.nbk_order) or self.nbk_order <= 0:
-            raise bad("nbk_order", "must be a positive number")
-        if not _is_number(self.penalty) or self.penalty < 0:
-            raise bad("penalty", "must be >= 0")
-        if not _is_number(self.lr) or self.lr <= 0:
-            raise bad("lr", "must be > 0")
-        if not _is_int(self.iterations) or self.iterations < 0:
-            raise bad("iterations", "must be an integer >= 0")
-        if not _is_number(self.grad_clip) or self.grad_clip <= 0:
-            raise bad("grad_clip", "must be > 0")
-        if not _is_number(self.init_rank) or not 0 < self.init_rank <= 1:
-            raise bad("init_rank", "must be in (0, 1]")
-        if isinstance(self.loss, str):
-            if self.loss not in LOSSES:
-                raise bad("loss", f"must be one of {LOSSES} or a callable loss(output, float_output, labels)")
-        elif not callable(self.loss):
-            raise bad("loss", "must be a string or a callable")
-        if not isinstance(self.quantize_linear, bool):
-            raise bad("quantize_linear", "must be a bool")
-        if not _is_int(self.seed):
-            raise bad("seed", "must be an integer")
-        if not _is_int(self.bn_correction) or self.bn_correction < 0:
-            raise bad("bn_correction", "must be an integer >= 0 (number of calibration batches)")
-        if self.rounding not in ROUNDINGS:
-            raise bad("rounding", f"must be one of {ROUNDINGS}")
-        if self.svd not in SVDS:
-            raise bad("svd", f"must be one of {SVDS}")
-        if self.rounding_inputs not in ROUNDING_INPUTS:
-            raise bad("rounding_inputs", f"must be one of {ROUNDING_INPUTS}")
-        if not _is_int(self.finetune_iterations) or self.finetune_iterations < 0:
-            raise bad("finetune_iterations", "must be an integer >= 0")
-        if not _is_number(self.finetune_lr) or self.finetune_lr <= 0:
-            raise bad("finetune_lr", "must be > 0")
-        if self.adapter_form not in ADAPTER_FORMS:
-            raise bad("adapter_form", f"must be one of {ADAPTER_FORMS}")
-        if not _is_int(self.rounding_batches) or self.rounding_batches < 1:
-            raise bad("rounding_batches", "must be an integer >= 1")
-        if self.depthwise not in DEPTHWISE_POLICIES:
-            raise bad("depthwise", f"must be one of {DEPTHWISE_POLICIES}")
-        if not isinstance(self.layer_bits, Mapping):
-            raise bad("layer_bits", "must be a dict {layer name: bits}")
-        for name, bits in self.layer_bits.items():
-            if not isinstance(name, str) or not _is_int(bits) or not 2 <= bits <= 8:
-                raise bad("layer_bits", f"entry {name!r}: {bits!r} must map a layer name (str) to an integer in 2..8")
-        object.__setattr__(self, "layer_bits", dict(self.layer_bits))  # a private copy: the config stays frozen
-
-    def __hash__(self) -> int:  # frozen and hashable although layer_bits is a dict
-        return hash(tuple(sorted(self.layer_bits.items())) if f.name == "layer_bits" else getattr(self, f.name)
-                    for f in dataclasses.fields(self))
-
-    def bits_for(self, name: str, default: Optional[int] = None) -> int:
-        """The main-weight bit-width of layer ``name``: its `layer_bits` entry, else ``default`` or `bits`."""
-        return self.layer_bits.get(name, self.bits if default is None else default)
-
-    @classmethod
-    def recommended(cls, bits: int = 4, **changes: Any) -> "CoRaConfig":
-        """The configuration that measured best in benchmarks/RESULTS.md (MobileNetV2, ImageNet).
-
-        Per-channel MSE-optimal ranges (searched, against min-max: 74.86 vs 72.71 top-1 at W3,
-        79.43 vs 79.29 and +2.6 points of tiny64 agreement at W4), depthwise convs at 8 bits,
-        GPTQ base rounding whose residual the adapters reclaim (the paper's future work),
-        output-aware adapters, label-free KL search; the adapter budget keeps MobileNetV2 at or
-        below ``bits + 0.5`` equivalent bits with its depthwise convs counted at 8 bits;
-        adapters lowered in the folded form (one conv per layer: the float model's compiled
-        latency). No BatchNorm correction (after GPTQ it measured neutral at W4 and harmful at
-        W3) and no `finetune` after the search (it measured +0.6 top-1 at W3, within the noise,
-        and cost 8.5 points of tiny64 agreement at W4; RESULTS.md). ``CoRaConfig()`` remains
-        the paper's settings.
-        """
-        budget = {2: 0.03, 3: 0.044, 4: 0.045}.get(bits, 0.05)
-        base = cls(bits=bits, budget=budget, granularity="per_channel", clipping="mse", depthwise="int8",
-                   rounding="gptq", svd="activation", loss="kl", rounding_batches=8, adapter_form="folded")
-        return base.replace(**changes) if changes else base
-
-    def replace(self, **changes: Any) -> "CoRaConfig":
-        """A validated copy with ``changes`` applied (unknown names raise ValueError)."""
-        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
-        if unknown:
-            raise ValueError(f"CoRaConfig has no field(s) {sorted(unknown)}")
-        return dataclasses.replace(self, **changes)
-
-    @property
-    def per_channel(self) -> bool:
-        return self.granularity == "per_channel"
-
-    @property
-    def needs_rounding_data(self) -> bool:
-        """True when the base rounding or the residual factors depend on calibration data."""
-        return self.rounding != "nearest" or self.svd != "weight"
+class CoRaDeprecationWarning(DeprecationWarning):
+    """A deprecated spelling of a `CoRaConfig` setting (the flat keywords of earlier releases)."""
 
 
 def _is_int(value: Any) -> bool:
@@ -230,3 +44,414 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+class _Group:
+    """Validation shared by the groups: `_check` rules are ``(field, ok(value), why)``."""
+
+    GROUP: ClassVar[str] = ""
+
+    def _rules(self) -> list[tuple[str, Callable[[Any], bool], str]]:
+        return []
+
+    def __post_init__(self) -> None:
+        for name, ok, why in self._rules():
+            value = getattr(self, name)
+            if not ok(value):
+                raise ValueError(f"CoRaConfig.{self.GROUP}.{name}={value!r}: {why}")
+
+
+def _one_of(choices: tuple) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, str) and v in choices
+
+
+def _int_in(low: int, high: Optional[int] = None) -> Callable[[Any], bool]:
+    return lambda v: _is_int(v) and v >= low and (high is None or v <= high)
+
+
+def _valid_clipping(value: Any) -> bool:
+    return value in CLIPPINGS if isinstance(value, str) else callable(value)
+
+
+def _valid_loss(value: Any) -> bool:
+    return value in LOSSES if isinstance(value, str) else callable(value)
+
+
+def _valid_layer_bits(value: Any) -> bool:
+    return isinstance(value, Mapping) and all(
+        isinstance(name, str) and _is_int(bits) and 2 <= bits <= 8 for name, bits in value.items())
+
+
+@dataclass(frozen=True)
+class QuantConfig(_Group):
+    """How the main weights are quantized (docs/method.md section 1).
+
+    Attributes:
+        bits: weight bit-width n of the main convs (and of Linear layers), 2..8.
+        granularity: ``"per_tensor"`` (paper) or ``"per_channel"`` (per output channel).
+        clipping: ``"normal"`` (mu +- k*sigma, paper), ``"minmax"``, ``"mse"`` (the range that minimizes
+            the squared rounding error), or a torch.ao observer class / ``with_args`` factory, built with
+            ``dtype=torch.int8`` and the n-bit ``quant_min`` / ``quant_max``.
+        k: width of the normal clipping range in standard deviations.
+        quantize_linear: weight-quantize nn.Linear layers at ``bits`` (no adapter).
+        depthwise: policy for convs whose residual has rank 1 per group (section 2): ``"skip"`` (no adapter),
+            ``"residual"`` (the whole residual as a fixed rank-1 adapter, counted in the budget), ``"float"``
+            (left in float, counted as 32 bits) or ``"int8"`` (8 bits per channel, min-max).
+        layer_bits: per-layer bit-width overrides ``{qualified name of a Conv2d or Linear: bits}`` (mixed
+            precision, section 8; `allocate_bits` chooses them). Unknown names raise in `prepare_cora`.
+    """
+
+    GROUP: ClassVar[str] = "quant"
+    bits: int = 4
+    granularity: str = "per_tensor"
+    clipping: Union[str, Callable[..., Any]] = "normal"
+    k: float = 4.0
+    quantize_linear: bool = True
+    depthwise: str = "skip"
+    layer_bits: Mapping[str, int] = field(default_factory=dict)
+
+    def _rules(self) -> list:
+        return [
+            ("bits", _int_in(2, 8), "must be an integer in 2..8"),
+            ("granularity", _one_of(GRANULARITIES), f"must be one of {GRANULARITIES}"),
+            ("clipping", _valid_clipping, f"must be one of {CLIPPINGS} or a torch.ao observer class/factory"),
+            ("k", lambda v: _is_number(v) and v > 0, "must be a positive number"),
+            ("quantize_linear", lambda v: isinstance(v, bool), "must be a bool"),
+            ("depthwise", _one_of(DEPTHWISE_POLICIES), f"must be one of {DEPTHWISE_POLICIES}"),
+            ("layer_bits", _valid_layer_bits, "must map layer names (str) to integers in 2..8"),
+        ]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "layer_bits", dict(self.layer_bits))  # a private copy: the config stays frozen
+
+    def __hash__(self) -> int:  # hashable although layer_bits is a dict
+        return hash(tuple(tuple(sorted(v.items())) if isinstance(v, dict) else v for v in _values(self)))
+
+    @property
+    def per_channel(self) -> bool:
+        return self.granularity == "per_channel"
+
+    def bits_for(self, name: str, default: Optional[int] = None) -> int:
+        """The main-weight bit-width of layer ``name``: its `layer_bits` entry, else ``default`` or `bits`."""
+        return self.layer_bits.get(name, self.bits if default is None else default)
+
+
+@dataclass(frozen=True)
+class AdapterConfig(_Group):
+    """The low-rank residual adapters (docs/method.md sections 2, 4 and 6).
+
+    Attributes:
+        bits: bit-width of A and B (min-max, section 1); ``None`` keeps them in float.
+        svd: ``"weight"`` (paper: best rank-r approximation of dW) or ``"activation"``: the factors that
+            minimize the conv's output error on calibration data (computed by `calibrate_rounding`).
+        form: how `convert_cora` lowers an adapter: ``"parallel"`` (paper: conv(x, [W]_n) + B(A(x))) or
+            ``"folded"`` (one conv whose weight dequant([W]_n) + fold(B o A) is computed from the stored
+            codes in the graph: same bytes, the float model's conv FLOPs).
+    """
+
+    GROUP: ClassVar[str] = "adapter"
+    bits: Optional[int] = 8
+    svd: str = "weight"
+    form: str = "parallel"
+
+    def _rules(self) -> list:
+        return [
+            ("bits", lambda v: v is None or _int_in(2, 8)(v), "must be an integer in 2..8 or None (float adapters)"),
+            ("svd", _one_of(SVDS), f"must be one of {SVDS}"),
+            ("form", _one_of(ADAPTER_FORMS), f"must be one of {ADAPTER_FORMS}"),
+        ]
+
+
+@dataclass(frozen=True)
+class RoundingConfig(_Group):
+    """Data-aware base rounding, run by `calibrate_rounding` (docs/method.md section 5).
+
+    Attributes:
+        method: ``"nearest"`` (paper) or ``"gptq"`` (output-error-compensating rounding).
+        batches: calibration batches that estimate the inputs' second moments (for ``"gptq"`` and for
+            ``AdapterConfig.svd="activation"``).
+        inputs: whose inputs those moments describe: ``"float"`` (the float model's, one pass) or
+            ``"quantized"`` (a second pass over the model rounded once, with heuristic-rank adapters).
+    """
+
+    GROUP: ClassVar[str] = "rounding"
+    method: str = "nearest"
+    batches: int = 8
+    inputs: str = "float"
+
+    def _rules(self) -> list:
+        return [
+            ("method", _one_of(ROUNDINGS), f"must be one of {ROUNDINGS}"),
+            ("batches", _int_in(1), "must be an integer >= 1"),
+            ("inputs", _one_of(ROUNDING_INPUTS), f"must be one of {ROUNDING_INPUTS}"),
+        ]
+
+
+@dataclass(frozen=True)
+class SearchConfig(_Group):
+    """The differentiable rank search, `search_ranks` (docs/method.md section 3).
+
+    Attributes:
+        budget: target adapter parameters as a fraction b of the conv parameters, in (0, 1].
+        nbk_order: order k of the normalized Butterworth kernel.
+        penalty: lambda of the budget term lambda * exp(ReLU(running_budget - b)).
+        lr: Adam learning rate on the normalized ranks r_l / R_l.
+        iterations: maximum number of search steps.
+        grad_clip: each rank gradient is clipped to [-grad_clip, grad_clip].
+        init_rank: initial normalized rank (also the rank right after `prepare_cora`).
+        loss: ``"ce"`` (labels), ``"kl"`` (distil the float model's soft outputs, label-free) or a callable
+            ``loss(output, float_output, labels) -> scalar`` (section 7).
+        seed: seed of the search's random state.
+    """
+
+    GROUP: ClassVar[str] = "search"
+    budget: float = 0.05
+    nbk_order: float = 4.0
+    penalty: float = 1.0
+    lr: float = 0.01
+    iterations: int = 250
+    grad_clip: float = 0.2
+    init_rank: float = 0.9
+    loss: Union[str, LossFn] = "ce"
+    seed: int = 0
+
+    def _rules(self) -> list:
+        return [
+            ("budget", lambda v: _is_number(v) and 0 < v <= 1, "must be in (0, 1]"),
+            ("nbk_order", lambda v: _is_number(v) and v > 0, "must be a positive number"),
+            ("penalty", lambda v: _is_number(v) and v >= 0, "must be >= 0"),
+            ("lr", lambda v: _is_number(v) and v > 0, "must be > 0"),
+            ("iterations", _int_in(0), "must be an integer >= 0"),
+            ("grad_clip", lambda v: _is_number(v) and v > 0, "must be > 0"),
+            ("init_rank", lambda v: _is_number(v) and 0 < v <= 1, "must be in (0, 1]"),
+            ("loss", _valid_loss, f"must be one of {LOSSES} or a callable loss(output, float_output, labels)"),
+            ("seed", _is_int, "must be an integer"),
+        ]
+
+
+@dataclass(frozen=True)
+class RefineConfig(_Group):
+    """Optional steps after the ranks are fixed (docs/method.md section 9); 0 (the paper) skips them.
+
+    Attributes:
+        bn_correction: re-estimate the BatchNorm statistics on this many calibration batches
+            (`correct_batchnorm`).
+        finetune_iterations: train A_r, B_r (fake-quantized) and per-channel scales for this many Adam steps
+            on the task loss (`finetune`). Ranks, codes and bits are unchanged.
+        finetune_lr: Adam learning rate of that fine-tuning.
+    """
+
+    GROUP: ClassVar[str] = "refine"
+    bn_correction: int = 0
+    finetune_iterations: int = 0
+    finetune_lr: float = 1e-3
+
+    def _rules(self) -> list:
+        return [
+            ("bn_correction", _int_in(0), "must be an integer >= 0 (number of calibration batches)"),
+            ("finetune_iterations", _int_in(0), "must be an integer >= 0"),
+            ("finetune_lr", lambda v: _is_number(v) and v > 0, "must be > 0"),
+        ]
+
+
+GROUPS: dict[str, type] = {"quant": QuantConfig, "adapter": AdapterConfig, "rounding": RoundingConfig,
+                           "search": SearchConfig, "refine": RefineConfig}
+
+#: The flat names of earlier releases (and of `CoRaConfig.replace`): name -> (group, field).
+FLAT_NAMES: dict[str, tuple[str, str]] = {
+    **{name: ("quant", name) for name in
+       ("bits", "granularity", "clipping", "k", "quantize_linear", "depthwise", "layer_bits")},
+    "adapter_bits": ("adapter", "bits"), "svd": ("adapter", "svd"), "adapter_form": ("adapter", "form"),
+    "rounding": ("rounding", "method"), "rounding_batches": ("rounding", "batches"),
+    "rounding_inputs": ("rounding", "inputs"),
+    **{name: ("search", name) for name in
+       ("budget", "nbk_order", "penalty", "lr", "iterations", "grad_clip", "init_rank", "loss", "seed")},
+    **{name: ("refine", name) for name in ("bn_correction", "finetune_iterations", "finetune_lr")},
+}
+
+#: Fields that `search_ranks(..., **overrides)` may change for one call.
+SEARCH_FIELDS = frozenset(f.name for f in dataclasses.fields(SearchConfig))
+
+
+def _values(group: Any) -> list:
+    return [getattr(group, f.name) for f in dataclasses.fields(group)]
+
+
+@dataclass(frozen=True, init=False)
+class CoRaConfig:
+    """Settings of one CoRa run, one validated group per pipeline step.
+
+    ``CoRaConfig()`` is the paper's setting. Build one from groups,
+    ``CoRaConfig(quant=QuantConfig(bits=3), search=SearchConfig(budget=0.04))``, or change fields by name with
+    `replace` (``config.replace(bits=3, budget=0.04)``). The flat keywords of earlier releases
+    (``CoRaConfig(bits=3)``) still work and warn with `CoRaDeprecationWarning`.
+    """
+
+    quant: QuantConfig
+    adapter: AdapterConfig
+    rounding: RoundingConfig
+    search: SearchConfig
+    refine: RefineConfig
+
+    def __init__(self, quant: Optional[QuantConfig] = None, adapter: Optional[AdapterConfig] = None,
+                 rounding: Union[RoundingConfig, str, None] = None, search: Optional[SearchConfig] = None,
+                 refine: Optional[RefineConfig] = None, **flat: Any) -> None:
+        if isinstance(rounding, str):  # the flat `rounding="gptq"` of earlier releases
+            flat["rounding"] = rounding
+            rounding = None
+        given = {"quant": quant, "adapter": adapter, "rounding": rounding, "search": search, "refine": refine}
+        for name, value in given.items():
+            if value is None:
+                value = GROUPS[name]()
+            elif not isinstance(value, GROUPS[name]):
+                raise TypeError(f"CoRaConfig.{name} must be a {GROUPS[name].__name__}, got {type(value).__name__}")
+            object.__setattr__(self, name, value)
+        if flat:
+            warnings.warn(f"CoRaConfig({', '.join(f'{k}=...' for k in flat)}): flat keywords are deprecated and "
+                          f"will be removed in 0.3; use the groups (e.g. CoRaConfig(quant=QuantConfig(bits=3))) "
+                          f"or CoRaConfig().replace(...)", CoRaDeprecationWarning, stacklevel=2)
+            for name, value in _grouped_changes(self, flat).items():
+                object.__setattr__(self, name, value)
+
+    def __getattr__(self, name: str) -> Any:
+        where = FLAT_NAMES.get(name)
+        if where is None:
+            raise AttributeError(f"CoRaConfig has no attribute {name!r}")
+        group, key = where
+        warnings.warn(f"CoRaConfig.{name} is deprecated; read CoRaConfig.{group}.{key}", CoRaDeprecationWarning,
+                      stacklevel=2)
+        return getattr(object.__getattribute__(self, group), key)
+
+    def replace(self, **changes: Any) -> "CoRaConfig":
+        """A validated copy with ``changes`` applied: whole groups by group name, single fields by their
+        flat name (`FLAT_NAMES`: ``bits``, ``adapter_bits``, ``budget``, ``rounding="gptq"``, ...)."""
+        groups = {name: getattr(self, name) for name in GROUPS}
+        flat = {}
+        for name, value in changes.items():
+            if name in GROUPS and not (name == "rounding" and isinstance(value, str)):
+                groups[name] = value
+            else:
+                flat[name] = value
+        result = CoRaConfig(**groups)
+        for name, value in _grouped_changes(result, flat).items():
+            object.__setattr__(result, name, value)
+        return result
+
+    @classmethod
+    def recommended(cls, bits: int = 4, **changes: Any) -> "CoRaConfig":
+        """The configuration that measured best in benchmarks/RESULTS.md (MobileNetV2, ImageNet).
+
+        Per-channel MSE-optimal ranges, depthwise convs at 8 bits, GPTQ base rounding whose residual the
+        adapters reclaim, output-aware (activation) adapters, the label-free KL search, adapters lowered in
+        the folded form; a budget that keeps MobileNetV2 at or below ``bits + 0.5`` equivalent bits with its
+        depthwise convs counted at 8 bits. No BatchNorm correction or fine-tuning: after GPTQ they did not help
+        (`benchmarks/ablation.py` measures them). ``changes`` are applied with `replace`. ``CoRaConfig()``
+        stays the paper's.
+        """
+        budget = {2: 0.03, 3: 0.044, 4: 0.045}.get(bits, 0.05)
+        base = cls(quant=QuantConfig(bits=bits, granularity="per_channel", clipping="mse", depthwise="int8"),
+                   adapter=AdapterConfig(svd="activation", form="folded"),
+                   rounding=RoundingConfig(method="gptq", batches=8),
+                   search=SearchConfig(budget=budget, loss="kl"))
+        return base.replace(**changes) if changes else base
+
+    @property
+    def needs_rounding_data(self) -> bool:
+        """True when the base rounding or the adapters' factors depend on calibration data."""
+        return self.rounding.method != "nearest" or self.adapter.svd != "weight"
+
+    def to_dict(self, strict: bool = True) -> dict[str, Any]:
+        """A JSON-ready dict ``{"version": CONFIG_VERSION, group: {field: value}}``.
+
+        A callable (``clipping``, ``loss``) is stored as ``{"callable": "module:qualname"}`` when it can be
+        imported back; any other raises ValueError, or with ``strict=False`` is stored as
+        ``{"unserialisable": repr}`` (which `from_dict` refuses).
+        """
+        out: dict[str, Any] = {"version": CONFIG_VERSION}
+        for name in GROUPS:
+            group = getattr(self, name)
+            out[name] = {f.name: _encode(getattr(group, f.name), f"{name}.{f.name}", strict)
+                         for f in dataclasses.fields(group)}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "CoRaConfig":
+        """The config `to_dict` described (also a flat dict of earlier releases' field names)."""
+        version = data.get("version", 1)
+        if not _is_int(version) or version > CONFIG_VERSION:
+            raise ValueError(f"CoRaConfig.from_dict: version {version!r} is newer than this cora_fx reads "
+                             f"({CONFIG_VERSION}); upgrade cora_fx")
+        if version < 2:
+            flat = {k: v for k, v in data.items() if k != "version"}
+            return cls().replace(**{k: _decode(v, k) for k, v in flat.items()})
+        unknown = set(data) - set(GROUPS) - {"version"}
+        if unknown:
+            raise ValueError(f"CoRaConfig.from_dict: unknown group(s) {sorted(unknown)}; expected {list(GROUPS)}")
+        groups = {}
+        for name, fields in data.items():
+            if name == "version":
+                continue
+            bad = set(fields) - {f.name for f in dataclasses.fields(GROUPS[name])}
+            if bad:
+                raise ValueError(f"CoRaConfig.from_dict: {name} has no field(s) {sorted(bad)}")
+            groups[name] = GROUPS[name](**{k: _decode(v, f"{name}.{k}") for k, v in fields.items()})
+        return cls(**groups)
+
+
+def _grouped_changes(config: CoRaConfig, flat: Mapping[str, Any]) -> dict[str, Any]:
+    """The groups of ``config`` with the flat-named ``flat`` changes applied (validated)."""
+    unknown = set(flat) - set(FLAT_NAMES)
+    if unknown:
+        raise ValueError(f"CoRaConfig has no field(s) {sorted(unknown)}; fields by name: {sorted(FLAT_NAMES)}, "
+                         f"groups: {list(GROUPS)}")
+    per_group: dict[str, dict[str, Any]] = {}
+    for name, value in flat.items():
+        group, key = FLAT_NAMES[name]
+        per_group.setdefault(group, {})[key] = value
+    return {group: dataclasses.replace(getattr(config, group), **changes) for group, changes in per_group.items()}
+
+
+def _encode(value: Any, where: str, strict: bool) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        return dict(value)
+    path = _import_path(value)
+    if path is not None:
+        return {"callable": path}
+    if strict:
+        raise ValueError(f"CoRaConfig.{where}={value!r} cannot be saved: use a string setting or a module-level "
+                         f"class or function that can be imported back")
+    return {"unserialisable": repr(value)}
+
+
+def _import_path(value: Any) -> Optional[str]:
+    module, qualname = getattr(value, "__module__", None), getattr(value, "__qualname__", None)
+    if not module or not qualname or "<" in qualname:
+        return None
+    try:
+        found = _resolve(f"{module}:{qualname}")
+    except (ImportError, AttributeError):
+        return None
+    return f"{module}:{qualname}" if found is value else None
+
+
+def _resolve(path: str) -> Any:
+    module, qualname = path.split(":", 1)
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _decode(value: Any, where: str) -> Any:
+    if not isinstance(value, Mapping) or where.endswith("layer_bits"):
+        return value
+    if "unserialisable" in value:
+        raise ValueError(f"CoRaConfig.{where}: the saved config holds {value['unserialisable']}, which could not be "
+                         f"saved; pass that setting again by hand")
+    try:
+        return _resolve(value["callable"])
+    except (KeyError, ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"CoRaConfig.{where}: cannot import {value!r} ({err})") from None

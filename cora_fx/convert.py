@@ -1,4 +1,4 @@
-"""`convert_cora` (the lowering pipeline) and `quantize_cora` (prepare -> search -> convert)."""
+"""`convert_cora` (the lowering passes) and `quantize_cora` (prepare -> the data-aware steps -> convert)."""
 from __future__ import annotations
 
 import copy
@@ -13,13 +13,13 @@ from .config import ADAPTER_FORMS, CoRaConfig
 from .lowering import Cleanup, ConversionPlan, FoldBatchNorm, FoldRanks, LowerToOps, QuantizeAdapters
 from .passes import run_passes
 from .prepare import prepare_cora
-from .rank_search import search_ranks
+from .pipeline import PipelineResult, Ranks, run_pipeline
 from .state import CONVERTED, META_KEY, PREPARED, CoRaState, get_state
 from .summary import layer_infos
 
 
 def convert_passes(config: CoRaConfig, fold_batchnorm: bool = True) -> list:
-    plan = ConversionPlan(config.adapter_bits, config.adapter_form)
+    plan = ConversionPlan(config.adapter.bits, config.adapter.form)
     fold = [FoldBatchNorm(plan)] if fold_batchnorm else []
     return [FoldRanks(plan), QuantizeAdapters(plan), *fold, LowerToOps(plan), Cleanup()]
 
@@ -34,7 +34,7 @@ def convert_cora(prepared: fx.GraphModule, *, fold_batchnorm: bool = True,
     With ``fold_batchnorm`` (default) an eval-mode BatchNorm2d that directly follows a conv is
     folded into the conv's per-channel scales and bias (exact up to float rounding; fewer bytes and ops).
     ``adapter_form`` (``"parallel"`` / ``"folded"``) overrides the config's
-    `CoRaConfig.adapter_form` for this conversion.
+    ``config.adapter.form`` for this conversion.
     """
     state = get_state(prepared, PREPARED, "prepared")
     if adapter_form is not None:
@@ -46,7 +46,8 @@ def convert_cora(prepared: fx.GraphModule, *, fold_batchnorm: bool = True,
     return _convert_in_place(copy.deepcopy(prepared), state, [], fold_batchnorm)
 
 
-def _convert_in_place(gm: fx.GraphModule, state: CoRaState, before: list, fold_batchnorm: bool = True) -> fx.GraphModule:
+def _convert_in_place(gm: fx.GraphModule, state: CoRaState, before: list,
+                      fold_batchnorm: bool = True) -> fx.GraphModule:
     layers = []
 
     def record_layers(graph_module: fx.GraphModule) -> PassResult:
@@ -54,33 +55,37 @@ def _convert_in_place(gm: fx.GraphModule, state: CoRaState, before: list, fold_b
         return PassResult(graph_module, False)
 
     gm = run_passes(gm, before + [record_layers] + convert_passes(state.config, fold_batchnorm))
-    gm.meta[META_KEY] = CoRaState(state.config, CONVERTED, state.conv_params, dict(state.skipped),
-                                  state.float_conv_params, state.search_result, layers)
+    gm.meta[META_KEY] = dataclasses.replace(state, stage=CONVERTED, skipped=dict(state.skipped), layers=layers)
     return gm
 
 
-class RankSearchPass:
-    """`search_ranks` as a pass, so one PassManager runs search and then the conversion."""
+class PipelinePass:
+    """`run_pipeline` as a pass, so one PassManager runs the data-aware steps and then the conversion."""
 
     def __init__(self, batches: Iterable, **kwargs: Any) -> None:
         self.batches = batches
         self.kwargs = kwargs
+        self.result: Optional[PipelineResult] = None
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
-        search_ranks(gm, self.batches, **self.kwargs)
+        self.result = run_pipeline(gm, self.batches, **self.kwargs)
+        get_state(gm, PREPARED).pipeline = self.result
         return PassResult(gm, True)
 
 
 def quantize_cora(
     model: nn.Module, calib_batches: Iterable, config: Optional[CoRaConfig] = None,
-    example_inputs: Optional[tuple] = None, *, leaf_modules: Iterable = (), progress: bool = True,
+    example_inputs: Optional[tuple] = None, *, leaf_modules: Iterable = (), ranks: Ranks = "search",
+    skip: Iterable[str] = (), progress: bool = True,
 ) -> fx.GraphModule:
-    """One shot: prepare, search the ranks on ``calib_batches``, convert (model untouched).
+    """The whole chain: `prepare_cora`, `run_pipeline` on ``calib_batches``, `convert_cora` (model untouched).
 
-    The search result is kept in ``result.meta["cora_fx"].search_result``.
+    ``ranks`` and ``skip`` are `run_pipeline`'s. The steps' results are kept in
+    ``result.meta["cora_fx"].pipeline`` (a `PipelineResult`) and the search's in ``.search_result``.
     """
     prepared = prepare_cora(model, config, example_inputs=example_inputs, leaf_modules=leaf_modules)
     if not isinstance(prepared, fx.GraphModule):
         return prepared  # no Conv2d: prepare_cora warned and returned the model unchanged
     state = get_state(prepared, PREPARED)
-    return _convert_in_place(prepared, state, [RankSearchPass(calib_batches, progress=progress)])
+    steps = PipelinePass(calib_batches, ranks=ranks, skip=skip, progress=progress)
+    return _convert_in_place(prepared, state, [steps])

@@ -56,7 +56,8 @@ def mnist_path() -> Path:
     return path
 
 
-def load_mnist(path: Optional[Path] = None) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+def load_mnist(path: Optional[Path] = None) -> tuple[tuple[torch.Tensor, torch.Tensor],
+                                                     tuple[torch.Tensor, torch.Tensor]]:
     """``(train_x, train_y), (test_x, test_y)``: 4,000 / 1,000 digits, 1x28x28 floats, normalized.
 
     Each row of the file is 784 pixel values (0..255) and the label last; the file is sorted
@@ -139,7 +140,8 @@ def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return padded[:, :, dy:dy + 28, dx:dx + 28]
 
 
-def train_digit_net(train: tuple[torch.Tensor, torch.Tensor], settings: DemoSettings, progress: bool = True) -> DigitNet:
+def train_digit_net(train: tuple[torch.Tensor, torch.Tensor], settings: DemoSettings,
+                    progress: bool = True) -> DigitNet:
     """Adam + one-cycle schedule, batch 64, shift augmentation; deterministic (seed 0)."""
     torch.manual_seed(0)
     model = DigitNet()
@@ -149,7 +151,8 @@ def train_digit_net(train: tuple[torch.Tensor, torch.Tensor], settings: DemoSett
         x, y = x[keep], y[keep]
     steps_per_epoch = math.ceil(len(y) / 64)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=6e-3, total_steps=settings.epochs * steps_per_epoch)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=6e-3,
+                                                   total_steps=settings.epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(0)
     model.train()
     with tqdm(total=settings.epochs * steps_per_epoch, desc="training the demo net", disable=not progress) as bar:
@@ -186,7 +189,7 @@ def trained_digit_net(train: tuple[torch.Tensor, torch.Tensor], settings: DemoSe
 
 #: (bits, config) of the three demo rows; W2 uses per-channel ranges (per-tensor 2-bit collapses).
 def demo_configs(budget: float) -> list[tuple[str, CoRaConfig]]:
-    base = CoRaConfig(budget=budget)
+    base = CoRaConfig().replace(budget=budget)
     return [
         ("W4", base.replace(bits=4)),
         ("W3", base.replace(bits=3)),
@@ -216,7 +219,8 @@ def format_table(rows: list[DemoRow]) -> str:
     head = f"{'weights':<8} {'method':<22} {'test top-1':>10} {'budget':>8} {'equiv. bits':>11} {'bytes':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.setting:<8} {r.method:<22} {r.top1:>9.1f}% {r.budget:>8.4f} {r.equivalent_bits:>11.3f} {r.nbytes:>9,}")
+        lines.append(f"{r.setting:<8} {r.method:<22} {r.top1:>9.1f}% {r.budget:>8.4f} "
+                     f"{r.equivalent_bits:>11.3f} {r.nbytes:>9,}")
     return "\n".join(lines)
 
 
@@ -235,7 +239,8 @@ def run_demo(fast: bool = False, out_dir: Path = Path("cora-fx-demo"), progress:
     test_batches = batches(*test, 250)
     calib = batches(*train, settings.batch_size, shuffle=True, seed=123)
     example = (test[0][:2],)
-    rows = [DemoRow("float", "float32", evaluate_topk(model, test_batches, (1,))[1], 0.0, 32.0, serialized_nbytes(model))]
+    rows = [DemoRow("float", "float32", evaluate_topk(model, test_batches, (1,))[1], 0.0, 32.0,
+                    serialized_nbytes(model))]
     searches: dict[str, RankSearchResult] = {}
     for setting, cfg in demo_configs(settings.budget):
         prepared = prepare_cora(model, cfg, example_inputs=example)
@@ -251,8 +256,10 @@ def run_demo(fast: bool = False, out_dir: Path = Path("cora-fx-demo"), progress:
     plots = []
     for setting, result in searches.items():
         tag = setting.lower()
-        plots.append(plot_ranks(result, out_dir / f"ranks_{tag}.png", f"Demo net {setting}: searched vs heuristic ranks (b = {result.target_budget:g})"))
-        plots.append(plot_search(result, out_dir / f"search_{tag}.png", f"Demo net {setting}: rank search ({result.iterations} iterations)"))
+        plots.append(plot_ranks(result, out_dir / f"ranks_{tag}.png",
+                                f"Demo net {setting}: searched vs heuristic ranks (b = {result.target_budget:g})"))
+        plots.append(plot_search(result, out_dir / f"search_{tag}.png",
+                                 f"Demo net {setting}: rank search ({result.iterations} iterations)"))
     seconds = time.perf_counter() - start
     log("per-layer rank plots: " + ", ".join(str(p) for p in plots if p.name.startswith("ranks_")))
     log("search curves:        " + ", ".join(str(p) for p in plots if p.name.startswith("search_")))
@@ -262,4 +269,5 @@ def run_demo(fast: bool = False, out_dir: Path = Path("cora-fx-demo"), progress:
 
 def _row(setting: str, method: str, quantized: nn.Module, test_batches: list) -> DemoRow:
     s = summary(quantized)
-    return DemoRow(setting, method, evaluate_topk(quantized, test_batches, (1,))[1], s.budget, s.equivalent_bits, s.nbytes)
+    return DemoRow(setting, method, evaluate_topk(quantized, test_batches, (1,))[1], s.budget, s.equivalent_bits,
+                   s.nbytes)

@@ -3,7 +3,7 @@
 After the ranks are fixed, A_r and B_r of every adapter and a per-output-channel factor on
 the scales of every quantized weight are trained for ``finetune_iterations`` steps of Adam
 on the config's task loss (``"kl"``: label-free distillation from the float model). The
-forward is the folded form of METHOD.md section 4 with A and B fake-quantized to
+forward is the folded form of docs/method.md section 4 with A and B fake-quantized to
 ``adapter_bits`` (straight-through gradient), so what is trained is what `convert_cora`
 stores; integer codes, ranks and bit budget do not change. Channel factors are trained only
 with ``granularity="per_channel"`` (a per-tensor scale would become per channel).
@@ -55,8 +55,8 @@ def finetune(
     """
     state = get_state(prepared, PREPARED, "prepared")
     cfg = state.config
-    iterations = cfg.finetune_iterations if iterations is None else iterations
-    lr = cfg.finetune_lr if lr is None else lr
+    iterations = cfg.refine.finetune_iterations if iterations is None else iterations
+    lr = cfg.refine.finetune_lr if lr is None else lr
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
         raise ValueError(f"finetune: iterations={iterations!r} must be an integer >= 0")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
@@ -70,7 +70,7 @@ def finetune(
             a, b = w.adapter.float_weights()
             tuned[w] = (nn.Parameter(a.detach().clone()), nn.Parameter(b.detach().clone()))
     factors: dict[nn.Module, nn.Parameter] = {}
-    if cfg.per_channel:
+    if cfg.quant.per_channel:
         for q in [w.quantized for w in wrappers] + linears:
             factors[q] = nn.Parameter(torch.ones(q.weight.shape[0], device=q.weight.device))
     params = [p for pair in tuned.values() for p in pair] + list(factors.values())

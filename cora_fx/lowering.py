@@ -2,16 +2,16 @@
 
 Run in this order by torch.fx's PassManager (`convert_cora`):
 
-1. `FoldRanks`: A_r, B_r truncated at each layer's integer rank (METHOD.md section 3), or
+1. `FoldRanks`: A_r, B_r truncated at each layer's integer rank (docs/method.md section 3), or
    the fine-tuned A_r, B_r (`finetune`).
 2. `QuantizeAdapters`: min-max quantization of A_r and B_r at ``adapter_bits``.
 3. `FoldBatchNorm` (optional): an eval-mode BatchNorm2d right after a CoRa conv is folded into
    the per-channel scales of [W]_n and of B, and into the bias (exact: scales stay per channel).
 4. `LowerToOps`: every CoRa branch and QuantLinear becomes a slice of the model's packed
-   words (`packing`; one buffer, ``cora_packed_words``), unpack + dequantize ops, and F.conv2d / F.linear calls; the modules are removed. The
-   adapter is either a parallel two-conv branch (METHOD.md s.2) or, with
-   ``adapter_form="folded"``, added to the dequantized main weight as fold(B o A) (s.4), so the
-   model runs one conv per layer.
+   words (`packing`; one buffer, ``cora_packed_words``), unpack + dequantize ops, and F.conv2d /
+   F.linear calls; the modules are removed. The adapter is either a parallel two-conv branch
+   (docs/method.md s.2) or, with ``adapter_form="folded"``, added to the dequantized main weight
+   as fold(B o A) (s.4), so the model runs one conv per layer.
 5. `Cleanup`: dead code and unused submodules (observers, SVD factors) are deleted.
 """
 from __future__ import annotations
@@ -74,7 +74,7 @@ class FoldRanks:
 
 
 class QuantizeAdapters:
-    """Min-max quantize the folded A_r and B_r at ``adapter_bits`` (METHOD.md section 1)."""
+    """Min-max quantize the folded A_r and B_r at ``adapter_bits`` (docs/method.md section 1)."""
 
     def __init__(self, plan: ConversionPlan) -> None:
         self.plan = plan
@@ -113,7 +113,8 @@ class FoldBatchNorm:
                 continue
             lowered = self.plan.layers[name]
             with torch.no_grad():
-                factor = (bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
+                factor = ((bn.weight if bn.weight is not None else torch.ones_like(bn.running_var))
+                          / torch.sqrt(bn.running_var + bn.eps))
                 shift = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
                 bias = lowered.bias if lowered.bias is not None else torch.zeros_like(bn.running_mean)
                 lowered.bias = ((bias - bn.running_mean) * factor + shift).detach().float()
@@ -196,7 +197,8 @@ class _Emitter:
         m = _shape(lowered.adapter_b)[0]
         rank = a_shape[0] // groups
         a = g.call_method("reshape", (self.weight(owner, path, "adapter_a", lowered.adapter_a), (groups, rank, -1)))
-        b = g.call_method("reshape", (self.weight(owner, path, "adapter_b", lowered.adapter_b), (groups, m // groups, rank)))
+        b = g.call_method("reshape", (self.weight(owner, path, "adapter_b", lowered.adapter_b),
+                                      (groups, m // groups, rank)))
         return g.call_method("reshape", (g.call_function(torch.bmm, (b, a)), (m, *a_shape[1:])))
 
 
@@ -239,7 +241,8 @@ class LowerToOps:
                     a = g.call_method("type_as", (emit.weight(owner, name, "adapter_a", lowered.adapter_a), x))
                     hidden = g.call_function(F.conv2d, (x, a, None, spec.stride, padding, spec.dilation, spec.groups))
                     b = g.call_method("type_as", (emit.weight(owner, name, "adapter_b", lowered.adapter_b), x))
-                    out = g.call_function(operator.add, (out, g.call_function(F.conv2d, (hidden, b, None, 1, 0, 1, spec.groups))))
+                    out = g.call_function(operator.add,
+                                          (out, g.call_function(F.conv2d, (hidden, b, None, 1, 0, 1, spec.groups))))
             merged.replace_all_uses_with(out)
             for node in (merged, adapter, main):
                 g.erase_node(node)

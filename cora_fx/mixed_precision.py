@@ -1,7 +1,7 @@
 """`allocate_bits`: a per-layer bit-width plan that meets a target equivalent bit-width (an extension).
 
 CoRa spends an adapter budget on top of one base bit-width n, so its equivalent bits are
-n + m*b + (what depthwise layers at 8 bits add) (METHOD.md section 3). To land at or below a
+n + m*b + (what depthwise layers at 8 bits add) (docs/method.md section 3). To land at or below a
 target such as exactly 4.0 bits, some layers must take n - 1 bits. `allocate_bits` picks them
 by a one-layer-at-a-time sensitivity (HAWQ-style): the KL divergence of the model's output from
 the float model's when that layer alone is rounded to nearest at n - 1 bits, minus the same at
@@ -31,21 +31,15 @@ from .state import CoRaError, get_state
 from .summary import layer_infos
 
 #: The adapter budget to pair with `allocate_bits`, e.g. ``CoRaConfig.recommended(4, budget=MIXED_BUDGET)``
-#: (what ``cora-fx quantize --target-bits`` takes without ``--budget``). At a fixed 4.0 bits the
-#: budget competes with 4-bit weights (each adapter parameter costs 8 bits): on MobileNetV2,
-#: b = 0.01 / 0.02 / 0.045 gave top-1 79.00 / 78.14 / 77.71 and tiny64 agreement 59.90 / 61.04 /
-#: 55.94 (benchmarks/RESULTS.md section 1, searched ranks, four sensitivity batches): 0.01 and 0.02
-#: within a point of each other on top-1 (0.02 ahead on agreement, the larger sample, by 1.1), 0.045
-#: 5 points of agreement behind.
+#: (what ``cora-fx quantize --target-bits`` takes without ``--budget``). At a fixed equivalent bit-width
+#: the budget competes with main-weight bits (each adapter parameter costs 8 bits); the mixed-precision
+#: rows of benchmarks/RESULTS.md compare budgets and show why this one is the default.
 MIXED_BUDGET = 0.02
 
-#: Calibration batches that measure each layer's sensitivity in `allocate_bits`. On MobileNetV2 one
-#: batch's KL growth has a standard deviation of 23-54 % (median 38 %) of the mean over 12 batches of
-#: 32, and the first batch alone put a layer at 0.24-1.58x its mean. So one batch can pick the wrong
-#: set: at b = 0.045 it chose 13 convs whose loss, on all 12 batches, is 1.6x that of the 9 convs
-#: that the first 2, 4, 8 or 12 batches choose (heuristic ranks: top-1 76.14 -> 77.14, tiny64
-#: agreement 45.21 -> 48.46). `benchmarks/allocation_noise.py`; benchmarks/RESULTS.md, fourteenth
-#: session. Each batch costs two forward passes per candidate layer.
+#: Calibration batches that measure each layer's sensitivity in `allocate_bits`. One batch's KL growth is
+#: noisy (a standard deviation of a third of its mean on MobileNetV2) and can rank layers wrongly;
+#: `benchmarks/allocation_noise.py` measures that noise. Each batch costs two forward passes per
+#: candidate layer.
 ALLOCATION_BATCHES = 4
 
 
@@ -53,10 +47,10 @@ def planned_bits(prepared: torch.fx.GraphModule, layer_bits: dict[str, int], bud
     """Equivalent bits of ``prepared`` with ``layer_bits`` applied and the adapter budget spent in full."""
     state = get_state(prepared)
     cfg = state.config
-    adapter_bits = 32 if cfg.adapter_bits is None else cfg.adapter_bits
-    convs = [l for l in layer_infos(prepared) if l.kind == "conv"]
-    weight_bits = sum(layer_bits.get(l.name, l.bits) * l.params for l in convs)
-    fixed_adapters = sum(l.adapter_params for l in convs if l.policy != "search")
+    adapter_bits = 32 if cfg.adapter.bits is None else cfg.adapter.bits
+    convs = [layer for layer in layer_infos(prepared) if layer.kind == "conv"]
+    weight_bits = sum(layer_bits.get(layer.name, layer.bits) * layer.params for layer in convs)
+    fixed_adapters = sum(layer.adapter_params for layer in convs if layer.policy != "search")
     total = max(state.conv_params, 1)
     return (weight_bits + 32 * state.float_conv_params + adapter_bits * (budget * total + fixed_adapters)) / total
 
@@ -76,7 +70,8 @@ def _restored(base: torch.Tensor, factors: ResidualFactors, rank: int) -> torch.
 
 def _demoted(weight: torch.Tensor, groups: int, cfg: CoRaConfig, bits: int, rank: int) -> torch.Tensor:
     """`_restored` for ``weight`` rounded to nearest at ``bits`` (the config's clipping and granularity)."""
-    base = quantize_weight(weight, make_observer(cfg.clipping, bits, cfg.per_channel, cfg.k), bits).dequantize()
+    base = quantize_weight(weight, make_observer(cfg.quant.clipping, bits, cfg.quant.per_channel, cfg.quant.k),
+                           bits).dequantize()
     return _restored(base, ResidualFactors(weight.detach().float() - base, groups), rank)
 
 
@@ -90,7 +85,7 @@ def allocate_bits(
     batches: int = ALLOCATION_BATCHES,
     progress: bool = True,
 ) -> dict[str, int]:
-    """Choose which convs drop from ``config.bits`` to ``low_bits`` so that the equivalent bits
+    """Choose which convs drop from ``config.quant.bits`` to ``low_bits`` so that the equivalent bits
     (adapter budget spent in full) are at most ``target_bits``.
 
     Args:
@@ -100,14 +95,14 @@ def allocate_bits(
             candidate layer: MobileNetV2 has 35 candidates). Fewer are used if fewer are given.
         config: the CoRa configuration the plan is for (its clipping, granularity, budget).
         target_bits: the equivalent bit-width to meet.
-        low_bits: the demoted bit-width (default ``config.bits - 1``).
+        low_bits: the demoted bit-width (default ``config.quant.bits - 1``).
     Returns:
-        ``config.layer_bits`` plus ``{layer name: low_bits}`` for each demoted layer (nothing added
+        ``config.quant.layer_bits`` plus ``{layer name: low_bits}`` for each demoted layer (nothing added
         when the target is already met), to pass as ``config.replace(layer_bits=...)``.
     """
-    low_bits = config.bits - 1 if low_bits is None else low_bits
-    if not isinstance(low_bits, int) or not 2 <= low_bits < config.bits:
-        raise ValueError(f"allocate_bits: low_bits={low_bits!r} must be an integer in 2..{config.bits - 1}")
+    low_bits = config.quant.bits - 1 if low_bits is None else low_bits
+    if not isinstance(low_bits, int) or not 2 <= low_bits < config.quant.bits:
+        raise ValueError(f"allocate_bits: low_bits={low_bits!r} must be an integer in 2..{config.quant.bits - 1}")
     if not isinstance(batches, int) or batches < 1:
         raise ValueError(f"allocate_bits: batches={batches!r} must be an integer >= 1")
     if not isinstance(target_bits, (int, float)) or isinstance(target_bits, bool) or not target_bits > 0:
@@ -115,15 +110,16 @@ def allocate_bits(
     if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
         raise CoRaError(f"allocate_bits: {type(model).__name__} has no nn.Conv2d layer to allocate bits to")
     prepared = prepare_cora(model, config)
-    start = planned_bits(prepared, dict(config.layer_bits), config.budget)
+    start = planned_bits(prepared, dict(config.quant.layer_bits), config.search.budget)
     if start <= target_bits:
-        return dict(config.layer_bits)
+        return dict(config.quant.layer_bits)
     candidates, saved = _demotion_candidates(prepared, config, low_bits, start)
-    demote_all = {**config.layer_bits, **{n: low_bits for n in candidates}}
-    floor = planned_bits(prepared, demote_all, config.budget)
+    demote_all = {**config.quant.layer_bits, **{n: low_bits for n in candidates}}
+    floor = planned_bits(prepared, demote_all, config.search.budget)
     if floor > target_bits:
-        raise ValueError(f"allocate_bits: target_bits={target_bits} is below {floor:.3f}, the equivalent bits with every "
-                         f"searchable conv at {low_bits} bits and budget {config.budget}")
+        raise ValueError(f"allocate_bits: target_bits={target_bits} is below {floor:.3f}, "
+                         "the equivalent bits with every "
+                         f"searchable conv at {low_bits} bits and budget {config.search.budget}")
 
     reference_model = copy.deepcopy(model).eval()
     device, dtype = model_device(reference_model), input_dtype(reference_model)
@@ -137,20 +133,23 @@ def allocate_bits(
     with torch.no_grad():
         reference = [reference_model(*x).float() for x in inputs]
 
-    per_batch = _batch_sensitivities(reference_model, prepared, candidates, config, low_bits, inputs, reference, progress)
-    kl_growth = {name: sum(demoted) / len(demoted) - sum(kept) / len(kept) for name, (kept, demoted) in per_batch.items()}
+    per_batch = _batch_sensitivities(reference_model, prepared, candidates, config, low_bits, inputs, reference,
+                                     progress)
+    kl_growth = {name: sum(demoted) / len(demoted) - sum(kept) / len(kept)
+                 for name, (kept, demoted) in per_batch.items()}
 
-    need = (start - target_bits) * (1 + 1e-9)  # a hair more, so float rounding cannot leave the plan just above the target
+    # a hair more, so float rounding cannot leave the plan just above the target
+    need = (start - target_bits) * (1 + 1e-9)
     demoted = _cheapest_demotions(kl_growth, saved, need)
-    return {**config.layer_bits, **{name: low_bits for name in demoted}}
+    return {**config.quant.layer_bits, **{name: low_bits for name in demoted}}
 
 
 def _demotion_candidates(prepared: torch.fx.GraphModule, config: CoRaConfig, low_bits: int,
                          start: float) -> tuple[dict, dict[str, float]]:
     """The searchable convs above ``low_bits`` (name -> adapter) and the equivalent bits that demoting
     each one saves from ``start`` (equivalent bits are linear in the layers' bits, so savings add up)."""
-    candidates = {n: a for n, a in adapters(prepared).items() if a.searchable and config.bits_for(n) > low_bits}
-    saved = {name: start - planned_bits(prepared, {**config.layer_bits, name: low_bits}, config.budget)
+    candidates = {n: a for n, a in adapters(prepared).items() if a.searchable and config.quant.bits_for(n) > low_bits}
+    saved = {name: start - planned_bits(prepared, {**config.quant.layer_bits, name: low_bits}, config.search.budget)
              for name in candidates}
     return candidates, saved
 
@@ -169,7 +168,7 @@ def _batch_sensitivities(reference_model: nn.Module, prepared: torch.fx.GraphMod
         conv = reference_model.get_submodule(name)
         original = conv.weight.data
         adapter = candidates[name]
-        rank = heuristic_rank(adapter, config.budget)
+        rank = heuristic_rank(adapter, config.search.budget)
         kls = []
         # at its own bits the prepared layer already holds [W]_n and its residual's SVD; only the demotion is new
         for weight in (_restored(prepared.get_submodule(name).quantized.weight, adapter.factors, rank),

@@ -1,13 +1,13 @@
 """Modules of a prepared model: the quantized main conv, the low-rank adapter, their container.
 
 `prepare_cora` puts a `CoRaConv2d` container at each rewritten conv's qualified name; the
-prepared graph calls its two children in parallel and adds them (METHOD.md section 2):
+prepared graph calls its two children in parallel and adds them (docs/method.md section 2):
 
     main    = <name>.quantized(x)      # conv(x, [W]_n) + bias
     adapter = <name>.adapter(x)        # conv(conv(x, A_r), B_r), hard integer rank r
     out     = main + adapter
 
-Calling the container itself runs the folded single-conv form of METHOD.md section 4,
+Calling the container itself runs the folded single-conv form of docs/method.md section 4,
 conv(x, [W]_n + fold(B o A)), which the rank search uses. `QuantLinear` is the weight-only
 quantized nn.Linear (no adapter).
 """
@@ -145,7 +145,7 @@ class LowRankAdapter(nn.Module):
 
     ``rank`` is the soft normalized rank r_l / R_l optimized by the search; ``hard_rank``
     the integer rank used by the two-conv forward and by `convert_cora`. The hard A and B
-    are cached already quantized to ``adapter_bits`` (min-max, METHOD.md section 1).
+    are cached already quantized to ``adapter_bits`` (min-max, docs/method.md section 1).
     """
 
     hard_rank: torch.Tensor
@@ -198,7 +198,8 @@ class LowRankAdapter(nn.Module):
     def set_tuned(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Replace A_r, B_r at the current hard rank by fine-tuned float weights (`finetune`)."""
         if a.shape != self.weight_a.shape or b.shape != self.weight_b.shape:
-            raise ValueError(f"tuned adapter shapes {tuple(a.shape)}, {tuple(b.shape)} do not match rank {int(self.hard_rank)}")
+            raise ValueError(f"tuned adapter shapes {tuple(a.shape)}, {tuple(b.shape)} "
+                             f"do not match rank {int(self.hard_rank)}")
         self.tuned_a, self.tuned_b = a.detach().clone(), b.detach().clone()
         self._cache(self.tuned_a, self.tuned_b)
 
@@ -227,7 +228,7 @@ class LowRankAdapter(nn.Module):
     nbk_order: float = 4.0
 
     def soft_mask(self) -> torch.Tensor:
-        """NBK Phi at the continuous rank r = rank * R (METHOD.md section 3)."""
+        """NBK Phi at the continuous rank r = rank * R (docs/method.md section 3)."""
         return nbk_mask(self.rank * self.max_rank, self.max_rank, self.nbk_order)
 
     def two_conv(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -15,20 +15,23 @@ from .state import CoRaError
 
 def task_loss(cfg: CoRaConfig) -> Callable[[torch.Tensor, Optional[torch.Tensor], Any], torch.Tensor]:
     """The config's loss(output, float_output, labels): CE on labels, KL to the float model, or a callable."""
-    if callable(cfg.loss):
-        return cfg.loss
-    if cfg.loss == "kl":
+    if callable(cfg.search.loss):
+        return cfg.search.loss
+    if cfg.search.loss == "kl":
         def kl(output: torch.Tensor, float_output: Optional[torch.Tensor], labels: Any) -> torch.Tensor:
             assert float_output is not None
-            return F.kl_div(F.log_softmax(output, -1), F.log_softmax(float_output, -1), reduction="batchmean", log_target=True)
+            return F.kl_div(F.log_softmax(output, -1), F.log_softmax(float_output, -1), reduction="batchmean",
+                            log_target=True)
         return kl
 
     def ce(output: torch.Tensor, float_output: Optional[torch.Tensor], labels: Any) -> torch.Tensor:
-        if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        if (not isinstance(labels, torch.Tensor)
+                or labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8)):
             raise CoRaError("loss='ce' needs integer class labels in every batch (or use loss='kl')")
         classes = output.shape[-1]
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
-            raise CoRaError(f"labels out of range: the model has {classes} classes, got labels {int(labels.min())}..{int(labels.max())}")
+            raise CoRaError(f"labels out of range: the model has {classes} classes, "
+                            f"got labels {int(labels.min())}..{int(labels.max())}")
         return F.cross_entropy(output, labels.long())
     return ce
 
@@ -45,7 +48,7 @@ def batch_loss(gm: fx.GraphModule, wrappers: Sequence[CoRaConv2d], linears: Sequ
                index: int) -> torch.Tensor:
     """The task loss of ``gm`` on one batch; a model failure names the caller and the batch, not a conv."""
     try:
-        teacher = teacher_output(gm, wrappers, linears, inputs) if cfg.loss != "ce" else None
+        teacher = teacher_output(gm, wrappers, linears, inputs) if cfg.search.loss != "ce" else None
         output = gm(*inputs)
     except Exception as err:  # e.g. a batch of the wrong shape
         shapes = [tuple(t.shape) for t in inputs]

@@ -1,6 +1,6 @@
 """Clipping ranges from torch.ao observers and n-bit asymmetric weight quantization.
 
-METHOD.md section 1: scale = (beta - alpha) / (2^n - 1), codes q = clamp(round(W / scale) + zp),
+docs/method.md section 1: scale = (beta - alpha) / (2^n - 1), codes q = clamp(round(W / scale) + zp),
 [W]_n = scale * (q - zp). The range [alpha, beta] comes from a torch.ao observer built with
 ``dtype=torch.int8`` and the n-bit ``quant_min = -2^(n-1)``, ``quant_max = 2^(n-1) - 1``; the
 observer's own ``calculate_qparams`` gives scale and zero point, so any torch.ao observer
@@ -149,7 +149,7 @@ def make_observer(
 
 @dataclass
 class QuantizedWeight:
-    """Integer codes of a weight with their affine parameters (METHOD.md section 1).
+    """Integer codes of a weight with their affine parameters (docs/method.md section 1).
 
     ``codes`` are signed (``int8``) in ``[qmin, qmax]``; ``scale`` and ``zero_point`` are
     float32 and broadcast against the weight (shape ``()`` per tensor, ``(m, 1, ...)`` per
@@ -215,5 +215,5 @@ def _observed_range(observer: Any, w: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def minmax_quantize(weight: torch.Tensor, bits: int) -> QuantizedWeight:
-    """Per-tensor min-max quantization (the adapters' scheme, METHOD.md section 1)."""
+    """Per-tensor min-max quantization (the adapters' scheme, docs/method.md section 1)."""
     return quantize_weight(weight, make_observer("minmax", bits, per_channel=False), bits)

@@ -14,9 +14,8 @@ alone) and reinterpreted in the graph as ``bytes.view(float32)`` and, per weight
 fuse (it calls aten), so the generated kernel loads float32 vectors and bit-casts them in
 registers; the bit-cast moves bits only, so NaN or denormal patterns survive it (tests). Loading
 the int32 words directly goes through a temporary buffer in ATen's AVX2
-``Vectorized<int>::loadu(ptr, count)``: 3.6x slower for MobileNetV2's classifier, and the
-earlier planar-bytes layout 6.2x (`python benchmarks/unpack_speed.py --threads 1`, RESULTS.md
-section 2). Each aten view costs the compiled graph's Python wrapper a few microseconds, so
+``Vectorized<int>::loadu(ptr, count)``, several times slower; `benchmarks/unpack_speed.py` times
+the layouts side by side. Each aten view costs the compiled graph's Python wrapper a few microseconds, so
 `convert_cora` keeps the words of all weights in one buffer (``cora_packed_words``) and views
 it once. `unpack_codes` / `unpack_words` are the reference for the ops the converted graph emits
 (`lowering._Emitter.weight`).

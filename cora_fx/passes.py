@@ -3,7 +3,7 @@
 - `RewriteConvs`: every traced nn.Conv2d call -> quantized conv + parallel adapter + add.
 - `QuantizeLinears`: every nn.Linear -> `QuantLinear` (weight-only, no adapter).
 - `FoldAdaptersForSearch`: (main, adapter, add) -> one call of the `CoRaConv2d` container,
-  the folded single-conv form of METHOD.md section 4 used by the rank search.
+  the folded single-conv form of docs/method.md section 4 used by the rank search.
 They are composed by `torch.fx.passes.infra.pass_manager.PassManager` (see `run_passes`).
 """
 from __future__ import annotations
@@ -64,9 +64,9 @@ def check_finite(name: str, weight: torch.Tensor) -> None:
 
 
 class RewriteConvs:
-    """Rewrite nn.Conv2d calls into main + adapter branches (METHOD.md sections 1-2).
+    """Rewrite nn.Conv2d calls into main + adapter branches (docs/method.md sections 1-2).
 
-    Depthwise-like convs (rank 1 per group) follow ``config.depthwise``; convs whose
+    Depthwise-like convs (rank 1 per group) follow ``config.quant.depthwise``; convs whose
     weight the forward reads directly, overridden Conv2d subclasses and other conv types
     are left float and recorded in ``skipped``.
     """
@@ -83,7 +83,8 @@ class RewriteConvs:
             name = str(node.target)
             if name in done:
                 pass
-            elif isinstance(conv, UNSUPPORTED_CONVS) or (isinstance(conv, nn.Conv2d) and not _plain(conv, nn.Conv2d, "_conv_forward")):
+            elif (isinstance(conv, UNSUPPORTED_CONVS)
+                  or (isinstance(conv, nn.Conv2d) and not _plain(conv, nn.Conv2d, "_conv_forward"))):
                 self.skipped[name] = f"{type(conv).__name__} is not supported; left float"
                 continue
             elif not isinstance(conv, nn.Conv2d):
@@ -115,29 +116,29 @@ class RewriteConvs:
     def _build(self, name: str, conv: nn.Conv2d) -> Optional[CoRaConv2d]:
         cfg = self.config
         m, n_per_group, k1, k2 = conv.weight.shape
-        depthwise = min(m // conv.groups, n_per_group * k1 * k2) == 1  # rank 1 per group, METHOD.md s.2
+        depthwise = min(m // conv.groups, n_per_group * k1 * k2) == 1  # rank 1 per group, docs/method.md s.2
         policy = SEARCH
-        bits, observer = cfg.bits_for(name), None
+        bits, observer = cfg.quant.bits_for(name), None
         if depthwise:
-            if cfg.depthwise == "float":
+            if cfg.quant.depthwise == "float":
                 return None
-            policy = FIXED if cfg.depthwise == "residual" else OFF
-            if cfg.depthwise == "int8":
-                bits = cfg.bits_for(name, default=8)
+            policy = FIXED if cfg.quant.depthwise == "residual" else OFF
+            if cfg.quant.depthwise == "int8":
+                bits = cfg.quant.bits_for(name, default=8)
                 observer = make_observer("minmax", bits, per_channel=True)
-        observer = observer or make_observer(cfg.clipping, bits, cfg.per_channel, cfg.k)
+        observer = observer or make_observer(cfg.quant.clipping, bits, cfg.quant.per_channel, cfg.quant.k)
         qw = quantize_weight(conv.weight, observer, bits)
         residual = conv.weight.detach().to(torch.float32) - qw.dequantize()
         factors = ResidualFactors(residual, conv.groups)
         spec = ConvSpec.of(conv)
-        adapter = LowRankAdapter(factors, spec, cfg.adapter_bits, policy, cfg.init_rank)
-        adapter.nbk_order = cfg.nbk_order
+        adapter = LowRankAdapter(factors, spec, cfg.adapter.bits, policy, cfg.search.init_rank)
+        adapter.nbk_order = cfg.search.nbk_order
         container = CoRaConv2d(QuantConv2d(conv, qw, observer), adapter)
         return container.to(conv.weight.device)
 
 
 class QuantizeLinears:
-    """Swap nn.Linear modules for weight-only `QuantLinear` at ``config.bits_for(name)``."""
+    """Swap nn.Linear modules for weight-only `QuantLinear` at ``config.quant.bits_for(name)``."""
 
     def __init__(self, config: CoRaConfig) -> None:
         self.config = config
@@ -150,8 +151,8 @@ class QuantizeLinears:
             if name in swapped or not _plain(linear, nn.Linear, "forward"):
                 continue
             check_finite(name, linear.weight)
-            bits = cfg.bits_for(name)
-            observer = make_observer(cfg.clipping, bits, cfg.per_channel, cfg.k)
+            bits = cfg.quant.bits_for(name)
+            observer = make_observer(cfg.quant.clipping, bits, cfg.quant.per_channel, cfg.quant.k)
             qw = quantize_weight(linear.weight, observer, bits)
             set_submodule(gm, name, QuantLinear(linear, qw, observer).to(linear.weight.device))
             swapped.add(name)
@@ -184,7 +185,8 @@ class FoldAdaptersForSearch:
         modified = False
         for name, main, adapter, merged in merge_nodes(gm):
             if not isinstance(gm.get_submodule(name), CoRaConv2d):
-                set_submodule(gm, name, CoRaConv2d(gm.get_submodule(str(main.target)), gm.get_submodule(str(adapter.target))))
+                set_submodule(gm, name, CoRaConv2d(gm.get_submodule(str(main.target)),
+                                                   gm.get_submodule(str(adapter.target))))
             with gm.graph.inserting_before(merged):
                 folded = gm.graph.call_module(name, main.args, main.kwargs)
             folded.meta.update(merged.meta, cora_role="folded")

@@ -33,8 +33,8 @@ def rank_table(source: Union[RankSearchResult, CoRaSummary]) -> list[tuple[str, 
         return [(n, r, math.floor(b * source.max_ranks[n]), source.max_ranks[n]) for n, r in source.ranks.items()]
     if isinstance(source, CoRaSummary):
         b = source.target_budget
-        return [(l.name, l.rank, math.floor(b * l.max_rank), l.max_rank)
-                for l in source.layers if l.kind == "conv" and l.policy == "search"]
+        return [(layer.name, layer.rank, math.floor(b * layer.max_rank), layer.max_rank)
+                for layer in source.layers if layer.kind == "conv" and layer.policy == "search"]
     raise TypeError(f"plot_ranks: expected a RankSearchResult or CoRaSummary, got {type(source).__name__}")
 
 
@@ -86,8 +86,10 @@ def plot_search(result: RankSearchResult, path: PathLike, title: str = "") -> Pa
     ax_loss.legend(fontsize=8)
     ax_loss.grid(alpha=0.3)
     ax_budget.plot(steps, result.history.budget, color="#2ca02c", label="running budget (soft ranks)")
-    ax_budget.axhline(result.target_budget, color="#d62728", linestyle="--", label=f"target b = {result.target_budget:g}")
-    ax_budget.axhline(result.budget, color="#9467bd", linestyle=":", label=f"final budget {result.budget:.4f} (projected)")
+    ax_budget.axhline(result.target_budget, color="#d62728", linestyle="--",
+                      label=f"target b = {result.target_budget:g}")
+    ax_budget.axhline(result.budget, color="#9467bd", linestyle=":",
+                      label=f"final budget {result.budget:.4f} (projected)")
     ax_budget.set_xlabel("iteration")
     ax_budget.set_ylabel("adapter params / conv params")
     ax_budget.legend(fontsize=8)

@@ -48,7 +48,8 @@ def prepare_cora(
     _refuse_cora_models(model)
     _refuse_meta_tensors(model)
     if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
-        warnings.warn(f"prepare_cora: {type(model).__name__} has no nn.Conv2d layer; nothing to do, model returned unchanged")
+        warnings.warn(f"prepare_cora: {type(model).__name__} has no nn.Conv2d layer; "
+                      "nothing to do, model returned unchanged")
         return model  # type: ignore[return-value]
 
     _check_layer_names(model, config)
@@ -56,7 +57,7 @@ def prepare_cora(
     gm, leaves = trace(source, leaf_modules)
     conv_params = sum(m.weight.numel() for m in source.modules() if isinstance(m, nn.Conv2d))
     rewrite = RewriteConvs(config)
-    passes = [rewrite] + ([QuantizeLinears(config)] if config.quantize_linear else [])
+    passes = [rewrite] + ([QuantizeLinears(config)] if config.quant.quantize_linear else [])
     gm = run_passes(gm, passes)
     skipped = dict(rewrite.skipped)
     for leaf in sorted(leaves):
@@ -64,7 +65,8 @@ def prepare_cora(
             if isinstance(m, nn.Conv2d):
                 skipped[f"{leaf}.{name}" if name else leaf] = f"inside leaf module '{leaf}'; left float"
     _check_layer_bits(gm, config, skipped)
-    float_params = sum(source.get_submodule(n).weight.numel() for n in skipped if isinstance(source.get_submodule(n), nn.Conv2d))
+    float_params = sum(source.get_submodule(n).weight.numel() for n in skipped
+                       if isinstance(source.get_submodule(n), nn.Conv2d))
     gm.meta[META_KEY] = CoRaState(config, PREPARED, conv_params, skipped, float_params)
     gm.train(source.training)
     if example_inputs is not None:
@@ -86,18 +88,18 @@ def prepare_cora(
 def _check_layer_names(model: nn.Module, config: CoRaConfig) -> None:
     """Before anything is rewritten: every `CoRaConfig.layer_bits` key names a Conv2d or Linear."""
     layers = {n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    for name in sorted(set(config.layer_bits) - layers):
-        raise CoRaError(f"prepare_cora: config.layer_bits names '{name}', which is not an nn.Conv2d or nn.Linear "
+    for name in sorted(set(config.quant.layer_bits) - layers):
+        raise CoRaError(f"prepare_cora: config.quant.layer_bits names '{name}', which is not an nn.Conv2d or nn.Linear "
                         f"of {type(model).__name__}; e.g. {sorted(layers)[:4]}")
 
 
 def _check_layer_bits(gm: fx.GraphModule, config: CoRaConfig, skipped: Mapping[str, str]) -> None:
     """After the rewrite: every `CoRaConfig.layer_bits` entry names a layer that was quantized."""
     quantized = {n for n, m in gm.named_modules() if isinstance(m, (CoRaConv2d, QuantLinear))}
-    for name in sorted(set(config.layer_bits) - quantized):
-        why = skipped.get(name, "left float (quantize_linear=False)" if not config.quantize_linear
+    for name in sorted(set(config.quant.layer_bits) - quantized):
+        why = skipped.get(name, "left float (quantize_linear=False)" if not config.quant.quantize_linear
                           else "left float (an nn.Linear subclass with its own forward)")
-        raise CoRaError(f"prepare_cora: config.layer_bits names '{name}', which is not quantized: {why}")
+        raise CoRaError(f"prepare_cora: config.quant.layer_bits names '{name}', which is not quantized: {why}")
 
 
 def _refuse_meta_tensors(model: nn.Module) -> None:
@@ -129,7 +131,7 @@ RankSpec = Union[str, Mapping[str, int]]
 
 
 def heuristic_rank(adapter: LowRankAdapter, budget: float) -> int:
-    """The paper's baseline r = floor(b * R) (METHOD.md section 3)."""
+    """The paper's baseline r = floor(b * R) (docs/method.md section 3)."""
     return math.floor(budget * adapter.max_rank)
 
 
@@ -146,7 +148,7 @@ def set_ranks(prepared: fx.GraphModule, ranks: RankSpec) -> dict[str, int]:
     searchable = {n: a for n, a in layers.items() if a.searchable}
     if isinstance(ranks, str):
         if ranks == "heuristic":
-            wanted = {n: heuristic_rank(a, state.config.budget) for n, a in searchable.items()}
+            wanted = {n: heuristic_rank(a, state.config.search.budget) for n, a in searchable.items()}
         elif ranks == "full":
             wanted = {n: a.max_rank for n, a in searchable.items()}
         else:
@@ -159,7 +161,8 @@ def set_ranks(prepared: fx.GraphModule, ranks: RankSpec) -> dict[str, int]:
             if name not in searchable:
                 raise ValueError(f"set_ranks: '{name}' has policy '{layers[name].policy}'; its rank is fixed")
             if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= layers[name].max_rank:
-                raise ValueError(f"set_ranks: rank of '{name}' must be an integer in 0..{layers[name].max_rank}, got {rank!r}")
+                raise ValueError(f"set_ranks: rank of '{name}' must be an integer in 0..{layers[name].max_rank}, "
+                                 f"got {rank!r}")
     else:
         raise TypeError(f"set_ranks: ranks must be a str or a dict, got {type(ranks).__name__}")
     for name, rank in wanted.items():

@@ -1,4 +1,4 @@
-"""Differentiable rank search (METHOD.md section 3) in the folded form (section 4).
+"""Differentiable rank search (docs/method.md section 3) in the folded form (section 4).
 
 Loss L(r) = task(r) + lambda * exp(ReLU(running_budget(r) - b)), Adam on the normalized
 ranks r_l / R_l, each gradient clipped to [-clip, clip], ranks clamped into [1, R_l] after
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
@@ -21,12 +22,9 @@ from .config import SEARCH_FIELDS, CoRaConfig
 from .modules import CoRaConv2d, LowRankAdapter, QuantLinear
 from .objective import batch_loss, frozen_weights, task_loss
 from .batches import BatchCycle, input_dtype, model_device, split_batch
-from .batchnorm import correct_batchnorm
-from .finetune import FinetuneResult, finetune
 from .passes import folded_copy
-from .rounding import calibrate_rounding
 from .prepare import adapters
-from .state import PREPARED, get_state
+from .state import PREPARED, CoRaError, get_state
 from .summary import accounting, layer_infos
 
 
@@ -53,7 +51,6 @@ class RankSearchResult:
         searched_ranks: ceil(r_l) before the budget projection.
         max_ranks: R_l per layer; target_budget: the b that was asked for.
         iterations, seconds: work done; interrupted: stopped by KeyboardInterrupt.
-        finetune: the `FinetuneResult` when ``finetune_iterations`` > 0 ran after the search.
     """
 
     ranks: dict[str, int]
@@ -68,7 +65,6 @@ class RankSearchResult:
     iterations: int
     seconds: float
     interrupted: bool = False
-    finetune: Optional[FinetuneResult] = None
 
     def __str__(self) -> str:
         return (f"RankSearchResult({len(self.ranks)} layers, {self.iterations} iterations in {self.seconds:.1f}s, "
@@ -114,137 +110,156 @@ def project_ranks(
     return ranks
 
 
-def search_ranks(prepared: fx.GraphModule, batches: Iterable, *, progress: bool = True, **config_overrides: Any) -> RankSearchResult:
+def search_ranks(prepared: fx.GraphModule, batches: Iterable, *, progress: bool = True,
+                 **search_overrides: Any) -> RankSearchResult:
     """Search the per-layer ranks of ``prepared`` on calibration ``batches``; set them; report.
 
-    ``batches`` yields ``(inputs, labels)``; ``inputs`` is a tensor or tuple of tensors and is
-    moved to the model's device. ``config_overrides`` change search fields of the config for
-    this call (``budget``, ``iterations``, ``loss``, ``lr``, ...). The hard ranks of
-    ``prepared`` are set to the result; if the search fails, they are left as they were.
-    On KeyboardInterrupt the ranks found so far are projected and set, the result is kept
-    in ``prepared.meta["cora_fx"].search_result``, and the interrupt is re-raised.
+    ``batches`` yields ``(inputs, labels)``; ``inputs`` is a tensor or tuple of tensors and is moved to the
+    model's device. ``search_overrides`` change `SearchConfig` fields for this call (``budget``,
+    ``iterations``, ``loss``, ``lr``, ...). When the config asks for data-aware rounding or adapters,
+    `calibrate_rounding` must have run first (`run_pipeline` does it). The hard ranks of ``prepared`` are
+    set to the result; if the search fails, they are left as they were. On KeyboardInterrupt the ranks found
+    so far are projected and set, the result is kept in ``prepared.meta["cora_fx"].search_result``, and the
+    interrupt is re-raised.
     """
     state = get_state(prepared, PREPARED, "prepared")
-    bad = set(config_overrides) - SEARCH_FIELDS
-    if bad:
-        raise ValueError(f"search_ranks: {sorted(bad)} cannot be changed after prepare_cora (search fields: {sorted(SEARCH_FIELDS)})")
-    cfg = state.config.replace(**config_overrides)
+    cfg = _search_config(state.config, search_overrides)
     if cfg.needs_rounding_data and not state.rounding_calibrated:
-        calibrate_rounding(prepared, batches)
-    layers = adapters(prepared)
-    searchable = {n: a for n, a in layers.items() if a.searchable}
-    saved_ranks = {n: int(a.hard_rank) for n, a in layers.items()}
-    saved_soft = {n: float(a.rank) for n, a in layers.items()}
-    search_gm = folded_copy(prepared)
-    wrappers = [m for m in search_gm.modules() if isinstance(m, CoRaConv2d)]
-    linears = [m for m in prepared.modules() if isinstance(m, QuantLinear)]
-    loss_fn = task_loss(cfg)
-    device = model_device(prepared)
-    dtype = input_dtype(prepared)
-    names = list(searchable)
-    ranks = [searchable[n].rank for n in names]
-    max_ranks = torch.tensor([searchable[n].max_rank for n in names], dtype=torch.float32, device=device)
-    total = max(state.conv_params, 1)
-    omega = torch.tensor([searchable[n].factors.params_per_rank / total for n in names], dtype=torch.float32, device=device)
-    fixed_params = sum(a.parameter_count() for a in layers.values() if not a.searchable)
-    fixed_budget = fixed_params / total
-    history = SearchHistory()
-    importance = torch.zeros(len(names), device=device)
-    start = time.perf_counter()
-    done = 0
-    interrupted = failed = False
-    data = BatchCycle(batches)
-    kept: list = []  # the first batches, for the BatchNorm correction
-    bar = tqdm(total=cfg.iterations, desc="cora rank search", disable=not progress, leave=False)
+        raise CoRaError("search_ranks: the config asks for data-aware rounding or adapters (rounding.method="
+                        f"{cfg.rounding.method!r}, adapter.svd={cfg.adapter.svd!r}); call "
+                        "calibrate_rounding(prepared, batches) first, or use run_pipeline / quantize_cora")
+    search = _RankSearch(prepared, state, cfg)
     try:
-        with frozen_weights(prepared), torch.random.fork_rng(devices=[]):
-            search_gm.eval()
-            with torch.no_grad():
-                for a in searchable.values():
-                    a.rank.fill_(cfg.init_rank)
-                    a.nbk_order = cfg.nbk_order
-            for r in ranks:
-                r.requires_grad_(True)
-            optimizer = torch.optim.Adam(ranks, lr=cfg.lr) if ranks else None
+        search.run(BatchCycle(batches), progress)
+    except KeyboardInterrupt:
+        search.finish(interrupted=True)
+        raise
+    except BaseException:
+        search.restore()
+        raise
+    return search.finish(interrupted=False)
+
+
+def _search_config(config: CoRaConfig, overrides: dict[str, Any]) -> CoRaConfig:
+    bad = set(overrides) - SEARCH_FIELDS
+    if bad:
+        raise ValueError(f"search_ranks: {sorted(bad)} cannot be changed after prepare_cora "
+                         f"(search fields: {sorted(SEARCH_FIELDS)})")
+    return config.replace(**overrides)
+
+
+class _RankSearch:
+    """One run of the search loop (docs/method.md section 3) over the folded copy of a prepared model."""
+
+    def __init__(self, prepared: fx.GraphModule, state: Any, cfg: CoRaConfig) -> None:
+        self.prepared, self.state, self.cfg = prepared, state, cfg
+        self.layers = adapters(prepared)
+        self.searchable = {n: a for n, a in self.layers.items() if a.searchable}
+        self.names = list(self.searchable)
+        self.saved = {n: (int(a.hard_rank), float(a.rank)) for n, a in self.layers.items()}
+        self.search_gm = folded_copy(prepared)
+        self.wrappers = [m for m in self.search_gm.modules() if isinstance(m, CoRaConv2d)]
+        self.linears = [m for m in prepared.modules() if isinstance(m, QuantLinear)]
+        self.loss_fn = task_loss(cfg)
+        self.device = model_device(prepared)
+        self.dtype = input_dtype(prepared)
+        total = max(state.conv_params, 1)
+        self.ranks = [self.searchable[n].rank for n in self.names]
+        self.max_ranks = torch.tensor([self.searchable[n].max_rank for n in self.names], dtype=torch.float32,
+                                      device=self.device)
+        self.omega = torch.tensor([self.searchable[n].factors.params_per_rank / total for n in self.names],
+                                  dtype=torch.float32, device=self.device)
+        self.fixed_params = sum(a.parameter_count() for a in self.layers.values() if not a.searchable)
+        self.fixed_budget = self.fixed_params / total
+        self.importance = torch.zeros(len(self.names), device=self.device)
+        self.history = SearchHistory()
+        self.done = 0
+        self.start = time.perf_counter()
+
+    def run(self, data: BatchCycle, progress: bool) -> None:
+        """Up to ``iterations`` steps, or until a one-shot iterator of batches ends."""
+        cfg = self.cfg.search
+        bar = tqdm(total=cfg.iterations, desc="cora rank search", disable=not progress, leave=False)
+        with frozen_weights(self.prepared), torch.random.fork_rng(devices=[]), closing(bar):
+            self.search_gm.eval()
+            optimizer = self._start()
             torch.manual_seed(cfg.seed)
-            while done < cfg.iterations:
+            while self.done < cfg.iterations:
                 batch = data.next()
                 if batch is None:
                     break
-                inputs, labels = split_batch(batch, device, dtype)
-                if len(kept) < cfg.bn_correction:
-                    kept.append(batch)
-                task = batch_loss(search_gm, wrappers, linears, cfg, loss_fn, inputs, labels, caller="search_ranks",
-                                  index=data.seen - 1)
-                if optimizer is None:
-                    history.loss.append(task.item()); history.task_loss.append(task.item()); history.budget.append(fixed_budget)
-                    done += 1; bar.update(1)
-                    continue
-                rank_vec = torch.stack(ranks) * max_ranks
-                running = fixed_budget + (omega * rank_vec).sum()
-                penalty = cfg.penalty * torch.exp(F.relu(running - cfg.budget))
-                task_grads = torch.autograd.grad(task, ranks, allow_unused=True)
-                pen_grads = torch.autograd.grad(penalty, ranks)
-                with torch.no_grad():
-                    g_task = torch.stack([torch.zeros((), device=device) if g is None else g for g in task_grads])
-                    importance.mul_(0.9).add_(0.1 * (-g_task / max_ranks))  # d task / d r_l
-                    for r, gt, gp in zip(ranks, g_task, pen_grads):
-                        r.grad = (gt + gp).clamp(-cfg.grad_clip, cfg.grad_clip)
-                optimizer.step()
-                with torch.no_grad():
-                    for r, big_r in zip(ranks, max_ranks):
-                        r.nan_to_num_(nan=float(1.0 / big_r))
-                        r.clamp_(float(1.0 / big_r), 1.0)
-                task_value, running_value = task.item(), running.item()
-                loss_value = task_value + penalty.item()
-                history.loss.append(loss_value); history.task_loss.append(task_value); history.budget.append(running_value)
-                done += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.3f}", budget=f"{running_value:.3f}")
-    except KeyboardInterrupt:
-        interrupted = True
-        raise
-    except BaseException:
-        failed = True
-        _restore(layers, saved_ranks, saved_soft)
-        raise
-    finally:
-        bar.close()
-        if not failed:
-            result = _finish(prepared, state, layers, searchable, names, importance, cfg, history, done,
-                             time.perf_counter() - start, interrupted)
-    if cfg.bn_correction:
-        correct_batchnorm(prepared, kept, max_batches=cfg.bn_correction)
-    if cfg.finetune_iterations:
-        result.finetune = finetune(prepared, batches, iterations=cfg.finetune_iterations, lr=cfg.finetune_lr,
-                                   progress=progress)
-    return result
+                self._step(batch, data.seen - 1, optimizer, bar)
 
+    def _start(self) -> Optional[torch.optim.Optimizer]:
+        with torch.no_grad():
+            for a in self.searchable.values():
+                a.rank.fill_(self.cfg.search.init_rank)
+                a.nbk_order = self.cfg.search.nbk_order
+        for r in self.ranks:
+            r.requires_grad_(True)
+        return torch.optim.Adam(self.ranks, lr=self.cfg.search.lr) if self.ranks else None
 
-def _restore(layers: dict[str, LowRankAdapter], saved: dict[str, int], soft: dict[str, float]) -> None:
-    with torch.no_grad():
-        for name, a in layers.items():
-            a.rank.fill_(soft[name])
-            a.set_hard_rank(saved[name])
+    def _step(self, batch: Any, index: int, optimizer: Optional[torch.optim.Optimizer], bar: Any) -> None:
+        """One Adam step on task + lambda * exp(ReLU(running_budget - b)) with clipped rank gradients."""
+        cfg = self.cfg.search
+        inputs, labels = split_batch(batch, self.device, self.dtype)
+        task = batch_loss(self.search_gm, self.wrappers, self.linears, self.cfg, self.loss_fn, inputs, labels,
+                          caller="search_ranks", index=index)
+        if optimizer is None:
+            self._record(task.item(), task.item(), self.fixed_budget, bar)
+            return
+        running = self.fixed_budget + (self.omega * torch.stack(self.ranks) * self.max_ranks).sum()
+        penalty = cfg.penalty * torch.exp(F.relu(running - cfg.budget))
+        task_grads = torch.autograd.grad(task, self.ranks, allow_unused=True)
+        penalty_grads = torch.autograd.grad(penalty, self.ranks)
+        with torch.no_grad():
+            g_task = torch.stack([torch.zeros((), device=self.device) if g is None else g for g in task_grads])
+            self.importance.mul_(0.9).add_(0.1 * (-g_task / self.max_ranks))  # d task / d r_l
+            for r, gt, gp in zip(self.ranks, g_task, penalty_grads):
+                r.grad = (gt + gp).clamp(-cfg.grad_clip, cfg.grad_clip)
+        optimizer.step()
+        with torch.no_grad():
+            for r, big_r in zip(self.ranks, self.max_ranks):
+                r.nan_to_num_(nan=float(1.0 / big_r))
+                r.clamp_(float(1.0 / big_r), 1.0)
+        task_value = task.item()
+        self._record(task_value + penalty.item(), task_value, running.item(), bar)
 
+    def _record(self, loss: float, task: float, budget: float, bar: Any) -> None:
+        self.history.loss.append(loss)
+        self.history.task_loss.append(task)
+        self.history.budget.append(budget)
+        self.done += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", budget=f"{budget:.3f}")
 
-def _finish(prepared: fx.GraphModule, state: Any, layers: dict[str, LowRankAdapter], searchable: dict[str, LowRankAdapter],
-            names: list[str], importance: torch.Tensor, cfg: CoRaConfig, history: SearchHistory, done: int,
-            seconds: float, interrupted: bool) -> RankSearchResult:
-    soft = {n: float(searchable[n].rank) * searchable[n].max_rank for n in names}
-    searched = {n: min(max(math.ceil(soft[n] - 1e-6), 1), searchable[n].max_rank) for n in names}
-    fixed_params = sum(a.parameter_count() for a in layers.values() if not a.searchable)
-    budget_params = cfg.budget * state.conv_params - fixed_params
-    imp = {n: max(float(v), 0.0) for n, v in zip(names, importance)}
-    final = project_ranks(searched, searchable, imp, budget_params)
-    for name, rank in final.items():
-        searchable[name].set_hard_rank(rank)
-    for a in searchable.values():
-        a.rank.requires_grad_(False)
-    acc = accounting(layer_infos(prepared), state)
-    soft_budget = (fixed_params + sum(searchable[n].factors.params_per_rank * soft[n] for n in names)) / max(state.conv_params, 1)
-    max_ranks = {n: searchable[n].max_rank for n in names}
-    result = RankSearchResult(final, acc.budget, soft_budget, acc.equivalent_bits, history, soft, searched, max_ranks,
-                              cfg.budget, done, seconds, interrupted)
-    state.search_result = result
-    return result
+    def restore(self) -> None:
+        """Put back the ranks the model had before the search."""
+        with torch.no_grad():
+            for name, a in self.layers.items():
+                hard, soft = self.saved[name]
+                a.rank.fill_(soft)
+                a.set_hard_rank(hard)
+            for a in self.searchable.values():
+                a.rank.requires_grad_(False)
+
+    def finish(self, interrupted: bool) -> RankSearchResult:
+        """Integer ranks ceil(r_l), projected onto the budget, set on the model and reported."""
+        searchable, names, state = self.searchable, self.names, self.state
+        soft = {n: float(searchable[n].rank) * searchable[n].max_rank for n in names}
+        searched = {n: min(max(math.ceil(soft[n] - 1e-6), 1), searchable[n].max_rank) for n in names}
+        fixed_params = self.fixed_params
+        budget_params = self.cfg.search.budget * state.conv_params - fixed_params
+        importance = {n: max(float(v), 0.0) for n, v in zip(names, self.importance)}
+        final = project_ranks(searched, searchable, importance, budget_params)
+        for name, rank in final.items():
+            searchable[name].set_hard_rank(rank)
+        for a in searchable.values():
+            a.rank.requires_grad_(False)
+        acc = accounting(layer_infos(self.prepared), state)
+        soft_params = fixed_params + sum(searchable[n].factors.params_per_rank * soft[n] for n in names)
+        result = RankSearchResult(final, acc.budget, soft_params / max(state.conv_params, 1), acc.equivalent_bits,
+                                  self.history, soft, searched, {n: searchable[n].max_rank for n in names},
+                                  self.cfg.search.budget, self.done, time.perf_counter() - self.start, interrupted)
+        state.search_result = result
+        return result

@@ -1,4 +1,4 @@
-"""The quantization residual as an exact two-conv operator (Theorem 1, METHOD.md section 2).
+"""The quantization residual as an exact two-conv operator (Theorem 1, docs/method.md section 2).
 
 For a Conv2d weight W of shape (m, n/g, k1, k2) with g groups, the residual
 dW = W - [W]_n is split into its g diagonal blocks; each block's mode-1 unfolding
@@ -65,7 +65,7 @@ class ResidualFactors(torch.nn.Module):
         """Float (A, B) conv weights keeping the first ``rank`` triplets per group.
 
         ``mask`` (length R, e.g. the NBK Phi of the soft search) multiplies S^1/2 in both
-        A and B, so the effective singular values become mask^2 * S (METHOD.md section 3).
+        A and B, so the effective singular values become mask^2 * S (docs/method.md section 3).
         """
         g = self.groups
         m, n_per_group, k1, k2 = self.weight_shape
@@ -77,7 +77,7 @@ class ResidualFactors(torch.nn.Module):
         return a, b
 
     def folded_delta(self, mask: torch.Tensor) -> torch.Tensor:
-        """fold(B o A) = U diag(mask^2 S) V^T reshaped to W's shape (METHOD.md section 4)."""
+        """fold(B o A) = U diag(mask^2 S) V^T reshaped to W's shape (docs/method.md section 4)."""
         scaled = self.U * (mask * mask * self.S).unsqueeze(1)
         return torch.bmm(scaled, self.Vh).reshape(self.weight_shape)
 
@@ -97,7 +97,7 @@ def thin_svd(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 def nbk_mask(rank: torch.Tensor, max_rank: int, order: float) -> torch.Tensor:
     """Normalized Butterworth kernel Phi_i(r) = 1 / sqrt(1 + (i / r)^(2k)), i = 0..R-1.
 
-    Phi_0 = 1, so the kernel is already normalized to a maximum of 1 (METHOD.md section 3).
+    Phi_0 = 1, so the kernel is already normalized to a maximum of 1 (docs/method.md section 3).
     """
     i = torch.arange(max_rank, dtype=rank.dtype, device=rank.device)
     return torch.rsqrt(1.0 + (i / rank) ** (2.0 * order))

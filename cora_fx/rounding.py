@@ -3,16 +3,16 @@
 The paper rounds to nearest and factors the residual in weight space. The paper's own future
 work is to reclaim the residual of a better rounding; with calibration data cora_fx can:
 
-- ``rounding="gptq"``: round W with GPTQ (Frantar et al., 2022): columns of the unfolded weight are
+- ``rounding.method="gptq"``: round W with GPTQ (Frantar et al., 2022): columns of the unfolded weight are
   quantized one at a time on the observer's grid, and each rounding error is spread over the
   not-yet-quantized columns through the inverse of H = X X^T (X: the conv's unfolded inputs),
   so the conv's *output* error is minimized rather than the weight error.
-- ``svd="activation"``: factor the residual so the adapter minimizes the output error
+- ``adapter.svd="activation"``: factor the residual so the adapter minimizes the output error
   ||(dW - B A) X||_F: with H = L L^T, SVD(dW L) = U S V^T, B = U S^1/2, A = S^1/2 V^T L^-1.
   Theorem 1 still holds at full rank; the NBK search works on these singular values unchanged.
 
 Both need H per conv (per group), collected by `collect_input_moments` from the float model;
-``rounding_inputs="quantized"`` adds a second pass with H from the once-rounded model (heuristic-rank
+``rounding.inputs="quantized"`` adds a second pass with H from the once-rounded model (heuristic-rank
 adapters), so each layer is rounded for the inputs it will see deployed (sequential GPTQ, in two
 passes instead of one pass per layer).
 """
@@ -23,8 +23,10 @@ from typing import Iterable
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from .batches import model_device, split_batch
+from .config import CoRaConfig
 from .modules import FLOAT, HARD, ConvSpec, CoRaConv2d, QuantLinear, folded_modes
 from .observers import QuantizedWeight, quant_range
 from .passes import folded_copy
@@ -74,7 +76,7 @@ class _InputMoments:
 
 
 def collect_input_moments(prepared: fx.GraphModule, batches: Iterable, max_batches: int,
-                          mode: str = FLOAT) -> dict[str, torch.Tensor]:
+                          mode: str = FLOAT, progress: bool = False) -> dict[str, torch.Tensor]:
     """H (g, d, d) per rewritten conv, averaged over its inputs: those of the float model
     (``mode=FLOAT``) or of the quantized model with its hard-rank adapters (``mode=HARD``)."""
     folded = folded_copy(prepared)
@@ -85,6 +87,7 @@ def collect_input_moments(prepared: fx.GraphModule, batches: Iterable, max_batch
     device = model_device(prepared)
     seen = 0
     folded.eval()
+    bar = tqdm(total=max_batches, desc=f"cora input moments ({mode})", disable=not progress, leave=False)
     try:
         with folded_modes(list(wrappers.values()), linears, mode), torch.no_grad():
             for batch in batches:
@@ -92,7 +95,9 @@ def collect_input_moments(prepared: fx.GraphModule, batches: Iterable, max_batch
                     break
                 folded(*split_batch(batch, device)[0])
                 seen += 1
+                bar.update(1)
     finally:
+        bar.close()
         for h in handles:
             h.remove()
     if not seen:
@@ -156,44 +161,45 @@ def whitening(h: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
     return torch.linalg.cholesky(_damped(h, damp)).to(torch.float32)
 
 
-def calibrate_rounding(prepared: fx.GraphModule, batches: Iterable, *, max_batches: int | None = None) -> int:
-    """Re-round the main weights (``rounding="gptq"``) and/or re-factor the residuals
-    (``svd="activation"``) of ``prepared`` from calibration data; returns the layers updated.
+def calibrate_rounding(prepared: fx.GraphModule, batches: Iterable, *, max_batches: int | None = None,
+                       progress: bool = True) -> int:
+    """Re-round the main weights (``rounding.method="gptq"``) and/or re-factor the residuals
+    (``adapter.svd="activation"``) of ``prepared`` from calibration data; returns the layers updated.
 
-    The float weight is recovered exactly from [W]_n plus the full-rank residual (Theorem 1).
-    Hard ranks are kept (clamped to the new R). `search_ranks` calls this first when the
-    config asks for it and it has not run yet.
+    docs/method.md sections 5-6. The float weight is recovered exactly from [W]_n plus the full-rank
+    residual (Theorem 1). Hard ranks are kept (clamped to the new R). Runs before `search_ranks`.
     """
     state = get_state(prepared, PREPARED, "prepared")
     cfg = state.config
-    count = max_batches or cfg.rounding_batches
-    updated = _reround(prepared, cfg, collect_input_moments(prepared, batches, count, FLOAT))
-    if cfg.rounding_inputs == "quantized":
+    count = max_batches or cfg.rounding.batches
+    moments = collect_input_moments(prepared, batches, count, FLOAT, progress)
+    updated = _reround(prepared, cfg, moments, progress)
+    if cfg.rounding.inputs == "quantized":
         layers = adapters(prepared)
         saved = {n: int(a.hard_rank) for n, a in layers.items()}
         set_ranks(prepared, "heuristic")
         try:
-            moments = collect_input_moments(prepared, batches, count, HARD)
+            moments = collect_input_moments(prepared, batches, count, HARD, progress)
         finally:
             for name, adapter in layers.items():
                 adapter.set_hard_rank(min(saved[name], adapter.max_rank))
-        _reround(prepared, cfg, moments)
+        _reround(prepared, cfg, moments, progress)
     state.rounding_calibrated = True
     return updated
 
 
-def _reround(prepared: fx.GraphModule, cfg, moments: dict[str, torch.Tensor]) -> int:
+def _reround(prepared: fx.GraphModule, cfg: CoRaConfig, moments: dict[str, torch.Tensor],
+             progress: bool = False) -> int:
     """GPTQ and/or whitened SVD of every conv with moments, from its exactly recovered float weight."""
     updated = 0
-    for name, layer in prepared.named_modules():
-        if not isinstance(layer, CoRaConv2d) or name not in moments:
-            continue
+    layers = [(n, m) for n, m in prepared.named_modules() if isinstance(m, CoRaConv2d) and n in moments]
+    for name, layer in tqdm(layers, desc="cora rounding", disable=not progress, leave=False):
         factors = layer.adapter.factors
         weight = layer.quantized.weight + factors.folded_delta(torch.ones_like(factors.S[0]))
         qw = layer.quantized.quantized_weight()
-        if cfg.rounding == "gptq":
+        if cfg.rounding.method == "gptq":
             qw = gptq_quantize(weight, moments[name], qw)
-        white = whitening(moments[name]) if cfg.svd == "activation" else None
+        white = whitening(moments[name]) if cfg.adapter.svd == "activation" else None
         layer.quantized.set_quantized(qw)
         residual = weight - qw.dequantize()
         layer.adapter.set_factors(ResidualFactors(residual.to(torch.float32), layer.quantized.spec.groups, white))

@@ -1,8 +1,9 @@
 """`save` / `load`: a converted model as a ``torch.export`` program (``.pt2``) plus its summary.
 
 The file is what ``torch.export.save`` writes, by default with its zip entries deflated (`save`),
-so plain ``torch.export.load`` reads it without cora_fx. cora_fx adds one extra file inside the archive, ``cora_fx/summary.json``: the
-`CoRaSummary` (lost by torch.export, which drops ``gm.meta``) and a SHA-256 digest of every
+so plain ``torch.export.load`` reads it without cora_fx. cora_fx adds one extra file inside the archive,
+``cora_fx/summary.json``: the `CoRaSummary` (lost by torch.export, which drops ``gm.meta``) with the
+`CoRaConfig` that made the model (``CoRaConfig.from_dict(read_summary(path).config)``) and a SHA-256 digest of every
 stored tensor, checked on `load` so a modified or truncated file is refused with a clear error.
 `load` refuses archives that would need pickle to load (only the tensor payload format is
 accepted) and forces ``weights_only`` loading while torch reads the file.
@@ -39,12 +40,16 @@ class CoRaLoadError(CoRaError):
 
 def export_converted(quantized: fx.GraphModule, example_inputs: tuple,
                      dynamic_batch: bool = True) -> torch.export.ExportedProgram:
-    """``torch.export.export`` of a converted model; dim 0 of every input is dynamic when asked."""
+    """``torch.export.export`` of a converted model; dim 0 of every input is dynamic when asked
+    (example inputs of batch 1 then work too: they are traced as a batch of 2)."""
     get_state(quantized, CONVERTED, "quantized")
     if not isinstance(example_inputs, tuple) or not example_inputs:
         raise TypeError("example_inputs must be a non-empty tuple of inputs, e.g. (x,)")
     dynamic = None
     if dynamic_batch:
+        # torch.export specializes a size-1 dim, so a batch of 1 is traced as a batch of 2 (the same rows twice)
+        example_inputs = tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == 1
+                               else x for x in example_inputs)
         batch = torch.export.Dim("batch", min=1)
         dynamic = tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in example_inputs)
     with torch.no_grad():
@@ -55,7 +60,8 @@ def export_converted(quantized: fx.GraphModule, example_inputs: tuple,
 def tensors_digest(program: torch.export.ExportedProgram) -> str:
     """SHA-256 over the names, dtypes, shapes and bytes of the program's weights and constants."""
     h = hashlib.sha256()
-    items = list(program.state_dict.items()) + [(k, v) for k, v in program.constants.items() if isinstance(v, torch.Tensor)]
+    items = list(program.state_dict.items()) + [(k, v) for k, v in program.constants.items()
+                                                if isinstance(v, torch.Tensor)]
     for name, tensor in sorted(items, key=lambda kv: kv[0]):
         t = tensor.detach().cpu().contiguous().reshape(-1)
         h.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
@@ -105,7 +111,8 @@ def save(quantized: fx.GraphModule, path: PathLike, example_inputs: Optional[tup
 def summary_from_dict(data: dict) -> CoRaSummary:
     """Rebuild a `CoRaSummary` from its ``to_dict()`` (JSON) form."""
     fields = dict(data)
-    fields["layers"] = [LayerInfo(**{**l, "weight_shape": tuple(l["weight_shape"])}) for l in data["layers"]]
+    fields["layers"] = [LayerInfo(**{**layer, "weight_shape": tuple(layer["weight_shape"])})
+                        for layer in data["layers"]]
     return CoRaSummary(**fields)
 
 
@@ -135,8 +142,10 @@ def _check_archive(path: Path) -> None:
                 if name.endswith("_weights_config.json") or name.endswith("_constants_config.json"):
                     config = json.loads(archive.read(name)).get("config", {})
                     for fqn, meta in config.items():
-                        if meta.get("use_pickle") or not str(meta.get("path_name", "")).startswith(("weight_", "tensor_")):
-                            raise CoRaLoadError(f"{path}: entry '{fqn}' would need pickle to load; refusing to unpickle")
+                        if (meta.get("use_pickle")
+                                or not str(meta.get("path_name", "")).startswith(("weight_", "tensor_"))):
+                            raise CoRaLoadError(f"{path}: entry '{fqn}' would need pickle to load; "
+                                                "refusing to unpickle")
     except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, KeyError, OSError) as err:
         if isinstance(err, FileNotFoundError):
             raise

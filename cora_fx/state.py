@@ -22,7 +22,8 @@ class CoRaState:
 
     ``skipped`` maps qualified names of conv layers that stay float to the reason;
     ``float_conv_params`` counts their parameters (they cost 32 bits in the accounting);
-    ``layers`` is filled at conversion with the per-layer records `summary` reports.
+    ``layers`` is filled at conversion with the per-layer records `summary` reports;
+    ``pipeline`` holds the `PipelineResult` when `quantize_cora` ran the steps.
     """
 
     config: CoRaConfig
@@ -33,6 +34,7 @@ class CoRaState:
     search_result: Optional[Any] = None
     layers: list[Any] = field(default_factory=list)
     rounding_calibrated: bool = False
+    pipeline: Optional[Any] = None
 
 
 def get_state(gm: Any, expected: Optional[str] = None, argument: str = "model") -> CoRaState:

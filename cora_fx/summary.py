@@ -1,4 +1,4 @@
-"""Per-layer report and the budget / equivalent bit-width accounting (METHOD.md section 3)."""
+"""Per-layer report and the budget / equivalent bit-width accounting (docs/method.md section 3)."""
 from __future__ import annotations
 
 import io
@@ -63,15 +63,16 @@ def accounting(layers: list[LayerInfo], state: CoRaState) -> Accounting:
 
     Equivalent bits = (n * quantized conv params + adapter_bits * adapter params
     + 32 * float conv params) / conv params, which is n + m*b when every conv is quantized
-    (METHOD.md section 3). Float adapters and convs left float (leaves, depthwise='float',
+    (docs/method.md section 3). Float adapters and convs left float (leaves, depthwise='float',
     unsupported) count 32 bits. Linear layers are outside the accounting, as in the paper.
     """
     cfg = state.config
-    convs = [l for l in layers if l.kind == "conv"]
-    adapter_params = sum(l.adapter_params for l in convs)
+    convs = [layer for layer in layers if layer.kind == "conv"]
+    adapter_params = sum(layer.adapter_params for layer in convs)
     total = max(state.conv_params, 1)
-    adapter_bits = 32 if cfg.adapter_bits is None else cfg.adapter_bits
-    bits = sum(l.bits * l.params for l in convs) + adapter_bits * adapter_params + 32 * state.float_conv_params
+    adapter_bits = 32 if cfg.adapter.bits is None else cfg.adapter.bits
+    bits = (sum(layer.bits * layer.params for layer in convs) + adapter_bits * adapter_params
+            + 32 * state.float_conv_params)
     return Accounting(state.conv_params, adapter_params, adapter_params / total, bits / total)
 
 
@@ -80,7 +81,8 @@ class CoRaSummary:
     """What `summary` reports: ``layers`` plus totals; ``str()`` is a table.
 
     ``budget`` is the achieved adapter fraction, ``target_budget`` the config's b,
-    ``nbytes`` the size of the serialized state dict.
+    ``nbytes`` the size of the serialized state dict, ``config`` the `CoRaConfig.to_dict` of the
+    config that made the model (``CoRaConfig.from_dict(report.config)`` rebuilds it).
     """
 
     layers: list[LayerInfo]
@@ -92,19 +94,29 @@ class CoRaSummary:
     skipped: dict[str, str] = field(default_factory=dict)
     stage: str = "prepared"
     target_budget: float = 0.05
+    config: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def config_lines(self) -> list[str]:
+        """The recorded `CoRaConfig`, one line per group (``CoRaConfig.to_dict`` form)."""
+        groups = [(k, v) for k, v in self.config.items() if isinstance(v, dict)]
+        version = self.config.get("version", "-")
+        return [f"config (version {version}):"] + [
+            f"  {name}: " + ", ".join(f"{k}={v!r}" for k, v in fields.items()) for name, fields in groups]
+
     def __str__(self) -> str:
-        width = max([len(l.name) for l in self.layers] + [5])
-        head = f"{'layer':<{width}}  {'kind':<6} {'weight shape':<18} {'bits':>4} {'R':>5} {'rank':>5} {'adapter params':>14}  policy"
+        width = max([len(layer.name) for layer in self.layers] + [5])
+        head = (f"{'layer':<{width}}  {'kind':<6} {'weight shape':<18} {'bits':>4} {'R':>5} {'rank':>5} "
+                f"{'adapter params':>14}  policy")
         rows = [head, "-" * len(head)]
-        for l in self.layers:
-            shape = "x".join(map(str, l.weight_shape))
-            r = f"{l.max_rank}" if l.kind == "conv" else "-"
-            rank = f"{l.rank}" if l.kind == "conv" else "-"
-            rows.append(f"{l.name:<{width}}  {l.kind:<6} {shape:<18} {l.bits:>4} {r:>5} {rank:>5} {l.adapter_params:>14,}  {l.policy}")
+        for layer in self.layers:
+            shape = "x".join(map(str, layer.weight_shape))
+            r = f"{layer.max_rank}" if layer.kind == "conv" else "-"
+            rank = f"{layer.rank}" if layer.kind == "conv" else "-"
+            rows.append(f"{layer.name:<{width}}  {layer.kind:<6} {shape:<18} {layer.bits:>4} {r:>5} {rank:>5} "
+                        f"{layer.adapter_params:>14,}  {layer.policy}")
         for name, why in self.skipped.items():
             rows.append(f"{name:<{width}}  skipped: {why}")
         rows += [
@@ -112,6 +124,8 @@ class CoRaSummary:
             f"conv params {self.conv_params:,} | adapter params {self.adapter_params:,} | budget {self.budget:.4f}"
             f" | equivalent bits {self.equivalent_bits:.3f} | serialized {self.nbytes:,} bytes ({self.stage})",
         ]
+        if self.config:
+            rows += self.config_lines()
         return "\n".join(rows)
 
 
@@ -123,9 +137,10 @@ def serialized_nbytes(module: nn.Module) -> int:
 
 
 def summary(model: fx.GraphModule) -> CoRaSummary:
-    """Per-layer and total report of a prepared or converted model."""
+    """Per-layer and total report of a prepared or converted model, with the config that made it."""
     state = get_state(model)
     layers = state.layers if state.stage == CONVERTED else layer_infos(model)
     acc = accounting(layers, state)
     return CoRaSummary(layers, acc.conv_params, acc.adapter_params, acc.budget, acc.equivalent_bits,
-                       serialized_nbytes(model), dict(state.skipped), state.stage, state.config.budget)
+                       serialized_nbytes(model), dict(state.skipped), state.stage, state.config.search.budget,
+                       state.config.to_dict(strict=False))

@@ -53,4 +53,5 @@ def small_net() -> SmallNet:
 
 def random_batches(n: int, batch: int = 8, size: int = 16, classes: int = 10) -> list:
     g = torch.Generator().manual_seed(1)
-    return [(torch.randn(batch, 3, size, size, generator=g), torch.randint(0, classes, (batch,), generator=g)) for _ in range(n)]
+    return [(torch.randn(batch, 3, size, size, generator=g), torch.randint(0, classes, (batch,), generator=g))
+            for _ in range(n)]

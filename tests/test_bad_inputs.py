@@ -20,7 +20,7 @@ from cora_fx.batches import split_batch as _split_batch
 from .conftest import SmallNet, random_batches
 
 X = torch.randn(2, 3, 16, 16)
-EXACT = CoRaConfig(adapter_bits=None, depthwise="residual", quantize_linear=False)
+EXACT = CoRaConfig().replace(adapter_bits=None, depthwise="residual", quantize_linear=False)
 
 
 def rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float) -> None:
@@ -83,13 +83,13 @@ def test_conv2d_variants_are_rewritten_exact_and_exportable(variant):
     kwargs = dict(kernel_size=3) | CONV_VARIANTS[variant]
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, **kwargs), nn.ReLU()).eval()
     before = snapshot(model)
-    prepared = prepare_cora(model, CoRaConfig(depthwise="residual"))
+    prepared = prepare_cora(model, CoRaConfig().replace(depthwise="residual"))
     assert isinstance(prepared.get_submodule("2"), CoRaConv2d)
     assert not prepared.meta["cora_fx"].skipped
     if variant == "depthwise":  # rank 1 per group: the policy decides, never a search
         assert prepared.get_submodule("2").adapter.policy == "fixed"
         assert prepare_cora(model).get_submodule("2").adapter.policy == "off"
-        assert "2" in prepare_cora(model, CoRaConfig(depthwise="float")).meta["cora_fx"].skipped
+        assert "2" in prepare_cora(model, CoRaConfig().replace(depthwise="float")).meta["cora_fx"].skipped
     check_round_trip(model, X)
     assert_unchanged(before, model)
 
@@ -152,7 +152,7 @@ def test_zero_residual_layers_get_rank_zero_and_no_adapter(case):
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).eval()
     with torch.no_grad():
         model[2].weight.copy_(torch.zeros(8, 8, 3, 3) if case == "all_zero" else on_grid_weight((8, 8, 3, 3)))
-    cfg = CoRaConfig(clipping="minmax")
+    cfg = CoRaConfig().replace(clipping="minmax")
     prepared = prepare_cora(model, cfg)
     adapter = prepared.get_submodule("2").adapter
     assert adapter.policy == "off" and int(adapter.hard_rank) == 0 and adapter.parameter_count() == 0
@@ -180,7 +180,7 @@ def test_every_layer_zero_residual_search_still_reports():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 14 * 14, 4)).eval()
     with torch.no_grad():
         model[0].weight.copy_(on_grid_weight((4, 3, 3, 3)))
-    prepared = prepare_cora(model, CoRaConfig(clipping="minmax", quantize_linear=False))
+    prepared = prepare_cora(model, CoRaConfig().replace(clipping="minmax", quantize_linear=False))
     result = search_ranks(prepared, random_batches(2, batch=2, classes=4), iterations=2, progress=False)
     assert result.ranks == {} and result.budget == 0.0 and result.iterations == 2
     convert_cora(prepared)(X)
@@ -203,7 +203,7 @@ def test_half_precision_models_and_inputs(dtype, rel):
         out = exact(x)
     assert out.dtype == dtype
     rel_close(out, reference, rel)
-    prepared = prepare_cora(model, CoRaConfig(budget=0.2))
+    prepared = prepare_cora(model, CoRaConfig().replace(budget=0.2))
     # float32 batches are cast to the model's dtype (search_ranks documents the move)
     result = search_ranks(prepared, random_batches(2, batch=2), iterations=2, progress=False)
     assert result.iterations == 2 and all(r >= 0 for r in result.ranks.values())
@@ -220,7 +220,7 @@ def test_half_precision_models_and_inputs(dtype, rel):
 def test_converted_model_cast_to_half_keeps_its_codes(dtype, rel):
     """``converted.to(dtype)`` casts floating buffers: the packed words are uint8 and survive, the
     float32 zero points are small integers (exact in both formats), so the model stays correct."""
-    prepared = prepare_cora(SmallNet().eval(), CoRaConfig(budget=0.2))
+    prepared = prepare_cora(SmallNet().eval(), CoRaConfig().replace(budget=0.2))
     set_ranks(prepared, "heuristic")
     converted = convert_cora(prepared)
     packed = {n: b.clone() for n, b in converted.named_buffers() if n == "cora_packed_words"}
@@ -258,7 +258,7 @@ def test_model_on_the_meta_device_is_refused_naming_the_tensor():
 
 # ---------------------------------------------------------------- calibration data
 def test_wrong_shape_batches_fail_clearly_and_change_nothing(small_net):
-    prepared = prepare_cora(small_net, CoRaConfig(budget=0.2))
+    prepared = prepare_cora(small_net, CoRaConfig().replace(budget=0.2))
     set_ranks(prepared, "heuristic")
     before, layers = snapshot(prepared), summary(prepared).layers
     bad = [(torch.randn(2, 1, 16, 16), torch.tensor([0, 1]))]  # 1 channel into a 3-channel stem
@@ -307,14 +307,15 @@ def test_no_call_mutates_the_users_model_unless_inplace():
     """prepare (train-mode model, example_inputs), set_ranks, search, convert, summary, export, quantize_cora."""
     model = SmallNet().train()  # train mode: a forward would update BatchNorm statistics
     before = snapshot(model)
-    prepared = prepare_cora(model, CoRaConfig(budget=0.2), example_inputs=(X,))
+    prepared = prepare_cora(model, CoRaConfig().replace(budget=0.2), example_inputs=(X,))
     assert prepared.training
     set_ranks(prepared, "heuristic")
     search_ranks(prepared, random_batches(2, batch=2), iterations=2, progress=False)
     converted = convert_cora(prepared)
     summary(prepared), summary(converted)
     torch.export.export(converted.eval(), (X,))
-    quantize_cora(model, random_batches(1, batch=2), CoRaConfig(iterations=1), example_inputs=(X,), progress=False)
+    quantize_cora(model, random_batches(1, batch=2), CoRaConfig().replace(iterations=1), example_inputs=(X,),
+                  progress=False)
     assert_unchanged(before, model)
     assert model.training and all(m.training for m in model.modules())
 
@@ -336,7 +337,7 @@ def test_a_failed_inplace_prepare_leaves_the_users_model_as_it_was(case):
     model = SmallNet().eval()
     config, inputs = CoRaConfig(), None
     if case.startswith("layer_bits"):
-        config = CoRaConfig(depthwise="float", layer_bits={"block.2": 4})
+        config = CoRaConfig().replace(depthwise="float", layer_bits={"block.2": 4})
     elif case.startswith("NaN"):
         with torch.no_grad():
             model.down.bias[0] = float("nan")

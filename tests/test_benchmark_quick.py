@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = default_data_dir()
 
 
-@pytest.mark.skipif(not (DATA / "imagenet" / "labels.csv").is_file(), reason=f"real data not found in {DATA} (set CORA_FX_DATA)")
+@pytest.mark.skipif(not (DATA / "imagenet" / "labels.csv").is_file(),
+                    reason=f"real data not found in {DATA} (set CORA_FX_DATA)")
 def test_benchmark_quick_mode_runs_end_to_end(tmp_path):
     env = dict(os.environ, CORA_FX_BENCH_CACHE=str(tmp_path / "cache"))
     proc = subprocess.run(
@@ -54,7 +55,8 @@ def test_report_writes_tables_and_plots_from_results_json(tmp_path, capsys, monk
 
     def row(name, top1, mbytes, **extra):
         return dict(name=name, top1=top1, top1_lo=top1 - 3, top1_hi=top1 + 3, top5=top1, tiny_agreement=50.0,
-                    equivalent_bits=4.0, budget=0.05, artifact_bytes=int(mbytes * 1e6), calib_seconds=1.0, iterations=0, **extra)
+                    equivalent_bits=4.0, budget=0.05, artifact_bytes=int(mbytes * 1e6), calib_seconds=1.0,
+                    iterations=0, **extra)
 
     ranks = dict(ranks={"conv": 2}, heuristic={"conv": 1}, max_ranks={"conv": 4})
     results = {"float": row("float", 79.0, 14.0), "RTN W4": row("RTN W4", 10.0, 1.7),
@@ -144,7 +146,8 @@ def test_pareto_lines_leave_out_rows_that_failed_or_were_superseded(monkeypatch)
         return dict(top1=top1, artifact_bytes=int(mb * 1e6), **extra)
 
     results = {"_meta": {}, "float": row(79.0, 14.0), "peer W4": dict(error="ImportError"),
-               "CoRa recommended W4 mixed[greedy] @4.0 b=0.01": row(78.7, 1.85, superseded_by="CoRa recommended W4 mixed @4.0 b=0.01"),
+               "CoRa recommended W4 mixed[greedy] @4.0 b=0.01":
+                   row(78.7, 1.85, superseded_by="CoRa recommended W4 mixed @4.0 b=0.01"),
                "CoRa recommended W4 mixed @4.0 b=0.01": row(79.0, 1.86), "CoRa recommended W4": row(79.4, 2.0)}
     lines = report.plot_lines(results)
     assert list(lines) == ["float", "CoRa recommended W4 mixed @4.0", "CoRa recommended"]

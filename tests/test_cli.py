@@ -30,7 +30,8 @@ def make(num_classes=3):
 def run(*args: str, cwd: Path, extra_path: Path | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(str(p) for p in (REPO, extra_path) if p)
-    return subprocess.run([sys.executable, "-m", "cora_fx", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "cora_fx", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -73,9 +74,10 @@ def workspace(tmp_path_factory) -> Path:
 
 def test_quantize_summary_evaluate_end_to_end(workspace):
     out = workspace / "out" / "tiny.pt2"
-    proc = run("quantize", "--model", "tinymodel:make", "--weights", "tiny.pth", "--calib", "labels.csv", "--split", "calib",
-               "--bits", "4", "--budget", "0.1", "--iterations", "4", "--finetune-iterations", "2", "--batch-size", "4", "--image-size", "16",
-               "--resize", "18", "--out", str(out), "--quiet", cwd=workspace, extra_path=workspace)
+    proc = run("quantize", "--model", "tinymodel:make", "--weights", "tiny.pth", "--calib", "labels.csv",
+               "--split", "calib", "--bits", "4", "--budget", "0.1", "--iterations", "4", "--finetune-iterations", "2",
+               "--batch-size", "4", "--image-size", "16", "--resize", "18", "--out", str(out), "--quiet",
+               cwd=workspace, extra_path=workspace)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""  # --quiet: no progress bars
     assert "equivalent bits" in proc.stdout and "wrote" in proc.stdout
@@ -86,7 +88,7 @@ def test_quantize_summary_evaluate_end_to_end(workspace):
     assert report["artifact_bytes"] == out.stat().st_size
     assert report["search"]["iterations"] == 4 and report["budget"] <= 0.1 + 1e-9
     assert report["finetune"]["iterations"] == 2
-    assert [l["name"] for l in report["layers"]] == ["0", "2", "4", "8"]
+    assert [layer["name"] for layer in report["layers"]] == ["0", "2", "4", "8"]
 
     proc = run("summary", str(out), cwd=workspace)
     assert proc.returncode == 0, proc.stderr
@@ -94,8 +96,9 @@ def test_quantize_summary_evaluate_end_to_end(workspace):
     proc = run("summary", str(out), "--json", cwd=workspace)
     assert json.loads(proc.stdout)["conv_params"] == report["conv_params"]
 
-    proc = run("evaluate", "--program", str(out), "--data", "images", "--model", "tinymodel:make", "--weights", "tiny.pth",
-               "--image-size", "16", "--resize", "18", "--batch-size", "5", cwd=workspace, extra_path=workspace)
+    proc = run("evaluate", "--program", str(out), "--data", "images", "--model", "tinymodel:make",
+               "--weights", "tiny.pth", "--image-size", "16", "--resize", "18", "--batch-size", "5",
+               cwd=workspace, extra_path=workspace)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert lines[0].startswith("program  top-1") and lines[1].startswith("float    top-1") and "(12 images)" in lines[0]
@@ -110,19 +113,21 @@ def test_quantize_with_heuristic_ranks_on_an_imagefolder(workspace):
                cwd=workspace, extra_path=workspace)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.with_suffix(".json").read_text())
-    assert report["ranks_from"] == "heuristic" and all(l["bits"] == 3 for l in report["layers"])
+    assert report["ranks_from"] == "heuristic" and all(layer["bits"] == 3 for layer in report["layers"])
     assert out.with_name("heur_ranks.png").is_file() and not out.with_name("heur_search.png").exists()
 
 
 def test_quantize_with_a_target_bit_width_mixes_precision(workspace):
     out = workspace / "mixed.pt2"
     proc = run("quantize", "--model", "tinymodel:make", "--calib", "labels.csv", "--split", "calib", "--bits", "4",
-               "--budget", "0.05", "--target-bits", "4.2", "--iterations", "2", "--batch-size", "4", "--image-size", "16",
-               "--resize", "16", "--out", str(out), "--quiet", cwd=workspace, extra_path=workspace)
+               "--budget", "0.05", "--target-bits", "4.2", "--iterations", "2", "--batch-size", "4",
+               "--image-size", "16", "--resize", "16", "--out", str(out), "--quiet",
+               cwd=workspace, extra_path=workspace)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["layer_bits"] and set(report["layer_bits"].values()) == {3}
-    assert {l["name"]: l["bits"] for l in report["layers"] if l["name"] in report["layer_bits"]} == report["layer_bits"]
+    assert {layer["name"]: layer["bits"] for layer in report["layers"]
+            if layer["name"] in report["layer_bits"]} == report["layer_bits"]
     assert report["equivalent_bits"] <= 4.2 + 1e-9
 
 
@@ -135,10 +140,12 @@ QUANTIZE = ["quantize", "--calib", "labels.csv", "--image-size", "16", "--resize
     ("unknown torchvision model", QUANTIZE + ["--model", "torchvision:resnet19"], ["resnet19"]),
     ("unknown module", QUANTIZE + ["--model", "nomodule_here:make"], ["nomodule_here"]),
     ("bits out of range", QUANTIZE + ["--model", "tinymodel:make", "--bits", "9"], ["--bits", "2..8"]),
-    ("unreachable target bits", QUANTIZE + ["--model", "tinymodel:make", "--target-bits", "1.0"], ["--target-bits", "target_bits=1.0"]),
+    ("unreachable target bits", QUANTIZE + ["--model", "tinymodel:make", "--target-bits", "1.0"],
+     ["--target-bits", "target_bits=1.0"]),
     ("missing calib", ["quantize", "--model", "tinymodel:make", "--calib", "nope.csv"], ["--calib", "nope.csv"]),
     ("bad csv row", ["quantize", "--model", "tinymodel:make", "--calib", "bad.csv"], ["bad.csv:3", "not an integer"]),
-    ("weights of another model", QUANTIZE + ["--model", "torchvision:resnet18", "--weights", "tiny.pth"], ["--weights", "does not fit"]),
+    ("weights of another model", QUANTIZE + ["--model", "torchvision:resnet18", "--weights", "tiny.pth"],
+     ["--weights", "does not fit"]),
     ("missing artifact", ["summary", "nope.pt2"], ["nope.pt2"]),
     ("truncated artifact", ["summary", "truncated.pt2"], ["truncated.pt2", "truncated or corrupted"]),
     ("no command", [], ["command"]),
@@ -164,12 +171,13 @@ def test_quantize_defaults_to_the_recommended_config_and_options_override_it():
         return argparse.Namespace(**{**base, **kw})
 
     assert quantize_config(args()) == CoRaConfig.recommended(4)
-    assert quantize_config(args(config="paper", bits=3)) == CoRaConfig(bits=3)
+    assert quantize_config(args(config="paper", bits=3)) == CoRaConfig().replace(bits=3)
     tuned = quantize_config(args(budget=0.1, per_tensor=True, clipping="normal", iterations=7))
-    assert (tuned.budget, tuned.granularity, tuned.clipping, tuned.iterations) == (0.1, "per_tensor", "normal", 7)
-    assert tuned.rounding == "gptq"  # the rest stays recommended
+    assert (tuned.search.budget, tuned.quant.granularity, tuned.quant.clipping, tuned.search.iterations) == (
+        0.1, "per_tensor", "normal", 7)
+    assert tuned.rounding.method == "gptq"  # the rest stays recommended
     assert quantize_config(args(target_bits=4.0)) == CoRaConfig.recommended(4, budget=MIXED_BUDGET)
-    assert quantize_config(args(target_bits=4.0, budget=0.05)).budget == 0.05  # an explicit --budget wins
+    assert quantize_config(args(target_bits=4.0, budget=0.05)).search.budget == 0.05  # an explicit --budget wins
     assert quantize_config(args(config="paper", target_bits=4.0)) == CoRaConfig()  # the paper's settings stay
     plain = quantize_config(args(finetune_iterations=0, adapter_form="parallel"))
-    assert (plain.finetune_iterations, plain.adapter_form) == (0, "parallel")
+    assert (plain.refine.finetune_iterations, plain.adapter.form) == (0, "parallel")

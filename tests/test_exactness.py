@@ -45,7 +45,7 @@ def conv_case(draw):
 
 def prepared_layer(conv: nn.Conv2d, x: torch.Tensor, **cfg):
     model = nn.Sequential(conv)
-    prepared = prepare_cora(model, CoRaConfig(depthwise="residual", **cfg), example_inputs=(x,))
+    prepared = prepare_cora(model, CoRaConfig().replace(depthwise="residual", **cfg), example_inputs=(x,))
     return prepared, prepared.get_submodule("0")
 
 
@@ -80,7 +80,8 @@ def test_rank_r_adapter_is_the_best_rank_r_approximation(case, fraction):
     blocks = residual.reshape(g, m // g, -1)
     singular = torch.linalg.svdvals(blocks)  # independent reference, float64
     discarded = math.sqrt(float((singular[:, rank:] ** 2).sum()))
-    approx = fold_two_conv(adapter.weight_a.double(), adapter.weight_b.double(), g) if rank else torch.zeros_like(residual)
+    approx = (fold_two_conv(adapter.weight_a.double(), adapter.weight_b.double(), g) if rank
+              else torch.zeros_like(residual))
     error = float(torch.linalg.norm(residual - approx))
     assert error == pytest.approx(discarded, rel=1e-4, abs=1e-5 * (1 + float(residual.norm())))
 
@@ -99,7 +100,8 @@ def test_quantized_weights_lie_on_the_grid_inside_the_clipping_range(case):
     assert torch.equal(qw.codes.float(), codes.round())
     observer = quantized.weight_observer
     lo, hi = observer.min_val.reshape(-1, 1, 1, 1), observer.max_val.reshape(-1, 1, 1, 1)
-    lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))  # torch.ao keeps 0 in range
+    # torch.ao keeps 0 in range
+    lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
     slack = qw.scale / 2 + 1e-6
     assert bool((quantized.weight >= lo - slack).all()) and bool((quantized.weight <= hi + slack).all())
 
@@ -134,7 +136,7 @@ def test_convert_equals_prepared_and_export_round_trips(case, fraction, adapter_
     converted = convert_cora(prepared, adapter_form=form)
     convs = [n for n in converted.graph.nodes if n.target is torch.nn.functional.conv2d]
     assert len(convs) == (1 if form == "folded" or int(layer.adapter.hard_rank) == 0 else 3)
-    assert converted.meta["cora_fx"].config.adapter_form == form
+    assert converted.meta["cora_fx"].config.adapter.form == form
     with torch.no_grad():
         expected = prepared(x)
         actual = converted(x)
@@ -145,7 +147,8 @@ def test_convert_equals_prepared_and_export_round_trips(case, fraction, adapter_
     buffers = dict(converted.named_buffers())
     assert buffers["cora_packed_words"].dtype == torch.uint8 and not list(converted.parameters())
     layout = converted.meta["cora_fx_packed_layout"]  # every weight's words, back to back
-    assert list(layout)[0] == "0.weight" and 4 * sum(n for _, n in layout.values()) == buffers["cora_packed_words"].numel()
+    assert (list(layout)[0] == "0.weight"
+            and 4 * sum(n for _, n in layout.values()) == buffers["cora_packed_words"].numel())
     assert all(b.dtype == torch.float32 for n, b in buffers.items() if n.endswith("_zero_point"))
     assert not any(n.endswith(("U", "S", "Vh", "weight", "min_val")) for n in buffers), sorted(buffers)
 

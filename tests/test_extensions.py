@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from cora_fx import CoRaConfig, calibrate_rounding, convert_cora, correct_batchnorm, prepare_cora, search_ranks, set_ranks, summary
+from cora_fx import (CoRaConfig, CoRaError, calibrate_rounding, convert_cora, correct_batchnorm, prepare_cora,
+                     run_pipeline, search_ranks, set_ranks, summary)
 from cora_fx.observers import MSEObserver, make_observer, quantize_weight
 from cora_fx.modules import CoRaConv2d
 from cora_fx.prepare import adapters
@@ -29,10 +30,10 @@ def test_mse_clipping_has_less_weight_error_than_minmax():
 
 
 def test_depthwise_int8_policy_is_counted_at_8_bits(small_net):
-    prepared = prepare_cora(small_net, CoRaConfig(depthwise="int8"))
-    layer = next(l for l in summary(prepared).layers if l.name == "block.2")
+    prepared = prepare_cora(small_net, CoRaConfig().replace(depthwise="int8"))
+    layer = next(layer for layer in summary(prepared).layers if layer.name == "block.2")
     assert layer.bits == 8 and layer.rank == 0 and layer.policy == "off"
-    skip = summary(prepare_cora(small_net, CoRaConfig(depthwise="skip")))
+    skip = summary(prepare_cora(small_net, CoRaConfig().replace(depthwise="skip")))
     now = summary(prepared)
     assert now.equivalent_bits - skip.equivalent_bits == pytest.approx(4 * layer.params / now.conv_params)
     converted = convert_cora(prepared)
@@ -67,7 +68,8 @@ def test_batchnorm_correction_brings_the_quantized_model_closer_to_float():
     net = _trained_bn_net()
     user_stats = net.body[1].running_mean.clone()
     data = [(x + 0.5, y) for x, y in random_batches(6, batch=16)]
-    prepared = prepare_cora(net, CoRaConfig(bits=2, granularity="per_tensor", clipping="minmax", quantize_linear=False))
+    prepared = prepare_cora(net, CoRaConfig().replace(bits=2, granularity="per_tensor", clipping="minmax",
+                                                      quantize_linear=False))
     set_ranks(prepared, {n: 0 for n in adapters(prepared)})
     x = torch.cat([b[0] for b in data])
     with torch.no_grad():
@@ -91,10 +93,12 @@ def test_gptq_rounding_lowers_the_output_error_of_plain_rounding():
     torch.manual_seed(3)
     conv = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1)).eval()
     mix = torch.randn(8, 8)
-    data = [(torch.einsum("ij,bjhw->bihw", mix, torch.randn(16, 8, 12, 12)), None) for _ in range(4)]  # correlated channels
+    # correlated channels
+    data = [(torch.einsum("ij,bjhw->bihw", mix, torch.randn(16, 8, 12, 12)), None) for _ in range(4)]
     errors = {}
     for rounding in ("nearest", "gptq"):
-        prepared = prepare_cora(conv, CoRaConfig(bits=3, granularity="per_channel", clipping="minmax", rounding=rounding, rounding_batches=4))
+        prepared = prepare_cora(conv, CoRaConfig().replace(bits=3, granularity="per_channel", clipping="minmax",
+                                                           rounding=rounding, rounding_batches=4))
         if rounding == "gptq":
             assert calibrate_rounding(prepared, data) == 1
         set_ranks(prepared, {"0": 0})
@@ -111,7 +115,8 @@ def test_activation_factors_stay_exact_at_full_rank_and_win_at_low_rank(seed, ro
     data = [(torch.einsum("ij,bjhw->bihw", mix, torch.randn(8, 8, 10, 10)), None) for _ in range(4)]
     errors = {}
     for svd in ("weight", "activation"):
-        cfg = CoRaConfig(bits=3, adapter_bits=None, granularity="per_channel", clipping="minmax", rounding=rounding, svd=svd, rounding_batches=4)
+        cfg = CoRaConfig().replace(bits=3, adapter_bits=None, granularity="per_channel", clipping="minmax",
+                                   rounding=rounding, svd=svd, rounding_batches=4)
         prepared = prepare_cora(conv, cfg)
         if cfg.needs_rounding_data:
             calibrate_rounding(prepared, data)
@@ -128,8 +133,8 @@ def test_quantized_inputs_pass_rerounds_downstream_layers_and_keeps_ranks():
     data = [(torch.randn(8, 6, 10, 10), None) for _ in range(3)]
     codes = {}
     for inputs in ("float", "quantized"):
-        cfg = CoRaConfig(bits=3, adapter_bits=None, granularity="per_channel", clipping="minmax", rounding="gptq",
-                         svd="activation", rounding_batches=3, rounding_inputs=inputs)
+        cfg = CoRaConfig().replace(bits=3, adapter_bits=None, granularity="per_channel", clipping="minmax",
+                                   rounding="gptq", svd="activation", rounding_batches=3, rounding_inputs=inputs)
         prepared = prepare_cora(net, cfg)
         set_ranks(prepared, {"0": 1, "2": 2})
         calibrate_rounding(prepared, data)
@@ -140,15 +145,21 @@ def test_quantized_inputs_pass_rerounds_downstream_layers_and_keeps_ranks():
         assert _output_error(prepared, net, data) < 1e-8  # Theorem 1 after both passes
     assert torch.equal(codes["float"]["0"], codes["quantized"]["0"])  # first layer: same inputs, same rounding
     assert not torch.equal(codes["float"]["2"], codes["quantized"]["2"])  # second layer sees quantized inputs
-    with pytest.raises(ValueError, match="rounding_inputs"):
-        CoRaConfig(rounding_inputs="int8")
+    with pytest.raises(ValueError, match=r"rounding\.inputs"):
+        CoRaConfig().replace(rounding_inputs="int8")
 
 
-def test_search_runs_the_data_aware_steps_and_converts(small_net):
-    cfg = CoRaConfig(granularity="per_channel", clipping="mse", depthwise="int8", rounding="gptq", svd="activation",
-                     rounding_batches=2, bn_correction=2, loss="kl")
+def test_pipeline_runs_the_data_aware_steps_in_order_and_converts(small_net):
+    cfg = CoRaConfig().replace(granularity="per_channel", clipping="mse", depthwise="int8", rounding="gptq",
+                               svd="activation", rounding_batches=2, bn_correction=2, loss="kl", iterations=4)
     prepared = prepare_cora(small_net, cfg)
-    result = search_ranks(prepared, random_batches(3), iterations=4, progress=False)
+    with pytest.raises(CoRaError, match=r"call calibrate_rounding\(prepared, batches\) first"):
+        search_ranks(prepared, random_batches(3), progress=False)
+    seen = []
+    steps = run_pipeline(prepared, random_batches(3), progress=False, on_step=seen.append)
+    assert steps.steps == seen == ["calibrate_rounding", "search_ranks", "correct_batchnorm"]
+    assert steps.batchnorm_layers > 0 and steps.finetune is None
+    result = steps.search
     assert prepared.meta["cora_fx"].rounding_calibrated and result.budget <= 0.05 + 1e-9
     converted = convert_cora(prepared)
     x = random_batches(1)[0][0]
@@ -159,9 +170,9 @@ def test_search_runs_the_data_aware_steps_and_converts(small_net):
 def test_recommended_config_is_valid_and_distinct_from_the_paper():
     for bits in (2, 3, 4, 5, 8):
         cfg = CoRaConfig.recommended(bits)
-        assert cfg.bits == bits and cfg.needs_rounding_data and cfg.granularity == "per_channel"
-    assert all(CoRaConfig.recommended(bits).clipping == "mse" for bits in (2, 3, 4, 5))
-    assert CoRaConfig.recommended(4, budget=0.1).budget == 0.1
+        assert cfg.quant.bits == bits and cfg.needs_rounding_data and cfg.quant.granularity == "per_channel"
+    assert all(CoRaConfig.recommended(bits).quant.clipping == "mse" for bits in (2, 3, 4, 5))
+    assert CoRaConfig.recommended(4, budget=0.1).search.budget == 0.1
     assert CoRaConfig() != CoRaConfig.recommended(4)
 
 
@@ -180,8 +191,8 @@ def test_finetune_lowers_the_loss_and_converts_exactly(small_net):
 
     small_net.eval()
     data = random_batches(6)
-    prepared = prepare_cora(small_net, CoRaConfig(bits=3, granularity="per_channel", clipping="minmax", loss="kl",
-                                                  budget=0.1, depthwise="int8"))
+    prepared = prepare_cora(small_net, CoRaConfig().replace(bits=3, granularity="per_channel", clipping="minmax",
+                                                            loss="kl", budget=0.1, depthwise="int8"))
     set_ranks(prepared, "heuristic")
     ranks = {n: int(a.hard_rank) for n, a in adapters(prepared).items()}
     before = _kl_to_float(small_net, prepared, data)
@@ -210,10 +221,13 @@ def test_finetune_lowers_the_loss_and_converts_exactly(small_net):
 
 
 def test_finetune_runs_from_the_search_and_failures_leave_the_model_as_it_was(small_net):
-    prepared = prepare_cora(small_net, CoRaConfig(granularity="per_channel", loss="kl", finetune_iterations=3))
-    result = search_ranks(prepared, random_batches(2), iterations=2, progress=False)
-    assert result.finetune is not None and result.finetune.iterations == 3
-    from cora_fx import CoRaError, finetune
+    prepared = prepare_cora(small_net, CoRaConfig().replace(granularity="per_channel", loss="kl",
+                                                            finetune_iterations=3))
+    steps = run_pipeline(prepared, random_batches(2), skip=("calibrate_rounding",), progress=False)
+    assert steps.steps == ["search_ranks", "finetune"] and steps.finetune.iterations == 3
+    with pytest.raises(ValueError, match="unknown step"):
+        run_pipeline(prepared, random_batches(2), skip=("search",))
+    from cora_fx import finetune
     state = {k: v.clone() for k, v in prepared.state_dict().items()}
     bad = random_batches(1) + [(torch.randn(2, 5, 16, 16), torch.zeros(2, dtype=torch.long))]
     with pytest.raises(CoRaError, match="calibration batch 1"):
@@ -223,4 +237,4 @@ def test_finetune_runs_from_the_search_and_failures_leave_the_model_as_it_was(sm
     with pytest.raises(ValueError, match="iterations"):
         finetune(prepared, bad, iterations=-1)
     with pytest.raises(ValueError, match="finetune_lr"):
-        CoRaConfig(finetune_lr=0)
+        CoRaConfig().replace(finetune_lr=0)

@@ -27,9 +27,10 @@ from cora_fx import CoRaConfig, CoRaError, convert_cora, prepare_cora, set_ranks
 from cora_fx.modules import CoRaConv2d
 
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
-FUZZ_EXAMPLES = int(os.environ.get("CORA_FUZZ_EXAMPLES", 12 if PROFILE == "ci" else settings.get_profile(PROFILE).max_examples))
+FUZZ_EXAMPLES = int(os.environ.get("CORA_FUZZ_EXAMPLES",
+                                   12 if PROFILE == "ci" else settings.get_profile(PROFILE).max_examples))
 ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU}
-EXACT = CoRaConfig(adapter_bits=None, depthwise="residual", quantize_linear=False)
+EXACT = CoRaConfig().replace(adapter_bits=None, depthwise="residual", quantize_linear=False)
 
 
 @st.composite
@@ -47,7 +48,8 @@ def conv_layer(draw: Any, cin: int, size: int, same: bool = False) -> tuple[nn.C
     dilation = draw(st.sampled_from([1, 1, 2])) if k > 1 and size >= 8 else 1
     pad = dilation * (k - 1) // 2
     stride = 1 if same or size < 8 else draw(st.sampled_from([1, 1, 2]))
-    mode = draw(st.sampled_from(["zeros", "zeros", "reflect", "replicate", "circular"])) if pad and pad < size else "zeros"
+    mode = (draw(st.sampled_from(["zeros", "zeros", "reflect", "replicate", "circular"])) if pad and pad < size
+            else "zeros")
     conv = nn.Conv2d(cin, cout, k, stride=stride, padding=pad, dilation=dilation, groups=groups,
                      bias=draw(st.booleans()), padding_mode=mode)
     return conv, (size + 2 * pad - dilation * (k - 1) - 1) // stride + 1
@@ -93,7 +95,8 @@ def fuzz_net(draw: Any) -> tuple[FuzzNet, torch.Tensor]:
             blocks.append((kind, nn.ModuleList([conv, act])))
         elif kind == "concat":
             left, size_left = draw(conv_layer(channels, size))
-            right = nn.Conv2d(channels, draw(st.integers(1, 8)), 3, stride=left.stride, padding=1, bias=draw(st.booleans()))
+            right = nn.Conv2d(channels, draw(st.integers(1, 8)), 3, stride=left.stride, padding=1,
+                              bias=draw(st.booleans()))
             if size_left != (size + 2 - 3) // left.stride[0] + 1:  # both branches must agree in size
                 right = nn.Conv2d(channels, right.out_channels, 1, stride=left.stride, padding=0)
                 if size_left != (size - 1) // left.stride[0] + 1:
@@ -143,8 +146,9 @@ def test_random_convnets_convert_exactly_or_refuse_clearly(case):
     set_ranks(exact, "full")
     with torch.no_grad():
         assert rel_err(exact(x), reference) <= 1e-4
-    prepared = prepare_cora(net, CoRaConfig(budget=0.2))
-    assert {n for n, m in prepared.named_modules() if isinstance(m, CoRaConv2d)} | set(prepared.meta["cora_fx"].skipped) == convs
+    prepared = prepare_cora(net, CoRaConfig().replace(budget=0.2))
+    assert ({n for n, m in prepared.named_modules() if isinstance(m, CoRaConv2d)}
+            | set(prepared.meta["cora_fx"].skipped)) == convs
     set_ranks(prepared, "heuristic")
     converted = convert_cora(prepared)
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Per-layer bit-widths (`CoRaConfig.layer_bits`) and the bit allocation that chooses them."""
+"""Per-layer bit-widths (`QuantConfig.layer_bits`) and the bit allocation that chooses them."""
 from __future__ import annotations
 
 import itertools
@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import cora_fx
-from cora_fx import CoRaConfig, CoRaError, convert_cora, prepare_cora, search_ranks, set_ranks, summary
+from cora_fx import CoRaConfig, CoRaError, convert_cora, prepare_cora, run_pipeline, set_ranks, summary
 from cora_fx.mixed_precision import ALLOCATION_BATCHES, _cheapest_demotions, allocate_bits, planned_bits
 from cora_fx.prepare import adapters
 
@@ -20,18 +20,18 @@ LAYERS = ("stem.0", "block.0", "block.2", "block.4", "down", "head")
 
 
 def _bits(prepared) -> dict[str, int]:
-    return {l.name: l.bits for l in summary(prepared).layers}
+    return {layer.name: layer.bits for layer in summary(prepared).layers}
 
 
 def test_layer_bits_set_each_layer_and_the_accounting(small_net):
-    cfg = CoRaConfig(depthwise="int8", layer_bits={"down": 3, "block.2": 6, "head": 5})
+    cfg = CoRaConfig().replace(depthwise="int8", layer_bits={"down": 3, "block.2": 6, "head": 5})
     prepared = prepare_cora(small_net, cfg)
     assert _bits(prepared) == {"stem.0": 4, "block.0": 4, "block.2": 6, "block.4": 4, "down": 3, "head": 5}
     set_ranks(prepared, {n: 0 for n, a in adapters(prepared).items() if a.searchable})
     s = summary(prepared)
-    convs = [l for l in s.layers if l.kind == "conv"]
-    assert s.equivalent_bits == pytest.approx(sum(l.bits * l.params for l in convs) / s.conv_params)
-    assert planned_bits(prepared, {}, cfg.budget) == pytest.approx(s.equivalent_bits + 8 * cfg.budget)
+    convs = [layer for layer in s.layers if layer.kind == "conv"]
+    assert s.equivalent_bits == pytest.approx(sum(layer.bits * layer.params for layer in convs) / s.conv_params)
+    assert planned_bits(prepared, {}, cfg.search.budget) == pytest.approx(s.equivalent_bits + 8 * cfg.search.budget)
     converted = convert_cora(prepared)
     words = converted.meta["cora_fx_packed_layout"]["down.weight"][1]  # eight 3-bit codes per 32-bit word
     assert words == -(-24 // 8) * 16 * 9
@@ -40,11 +40,13 @@ def test_layer_bits_set_each_layer_and_the_accounting(small_net):
         torch.testing.assert_close(converted(x), prepared(x), rtol=0, atol=1e-5)
 
 
-@given(st.dictionaries(st.sampled_from(LAYERS), st.integers(2, 8), max_size=len(LAYERS)), st.sampled_from(["skip", "int8"]))
+@given(st.dictionaries(st.sampled_from(LAYERS), st.integers(2, 8), max_size=len(LAYERS)),
+       st.sampled_from(["skip", "int8"]))
 def test_any_layer_bits_convert_exactly(layer_bits, depthwise):
     torch.manual_seed(0)
     net = SmallNet().eval()
-    prepared = prepare_cora(net, CoRaConfig(granularity="per_channel", clipping="minmax", depthwise=depthwise, layer_bits=layer_bits))
+    prepared = prepare_cora(net, CoRaConfig().replace(granularity="per_channel", clipping="minmax",
+                                                      depthwise=depthwise, layer_bits=layer_bits))
     bits = _bits(prepared)
     default = {"block.2": 8 if depthwise == "int8" else 4}
     assert all(bits[n] == layer_bits.get(n, default.get(n, 4)) for n in LAYERS)
@@ -57,23 +59,24 @@ def test_any_layer_bits_convert_exactly(layer_bits, depthwise):
 
 def test_layer_bits_are_validated_and_copied(small_net):
     with pytest.raises(ValueError, match="layer_bits"):
-        CoRaConfig(layer_bits={"down": 9})
+        CoRaConfig().replace(layer_bits={"down": 9})
     with pytest.raises(ValueError, match="layer_bits"):
-        CoRaConfig(layer_bits={"down": True})
+        CoRaConfig().replace(layer_bits={"down": True})
     with pytest.raises(ValueError, match="layer_bits"):
-        CoRaConfig(layer_bits=[("down", 3)])
+        CoRaConfig().replace(layer_bits=[("down", 3)])
     with pytest.raises(CoRaError, match="'nope'"):
-        prepare_cora(small_net, CoRaConfig(layer_bits={"nope": 3}))
+        prepare_cora(small_net, CoRaConfig().replace(layer_bits={"nope": 3}))
     with pytest.raises(CoRaError, match="depthwise='float'"):
-        prepare_cora(small_net, CoRaConfig(depthwise="float", layer_bits={"block.2": 6}))
+        prepare_cora(small_net, CoRaConfig().replace(depthwise="float", layer_bits={"block.2": 6}))
     with pytest.raises(CoRaError, match="quantize_linear=False"):
-        prepare_cora(small_net, CoRaConfig(quantize_linear=False, layer_bits={"head": 6}))
+        prepare_cora(small_net, CoRaConfig().replace(quantize_linear=False, layer_bits={"head": 6}))
     plan = {"down": 3}
-    cfg = CoRaConfig(layer_bits=plan)
+    cfg = CoRaConfig().replace(layer_bits=plan)
     plan["down"] = 5
-    assert cfg.bits_for("down") == 3 and cfg.bits_for("head") == 4 and cfg.bits_for("head", 8) == 8
-    assert hash(cfg) == hash(CoRaConfig(layer_bits={"down": 3})) and cfg == CoRaConfig(layer_bits={"down": 3})
-    assert cfg != CoRaConfig() and CoRaConfig.recommended(4, layer_bits={"down": 3}).layer_bits == {"down": 3}
+    assert cfg.quant.bits_for("down") == 3 and cfg.quant.bits_for("head") == 4 and cfg.quant.bits_for("head", 8) == 8
+    assert (hash(cfg) == hash(CoRaConfig().replace(layer_bits={"down": 3}))
+            and cfg == CoRaConfig().replace(layer_bits={"down": 3}))
+    assert cfg != CoRaConfig() and CoRaConfig.recommended(4, layer_bits={"down": 3}).quant.layer_bits == {"down": 3}
 
 
 class TwoBranchNet(nn.Module):
@@ -94,9 +97,9 @@ class TwoBranchNet(nn.Module):
 def test_allocation_demotes_the_layer_the_output_does_not_feel_and_meets_the_target():
     net = TwoBranchNet().eval()
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    cfg = CoRaConfig(bits=4, granularity="per_channel", clipping="minmax", budget=0.02, quantize_linear=False)
+    cfg = CoRaConfig().replace(bits=4, granularity="per_channel", clipping="minmax", budget=0.02, quantize_linear=False)
     prepared = prepare_cora(net, cfg)
-    base = planned_bits(prepared, {}, cfg.budget)
+    base = planned_bits(prepared, {}, cfg.search.budget)
     one = 8 * 32 * 9 / prepared.meta["cora_fx"].conv_params  # bits saved by demoting one of the big convs
     plan = allocate_bits(net, random_batches(2), cfg, base - one / 2, progress=False)
     assert plan == {"ignored": 3}
@@ -104,7 +107,7 @@ def test_allocation_demotes_the_layer_the_output_does_not_feel_and_meets_the_tar
     assert allocate_bits(net, random_batches(1), cfg, base, progress=False) == {}
     two = allocate_bits(net, random_batches(1), cfg, base - 1.5 * one, progress=False)
     assert {"ignored", "used"} <= set(two) and set(two.values()) == {3}  # stem alone saves too little
-    assert planned_bits(prepare_cora(net, cfg.replace(layer_bits=two)), {}, cfg.budget) <= base - 1.5 * one
+    assert planned_bits(prepare_cora(net, cfg.replace(layer_bits=two)), {}, cfg.search.budget) <= base - 1.5 * one
     with pytest.raises(ValueError, match="target_bits"):
         allocate_bits(net, random_batches(1), cfg, 2.0, progress=False)
     with pytest.raises(ValueError, match="low_bits"):
@@ -147,8 +150,8 @@ def test_demotions_are_the_cheapest_cover_brute_force_finds(items, share):
 
 def test_allocation_averages_the_first_batches_and_reads_no_further():
     net = TwoBranchNet().eval()
-    cfg = CoRaConfig(bits=4, granularity="per_channel", clipping="minmax", budget=0.02, quantize_linear=False)
-    base = planned_bits(prepare_cora(net, cfg), {}, cfg.budget)
+    cfg = CoRaConfig().replace(bits=4, granularity="per_channel", clipping="minmax", budget=0.02, quantize_linear=False)
+    base = planned_bits(prepare_cora(net, cfg), {}, cfg.search.budget)
     data = random_batches(ALLOCATION_BATCHES + 2)
     read = []
 
@@ -166,22 +169,22 @@ def test_allocation_averages_the_first_batches_and_reads_no_further():
     assert read == [0, 1]
     assert allocate_bits(net, data[:2], cfg, target, progress=False) == \
         allocate_bits(net, data, cfg, target, batches=2, progress=False)  # fewer batches than asked: all of them
-    assert plan and planned_bits(prepare_cora(net, cfg.replace(layer_bits=plan)), {}, cfg.budget) <= target
+    assert plan and planned_bits(prepare_cora(net, cfg.replace(layer_bits=plan)), {}, cfg.search.budget) <= target
 
 
 def test_allocated_plan_searches_converts_and_round_trips_within_the_target(small_net, tmp_path):
     cfg = CoRaConfig.recommended(4, rounding_batches=1, iterations=4)
     batches = random_batches(3)
     prepared = prepare_cora(small_net, cfg)
-    target = planned_bits(prepared, {}, cfg.budget) - 0.3
+    target = planned_bits(prepared, {}, cfg.search.budget) - 0.3
     plan = allocate_bits(small_net, batches, cfg, target, progress=False)
     assert plan and set(plan.values()) == {3}
     prepared = prepare_cora(small_net, cfg.replace(layer_bits=plan))
-    result = search_ranks(prepared, batches, progress=False)
+    result = run_pipeline(prepared, batches, progress=False).search
     converted = convert_cora(prepared)
     s = summary(converted)
-    assert result.budget <= cfg.budget + 1e-9 and s.equivalent_bits <= target + 1e-9
-    assert {l.name: l.bits for l in s.layers if l.name in plan} == plan
+    assert result.budget <= cfg.search.budget + 1e-9 and s.equivalent_bits <= target + 1e-9
+    assert {layer.name: layer.bits for layer in s.layers if layer.name in plan} == plan
     path = tmp_path / "mixed.pt2"
     x = random_batches(1)[0][0]
     cora_fx.save(converted, path, (x,))

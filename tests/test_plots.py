@@ -18,7 +18,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def searched():
     torch.manual_seed(0)
-    prepared = prepare_cora(SmallNet().eval(), CoRaConfig(budget=0.2), example_inputs=(torch.randn(2, 3, 16, 16),))
+    prepared = prepare_cora(SmallNet().eval(), CoRaConfig().replace(budget=0.2),
+                            example_inputs=(torch.randn(2, 3, 16, 16),))
     result = search_ranks(prepared, random_batches(3), iterations=6, progress=False)
     return result, summary(convert_cora(prepared))
 

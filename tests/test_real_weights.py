@@ -45,11 +45,11 @@ def rtn(prepared):
 def test_w4_heuristic_ranks_beat_plain_rounding(model_and_images):
     model, loader = model_and_images
     float_top1 = top1(model, loader)
-    rtn_per_tensor = top1(rtn(prepare_cora(model, CoRaConfig(bits=4))), loader)
+    rtn_per_tensor = top1(rtn(prepare_cora(model, CoRaConfig().replace(bits=4))), loader)
     # The paper's per-tensor normal base is hopeless on MobileNetV2 at W4 (its depthwise convs);
     # CoRa's heuristic ranks on a per-channel min-max base, with the depthwise residual kept at
-    # 8 bits (METHOD.md section 2), win back most of the float accuracy.
-    cfg = CoRaConfig(bits=4, granularity="per_channel", clipping="minmax", depthwise="residual")
+    # 8 bits (docs/method.md section 2), win back most of the float accuracy.
+    cfg = CoRaConfig().replace(bits=4, granularity="per_channel", clipping="minmax", depthwise="residual")
     rtn_per_channel = top1(rtn(prepare_cora(model, cfg.replace(depthwise="skip"))), loader)
     prepared = prepare_cora(model, cfg)
     depthwise_only = top1(rtn(prepared), loader)

@@ -24,7 +24,7 @@ X = torch.randn(2, 3, 16, 16)
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
     torch.manual_seed(0)
-    prepared = prepare_cora(SmallNet().eval(), CoRaConfig(bits=3, depthwise="residual"), example_inputs=(X,))
+    prepared = prepare_cora(SmallNet().eval(), CoRaConfig().replace(bits=3, depthwise="residual"), example_inputs=(X,))
     set_ranks(prepared, "heuristic")
     quantized = convert_cora(prepared)
     path = tmp_path_factory.mktemp("ser") / "small.pt2"
@@ -143,13 +143,27 @@ def set_ranks_and_return(prepared):
 def test_resnet18_w4_artifact_is_below_15_percent_of_the_float_checkpoint(tmp_path):
     model = torchvision.models.resnet18(num_classes=1000).eval()
     x = torch.randn(2, 3, 32, 32)
-    prepared = prepare_cora(model, CoRaConfig(bits=4), example_inputs=(x,))
+    prepared = prepare_cora(model, CoRaConfig().replace(bits=4), example_inputs=(x,))
     set_ranks(prepared, "heuristic")
     path = cora_fx.save(convert_cora(prepared), tmp_path / "resnet18_w4.pt2", (x,))
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     ratio = path.stat().st_size / buffer.tell()
-    print(f"resnet18 W4 artifact {path.stat().st_size:,} bytes / float state dict {buffer.tell():,} bytes = {ratio:.3f}")
+    print(f"resnet18 W4 artifact {path.stat().st_size:,} bytes / float state dict {buffer.tell():,} bytes "
+          f"= {ratio:.3f}")
     assert ratio < 0.15
     with zipfile.ZipFile(path) as archive:
         assert any(n.endswith(SUMMARY_FILE) for n in archive.namelist())
+
+
+def test_an_example_batch_of_one_still_exports_a_dynamic_batch(artifact, tmp_path):
+    quantized, _ = artifact
+    path = cora_fx.save(quantized, tmp_path / "one.pt2", (X[:1],))
+    loaded = cora_fx.load(path)
+    for batch in (1, 3):
+        x = torch.randn(batch, *X.shape[1:])
+        with torch.no_grad():
+            assert torch.equal(loaded(x), quantized(x))
+    fixed = cora_fx.load(cora_fx.save(quantized, tmp_path / "fixed.pt2", (X[:1],), dynamic_batch=False))
+    with pytest.raises(Exception):
+        fixed(torch.randn(3, *X.shape[1:]))

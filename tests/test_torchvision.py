@@ -34,7 +34,7 @@ def test_prepare_search_convert_export_compile(arch):
 def test_budget_is_met_after_a_search_with_enough_iterations():
     """The soft penalty alone misses the budget; the projection must hold it exactly."""
     model = torchvision.models.resnet18(num_classes=10).eval()
-    prepared = prepare_cora(model, CoRaConfig(budget=0.05))
+    prepared = prepare_cora(model, CoRaConfig().replace(budget=0.05))
     result = search_ranks(prepared, random_batches(4, batch=4, size=32), iterations=60, lr=0.02, progress=False)
     assert result.iterations == 60
     assert 0 < result.budget <= 0.05 + 1e-9

@@ -12,6 +12,7 @@ from torch.ao.quantization.observer import HistogramObserver, MinMaxObserver
 import cora_fx
 from cora_fx import (CoRaConfig, CoRaError, CoRaSummary, CoRaTraceError, RankSearchResult, convert_cora,
                      prepare_cora, quantize_cora, search_ranks, set_ranks, summary)
+from cora_fx.config import FLAT_NAMES
 from cora_fx.modules import CoRaConv2d, LowRankAdapter, QuantLinear
 
 from .conftest import random_batches
@@ -38,17 +39,21 @@ def assert_same_state(before: dict, model: nn.Module) -> None:
     ("depthwise", "drop"), ("adapter_form", "merged"),
 ])
 def test_config_rejects_bad_values_naming_the_field(field, value):
-    with pytest.raises(ValueError, match=field):
-        CoRaConfig(**{field: value})
+    group, key = FLAT_NAMES[field]
+    with pytest.raises(ValueError, match=rf"CoRaConfig\.{group}\.{key}="):
+        CoRaConfig().replace(**{field: value})
 
 
 def test_config_defaults_are_the_papers():
     cfg = CoRaConfig()
-    assert (cfg.bits, cfg.adapter_bits, cfg.granularity, cfg.clipping, cfg.k) == (4, 8, "per_tensor", "normal", 4.0)
-    assert (cfg.budget, cfg.nbk_order, cfg.penalty, cfg.lr, cfg.iterations) == (0.05, 4.0, 1.0, 0.01, 250)
-    assert (cfg.grad_clip, cfg.init_rank, cfg.loss, cfg.quantize_linear) == (0.2, 0.9, "ce", True)
-    assert cfg.adapter_form == "parallel"
-    assert CoRaConfig(adapter_bits=None).adapter_bits is None
+    assert ((cfg.quant.bits, cfg.adapter.bits, cfg.quant.granularity, cfg.quant.clipping, cfg.quant.k)
+            == (4, 8, "per_tensor", "normal", 4.0))
+    assert ((cfg.search.budget, cfg.search.nbk_order, cfg.search.penalty, cfg.search.lr, cfg.search.iterations)
+            == (0.05, 4.0, 1.0, 0.01, 250))
+    assert ((cfg.search.grad_clip, cfg.search.init_rank, cfg.search.loss, cfg.quant.quantize_linear)
+            == (0.2, 0.9, "ce", True))
+    assert cfg.adapter.form == "parallel"
+    assert CoRaConfig().replace(adapter_bits=None).adapter.bits is None
     with pytest.raises(ValueError, match="nope"):
         cfg.replace(nope=1)
 
@@ -73,7 +78,8 @@ def test_prepare_rewrites_every_conv_into_parallel_branches(small_net):
 
 
 def test_prepare_full_ranks_float_adapters_reproduce_the_model(small_net):
-    prepared = prepare_cora(small_net, CoRaConfig(adapter_bits=None, depthwise="residual", quantize_linear=False))
+    prepared = prepare_cora(small_net, CoRaConfig().replace(adapter_bits=None, depthwise="residual",
+                                                            quantize_linear=False))
     set_ranks(prepared, "full")
     with torch.no_grad():
         torch.testing.assert_close(prepared(X), small_net(X), rtol=1e-4, atol=1e-5)
@@ -81,10 +87,10 @@ def test_prepare_full_ranks_float_adapters_reproduce_the_model(small_net):
 
 def test_prepare_accepts_any_torch_ao_observer(small_net):
     for clipping in (MinMaxObserver, HistogramObserver, MinMaxObserver.with_args(eps=1e-5)):
-        prepared = prepare_cora(small_net, CoRaConfig(clipping=clipping))
+        prepared = prepare_cora(small_net, CoRaConfig().replace(clipping=clipping))
         assert isinstance(prepared.get_submodule("down.quantized").weight_observer, (MinMaxObserver, HistogramObserver))
     with pytest.raises(ValueError, match="clipping"):
-        prepare_cora(small_net, CoRaConfig(clipping=lambda **kw: None))
+        prepare_cora(small_net, CoRaConfig().replace(clipping=lambda **kw: None))
 
 
 def test_prepare_argument_errors(small_net):
@@ -166,7 +172,7 @@ def test_inplace_shares_modules_but_default_copies(small_net):
 
 # ---------------------------------------------------------------- ranks
 def test_set_ranks_heuristic_full_and_dict(small_net):
-    prepared = prepare_cora(small_net, CoRaConfig(budget=0.25))
+    prepared = prepare_cora(small_net, CoRaConfig().replace(budget=0.25))
     heuristic = set_ranks(prepared, "heuristic")
     adapters = {n: m.adapter for n, m in prepared.named_modules() if isinstance(m, CoRaConv2d)}
     for name, a in adapters.items():
@@ -187,10 +193,11 @@ def test_set_ranks_heuristic_full_and_dict(small_net):
 
 
 def test_search_returns_a_result_and_meets_the_budget(small_net):
-    prepared = prepare_cora(small_net, CoRaConfig(budget=0.1, iterations=12))
+    prepared = prepare_cora(small_net, CoRaConfig().replace(budget=0.1, iterations=12))
     result = search_ranks(prepared, random_batches(4), progress=False)
     assert isinstance(result, RankSearchResult)
-    assert set(result.ranks) == {n for n, m in prepared.named_modules() if isinstance(m, CoRaConv2d) and m.adapter.searchable}
+    assert set(result.ranks) == {n for n, m in prepared.named_modules()
+                                 if isinstance(m, CoRaConv2d) and m.adapter.searchable}
     assert result.iterations == 12 and len(result.history.loss) == 12 == len(result.history.budget)
     assert result.budget <= 0.1 + 1e-9
     assert result.soft_budget > 0
@@ -203,7 +210,7 @@ def test_search_returns_a_result_and_meets_the_budget(small_net):
 
 
 def test_search_history_moves_ranks_down_under_budget_pressure(small_net):
-    prepared = prepare_cora(small_net, CoRaConfig(budget=0.02, penalty=50.0))
+    prepared = prepare_cora(small_net, CoRaConfig().replace(budget=0.02, penalty=50.0))
     result = search_ranks(prepared, random_batches(3), iterations=40, lr=0.05, progress=False)
     assert result.history.budget[-1] < result.history.budget[0]
     assert all(result.soft_ranks[n] >= 1.0 for n in result.soft_ranks)
@@ -212,7 +219,7 @@ def test_search_history_moves_ranks_down_under_budget_pressure(small_net):
 def test_search_is_deterministic(small_net):
     results = []
     for _ in range(2):
-        prepared = prepare_cora(small_net, CoRaConfig(budget=0.1))
+        prepared = prepare_cora(small_net, CoRaConfig().replace(budget=0.1))
         results.append(search_ranks(prepared, random_batches(2), iterations=6, progress=False))
         converted = convert_cora(prepared)
         results.append({k: v.clone() for k, v in converted.state_dict().items()})
@@ -273,7 +280,7 @@ def test_search_errors_leave_the_model_unchanged(small_net):
 
 
 def test_keyboard_interrupt_keeps_ranks_so_far_and_stays_convertible(small_net):
-    prepared = prepare_cora(small_net, CoRaConfig(budget=0.1))
+    prepared = prepare_cora(small_net, CoRaConfig().replace(budget=0.1))
 
     def interrupted():
         yield from random_batches(3)
@@ -294,7 +301,7 @@ def test_one_shot_iterator_ends_the_search_when_exhausted(small_net):
 
 # ---------------------------------------------------------------- convert
 def test_convert_equals_prepared_and_has_only_codes(small_net):
-    prepared = prepare_cora(small_net, CoRaConfig(depthwise="residual"))
+    prepared = prepare_cora(small_net, CoRaConfig().replace(depthwise="residual"))
     set_ranks(prepared, "heuristic")
     before = state_of(prepared)
     converted = convert_cora(prepared)
@@ -314,7 +321,8 @@ def test_convert_equals_prepared_and_has_only_codes(small_net):
 
 def test_quantize_cora_one_shot(small_net):
     before = state_of(small_net)
-    quantized = quantize_cora(small_net, random_batches(2), CoRaConfig(iterations=3), example_inputs=(X,), progress=False)
+    quantized = quantize_cora(small_net, random_batches(2), CoRaConfig().replace(iterations=3), example_inputs=(X,),
+                              progress=False)
     assert_same_state(before, small_net)
     assert quantized.meta["cora_fx"].search_result.iterations == 3
     assert quantized(X).shape == (2, 10)
@@ -335,7 +343,7 @@ def test_summary_accounting_counts_depthwise_honestly(small_net):
 
 
 def set_ranks_and_get(model: nn.Module, depthwise: str) -> fx.GraphModule:
-    prepared = prepare_cora(model, CoRaConfig(depthwise=depthwise))
+    prepared = prepare_cora(model, CoRaConfig().replace(depthwise=depthwise))
     set_ranks(prepared, "heuristic")
     return prepared
 
@@ -347,7 +355,7 @@ def test_public_names_are_exported():
 
 
 def test_convert_folds_batchnorm_exactly_or_keeps_it(small_net):
-    prepared = prepare_cora(small_net, CoRaConfig(granularity="per_tensor"))
+    prepared = prepare_cora(small_net, CoRaConfig().replace(granularity="per_tensor"))
     set_ranks(prepared, "heuristic")
     folded, kept = convert_cora(prepared), convert_cora(prepared, fold_batchnorm=False)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
@@ -362,7 +370,7 @@ def test_convert_folds_batchnorm_exactly_or_keeps_it(small_net):
 
 
 def test_folded_adapters_with_batchnorm_equal_prepared_and_reject_bad_form(small_net):
-    prepared = prepare_cora(small_net, CoRaConfig(granularity="per_channel", adapter_form="folded"))
+    prepared = prepare_cora(small_net, CoRaConfig().replace(granularity="per_channel", adapter_form="folded"))
     set_ranks(prepared, "heuristic")
     folded, parallel = convert_cora(prepared), convert_cora(prepared, adapter_form="parallel")
     conv = torch.nn.functional.conv2d

@@ -1,0 +1,92 @@
+"""The data-aware steps between `prepare_cora` and `convert_cora`, in one visible order.
+
+``prepare_cora`` -> `calibrate_rounding` -> `search_ranks` (or `set_ranks`) -> `correct_batchnorm` ->
+`finetune` -> ``convert_cora``. Each step is a public function a user may call alone; `run_pipeline`
+runs the ones the config asks for, and `quantize_cora` (the CLI and the benchmarks through it) runs
+the whole chain. Nothing else writes this order out.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Optional, Union
+
+import torch.fx as fx
+
+from .batchnorm import correct_batchnorm
+from .config import CoRaConfig
+from .finetune import FinetuneResult, finetune
+from .prepare import set_ranks
+from .rank_search import RankSearchResult, search_ranks
+from .rounding import calibrate_rounding
+from .state import PREPARED, get_state
+
+#: The steps `run_pipeline` knows, in the order it runs them; `skip=` takes these names.
+STEPS = ("calibrate_rounding", "search_ranks", "correct_batchnorm", "finetune")
+
+Ranks = Union[str, Mapping[str, int]]
+
+
+@dataclass
+class PipelineResult:
+    """What `run_pipeline` did.
+
+    Attributes:
+        steps: the names of the steps that ran, in order (``set_ranks`` stands where the ranks were given).
+        search: the `RankSearchResult` when the ranks were searched, else None.
+        finetune: the `FinetuneResult` when `finetune` ran, else None.
+        batchnorm_layers: how many BatchNorm layers `correct_batchnorm` re-estimated (0 if it did not run).
+    """
+
+    steps: list[str] = field(default_factory=list)
+    search: Optional[RankSearchResult] = None
+    finetune: Optional[FinetuneResult] = None
+    batchnorm_layers: int = 0
+
+
+def wanted_steps(config: CoRaConfig, ranks: Ranks = "search", skip: Iterable[str] = ()) -> list[str]:
+    """The steps `run_pipeline` would run for ``config`` (``set_ranks`` when ``ranks`` is not "search")."""
+    skip = set(skip)
+    unknown = skip - set(STEPS)
+    if unknown:
+        raise ValueError(f"run_pipeline: skip={sorted(unknown)}: unknown step(s); the steps are {STEPS}")
+    enabled: dict[str, bool] = {
+        "calibrate_rounding": config.needs_rounding_data,
+        "search_ranks": True,
+        "correct_batchnorm": config.refine.bn_correction > 0,
+        "finetune": config.refine.finetune_iterations > 0,
+    }
+    steps = [name for name in STEPS if enabled[name] and name not in skip]
+    return ["set_ranks" if name == "search_ranks" and ranks != "search" else name for name in steps]
+
+
+def run_pipeline(prepared: fx.GraphModule, batches: Iterable, *, ranks: Ranks = "search",
+                 skip: Iterable[str] = (), progress: bool = True,
+                 on_step: Optional[Callable[[str], None]] = None) -> PipelineResult:
+    """Run the data-aware steps the config of ``prepared`` asks for, in `STEPS` order, on ``batches``.
+
+    ``ranks="search"`` runs `search_ranks`; ``"heuristic"``, ``"full"`` or a ``{layer: rank}`` dict calls
+    `set_ranks` instead. ``skip`` names steps to leave out. ``batches`` must be re-iterable (a list or a
+    DataLoader) when more than one step reads them. ``on_step(name)`` is called before each step.
+    """
+    config = get_state(prepared, PREPARED, "prepared").config
+    result = PipelineResult()
+    for name in wanted_steps(config, ranks, skip):
+        if on_step is not None:
+            on_step(name)
+        _run_step(name, prepared, batches, ranks, progress, config, result)
+        result.steps.append(name)
+    return result
+
+
+def _run_step(name: str, prepared: fx.GraphModule, batches: Iterable, ranks: Ranks, progress: bool,
+              config: CoRaConfig, result: PipelineResult) -> None:
+    if name == "calibrate_rounding":
+        calibrate_rounding(prepared, batches, progress=progress)
+    elif name == "search_ranks":
+        result.search = search_ranks(prepared, batches, progress=progress)
+    elif name == "set_ranks":
+        set_ranks(prepared, ranks)
+    elif name == "correct_batchnorm":
+        result.batchnorm_layers = correct_batchnorm(prepared, batches, max_batches=config.refine.bn_correction)
+    elif name == "finetune":
+        result.finetune = finetune(prepared, batches, progress=progress)

@@ -1,0 +1,81 @@
+"""The documentation's Python examples run as written.
+
+Every fenced ```python block of README.md and docs/*.md is executed, in order, in one namespace per file (so a
+block may use what an earlier block of the same file defined), inside a temporary working directory (files the
+examples write, such as model.pt2, land there). A failure names the file, the block number and its first line.
+Blocks that are not meant to run use ```text / ```console / ```bash fences, which are not executed.
+"""
+from __future__ import annotations
+
+import importlib.util
+import re
+import traceback
+import warnings
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: An opening fence ```python (or ```py), its body, and the closing fence at the same indentation.
+FENCE = re.compile(r"^(?P<indent>[ \t]*)```[ \t]*(?P<lang>[\w+-]*)[^\n]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$",
+                   re.MULTILINE | re.DOTALL)
+PYTHON = {"python", "py", "python3"}
+
+
+def doc_files() -> list[Path]:
+    """README.md and docs/*.md (those without python blocks contribute no test)."""
+    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def python_blocks(path: Path) -> list[tuple[int, str]]:
+    """(line number of the opening fence, dedented code) of every python block of ``path``, in order."""
+    text = path.read_text(encoding="utf-8")
+    blocks = []
+    for match in FENCE.finditer(text):
+        if match.group("lang").lower() not in PYTHON:
+            continue
+        indent = len(match.group("indent"))
+        code = "\n".join(line[indent:] for line in match.group("body").splitlines())
+        blocks.append((text.count("\n", 0, match.start()) + 1, code))
+    return blocks
+
+
+FILES = [p for p in doc_files() if p.is_file() and python_blocks(p)]
+
+
+def test_the_extractor_finds_the_readme_blocks() -> None:
+    assert python_blocks(REPO / "README.md"), "README.md has no ```python block: is the fence spelled right?"
+
+
+@pytest.fixture
+def one_thread():
+    """The examples are small: one torch thread runs them as fast, and does not stall on a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,
+                    reason="the documentation examples build torchvision models; install torchvision")
+@pytest.mark.parametrize("path", FILES, ids=[str(p.relative_to(REPO)) for p in FILES])
+def test_python_blocks_run(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None) -> None:
+    from cora_fx import CoRaDeprecationWarning
+
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": f"docs_{path.stem}"}
+    name = path.relative_to(REPO)
+    blocks = python_blocks(path)
+    for number, (line, code) in enumerate(blocks, start=1):
+        try:
+            compiled = compile(code, f"{name}:block{number}(line {line})", "exec")
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", CoRaDeprecationWarning)  # the docs must not teach deprecated spellings
+                exec(compiled, namespace)
+        except Exception:
+            first = next((row for row in code.splitlines() if row.strip()), "")
+            pytest.fail(f"{name}: python block {number} of {len(blocks)} (line {line}: {first!r}) failed:\n"
+                        f"{traceback.format_exc()}", pytrace=False)

@@ -1,0 +1,119 @@
+"""benchmarks/report.py: RESULTS.md is generated from results.json and cannot drift from it (no torch used)."""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import report  # noqa: E402
+
+PAGE = REPO / "benchmarks" / "RESULTS.md"
+#: words and patterns of a lab notebook, not of a results page
+HISTORY = re.compile(r"\bsessions?\b|\bworktrees?\b|\bround of\b|\bre-?ran\b|\bre-?run\b|\bcommit\b|\bissue \d"
+                     r"|/tmp/|\bOUT\d|\b(?=[0-9a-f]*\d)(?=[0-9a-f]*[a-f])[0-9a-f]{7,40}\b", re.IGNORECASE)
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    return report.load(report.RESULTS)
+
+
+@pytest.fixture(scope="module")
+def page(results) -> str:
+    return report.render_results(results)
+
+
+def test_committed_page_is_generated_from_results_json(page):
+    """If this fails, run `python benchmarks/report.py` and commit RESULTS.md with results.json."""
+    assert PAGE.read_bytes() == page.encode("utf-8")
+
+
+def test_page_is_deterministic_short_and_narrow(results, page):
+    assert report.render_results(json.loads(json.dumps(results))) == page
+    lines = page.splitlines()
+    assert len(lines) < 250
+    assert [line for line in lines if len(line) > 120] == []
+
+
+def test_superseded_rows_stay_in_results_json_but_not_on_the_page(results, page):
+    old = report.superseded(results)
+    assert old, "results.json should keep its superseded rows"
+    for name in old:
+        assert results[name]["superseded_by"] in results  # points at a row that exists
+        assert name not in page
+    marked = [n for n in results if not n.startswith("_") and "[" in n]  # "mixed[greedy]", "recommended[min-max]"
+    assert set(marked) <= set(old), "a bracketed variant name without superseded_by"
+    for name in results:
+        if not name.startswith("_") and name not in old:
+            assert f"| {name} |" in page
+
+
+def test_a_row_marked_superseded_leaves_the_page(results):
+    marked = json.loads(json.dumps(results))
+    marked["CoRa recommended W3"]["superseded_by"] = "CoRa recommended W3 b=0.1"
+    page = report.render_results(marked)
+    assert "| CoRa recommended W3 |" not in page and "| CoRa recommended W3 b=0.1 |" in page
+    assert "CoRa recommended W3" not in report.headline_table(marked).replace("CoRa recommended W3 ", "")
+
+
+def test_history_detector_catches_notebook_text():
+    for text in ("fifth session", "from a worktree of", "re-ran the rows", "a90a6a6", "2814d0d", "--out /tmp/OUT14a"):
+        assert HISTORY.search(text), text
+    for text in ("CoRa recommended W4 mixed @4.0 b=0.045", "2,022,793 bytes", "deflated", "tiny64"):
+        assert not HISTORY.search(text), text
+
+
+def test_page_and_readme_block_have_no_development_history(results, page):
+    assert HISTORY.findall(page) == []
+    assert HISTORY.findall(PAGE.read_text(encoding="utf-8")) == []
+    assert HISTORY.findall(report.readme_block(results)) == []
+
+
+def test_headline_table_is_a_markdown_table_with_float_and_the_recommended_rows(results):
+    table = report.headline_table(results)
+    lines = table.splitlines()
+    assert lines[0].startswith("| method |") and set(lines[1]) <= set("|-")
+    assert all(line.startswith("| ") and line.endswith(" |") for line in lines[:1] + lines[2:])
+    assert all(line.count("|") == lines[0].count("|") for line in lines)
+    rows = [line.split(" | ")[0][2:] for line in lines[2:]]
+    assert 5 <= len(rows) <= 8
+    assert rows[0] == "float" and "CoRa recommended W4" in rows and "CoRa recommended W3" in rows
+    assert any(results[name].get("family") == "peer" for name in rows)
+    assert f"| float | {report.top1_ci(results['float'])} |" in table
+
+
+def test_readme_block_is_replaced_between_the_markers(tmp_path, results, capsys):
+    readme = tmp_path / "README.md"
+    before = f"# Title\n\nintro\n\n{report.README_START}\nold table\n{report.README_END}\n\n## Next\n"
+    readme.write_text(before)
+    page = tmp_path / "RESULTS.md"
+    assert report.main([str(report.RESULTS), "--no-plots", "--page", str(page), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old table" not in text
+    assert text.startswith(f"# Title\n\nintro\n\n{report.README_START}\n\n| method |")
+    assert text.endswith(f"(benchmarks/RESULTS.md).\n\n{report.README_END}\n\n## Next\n")
+    assert report.headline_table(results) in text and "(benchmarks/RESULTS.md)" in text
+    assert report.headline_table(results) in page.read_text()  # the page went to --page, not into the repository
+    report.update_readme(readme, results)
+    assert readme.read_text() == text  # idempotent
+
+
+@pytest.mark.parametrize("body", [
+    "# no markers here\n", f"{report.README_START}\nno end\n", f"{report.README_END}\n{report.README_START}\n",
+    f"{report.README_START}\n{report.README_START}\n{report.README_END}\n"])
+def test_readme_without_proper_markers_is_a_clear_error(tmp_path, body):
+    readme, page = tmp_path / "README.md", tmp_path / "RESULTS.md"
+    readme.write_text(body)
+    with pytest.raises(SystemExit) as err:
+        report.main([str(report.RESULTS), "--no-plots", "--page", str(page), "--readme", str(readme)])
+    assert err.value.code != 0 and report.README_START in str(err.value) and str(readme) in str(err.value)
+    assert readme.read_text() == body and not page.exists()  # nothing written
+    with pytest.raises(ValueError, match="results:start"):
+        report.replace_between_markers(body, "table\n")
