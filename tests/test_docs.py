@@ -79,3 +79,33 @@ def test_python_blocks_run(path: Path, tmp_path: Path, monkeypatch: pytest.Monke
             first = next((row for row in code.splitlines() if row.strip()), "")
             pytest.fail(f"{name}: python block {number} of {len(blocks)} (line {line}: {first!r}) failed:\n"
                         f"{traceback.format_exc()}", pytrace=False)
+
+
+#: "section 3", "sections 1-2", "sections 2 and 6", "s.4": how the package cites docs/method.md.
+SECTION = re.compile(r"\b(?:sections?|s\.)\s*(\d+)(?:\s*(?:-|and|,)\s*(\d+))*")
+
+
+def method_sections() -> set[int]:
+    """The numbers of docs/method.md's ``## N. Title`` headings."""
+    text = (REPO / "docs" / "method.md").read_text(encoding="utf-8")
+    return {int(n) for n in re.findall(r"^## (\d+)\. ", text, re.MULTILINE)}
+
+
+def cited_sections(text: str) -> list[int]:
+    """Every section number that ``text`` cites after mentioning docs/method.md."""
+    if "docs/method.md" not in text:
+        return []
+    tail = text[text.index("docs/method.md"):]
+    return [int(n) for match in SECTION.finditer(tail) for n in match.groups() if n]
+
+
+def test_every_method_section_cited_in_the_package_exists() -> None:
+    sections = method_sections()
+    assert set(range(1, 12)) <= sections
+    bad = []
+    for path in sorted((REPO / "cora_fx").glob("*.py")):
+        cited = cited_sections(path.read_text(encoding="utf-8"))
+        bad += [f"{path.name}: section {n}" for n in cited if n not in sections]
+    assert not bad, f"citations of docs/method.md sections that do not exist: {bad}"
+    assert cited_sections("see docs/method.md section 3 and sections 12 and 4") == [3, 12, 4]
+    assert not [p.name for p in (REPO / "cora_fx").glob("*.py") if "METHOD.md" in p.read_text()]
