@@ -276,6 +276,26 @@ def intro(results: dict) -> str:
     return f"{wrap(what)}\n\n{bullets}\n\n{wrap(where)}"
 
 
+def reproduction(results: dict) -> str:
+    """The rows re-measured with a later cora_fx (``_meta.reproduced``), against their recorded values."""
+    checks = (results.get("_meta") or {}).get("reproduced") or []
+    lines = []
+    for check in checks:
+        row = results.get(check["row"], {})
+        digits = {"top1": 2, "tiny_agreement": 2, "equivalent_bits": 3}
+        same = all(fmt(check[k], d) == fmt(row.get(k), d) for k, d in digits.items())
+        verdict = "the same numbers" if same else "different numbers"
+        lines.append(bullet(
+            f"With cora_fx {check['version']} ({check['date']}, torch {check['torch']}), `{check['command']}` gives "
+            f"{verdict} for `{check['row']}`: top-1 {fmt(check['top1'])} (on this page {fmt(row.get('top1'))}), "
+            f"tiny64 agreement {fmt(check['tiny_agreement'])} ({fmt(row.get('tiny_agreement'))}), equivalent bits "
+            f"{fmt(check['equivalent_bits'], 3)} ({fmt(row.get('equivalent_bits'), 3)})."))
+    if not lines:
+        return ""
+    lead = wrap("Rows measured with an earlier cora_fx are checked against the current one:")
+    return lead + "\n\n" + "\n".join(lines)
+
+
 def bullet(text: str) -> str:
     """A Markdown list item wrapped at `WIDTH`."""
     return textwrap.fill(text, WIDTH, initial_indent="- ", subsequent_indent="  ", break_long_words=False,
@@ -318,7 +338,8 @@ def latency_summary(results: dict) -> str:
 def render_results(results: dict, plots: str = "results") -> str:
     """The whole RESULTS.md page; `plots` is the plots' folder relative to the page."""
     meta = results.get("_meta") or {}
-    parts = ["# Benchmark results: cora_fx on ImageNet", intro(results),
+    checks = reproduction(results)
+    parts = ["# Benchmark results: cora_fx on ImageNet", intro(results), *([checks] if checks else []),
              "## Reproduce", "```bash\n" + commands(results) + "\n```",
              "## Headline", headline_table(results),
              wrap("Float, the best plain rounding at W4 and W3, `recommended(4)` and `recommended(3)`, the searched "

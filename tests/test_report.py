@@ -117,3 +117,17 @@ def test_readme_without_proper_markers_is_a_clear_error(tmp_path, body):
     assert readme.read_text() == body and not page.exists()  # nothing written
     with pytest.raises(ValueError, match="results:start"):
         report.replace_between_markers(body, "table\n")
+
+
+def test_reproduced_rows_are_compared_with_their_recorded_values():
+    results = {"row": {"top1": 78.2857, "tiny_agreement": 55.21, "equivalent_bits": 4.5714},
+               "_meta": {"reproduced": [{"row": "row", "version": "0.2.0", "date": "2026-11-30", "torch": "2.14.1",
+                                         "command": "python x.py", "top1": 78.2857, "tiny_agreement": 55.21,
+                                         "equivalent_bits": 4.5714}]}}
+    def text() -> str:
+        return " ".join(report.reproduction(results).split())
+
+    assert "gives the same numbers for `row`: top-1 78.29 (on this page 78.29)" in text()
+    results["_meta"]["reproduced"][0]["top1"] = 78.0
+    assert "gives different numbers for `row`: top-1 78.00 (on this page 78.29)" in text()
+    assert report.reproduction({"_meta": {}}) == ""
