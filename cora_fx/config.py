@@ -47,7 +47,7 @@ def _is_number(value: Any) -> bool:
 
 
 class _Group:
-    """Validation shared by the groups: `_check` rules are ``(field, ok(value), why)``."""
+    """Validation shared by the groups: `_rules` lists ``(field, ok(value), why)``, checked in order."""
 
     GROUP: ClassVar[str] = ""
 

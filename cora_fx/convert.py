@@ -12,8 +12,8 @@ from torch.fx.passes.infra.pass_base import PassResult
 from .config import ADAPTER_FORMS, CoRaConfig
 from .lowering import Cleanup, ConversionPlan, FoldBatchNorm, FoldRanks, LowerToOps, QuantizeAdapters
 from .passes import run_passes
-from .prepare import prepare_cora
-from .pipeline import PipelineResult, Ranks, run_pipeline
+from .prepare import RankSpec, prepare_cora
+from .pipeline import run_pipeline
 from .state import CONVERTED, META_KEY, PREPARED, CoRaState, get_state
 from .summary import layer_infos
 
@@ -65,17 +65,15 @@ class PipelinePass:
     def __init__(self, batches: Iterable, **kwargs: Any) -> None:
         self.batches = batches
         self.kwargs = kwargs
-        self.result: Optional[PipelineResult] = None
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
-        self.result = run_pipeline(gm, self.batches, **self.kwargs)
-        get_state(gm, PREPARED).pipeline = self.result
+        get_state(gm, PREPARED).pipeline = run_pipeline(gm, self.batches, **self.kwargs)
         return PassResult(gm, True)
 
 
 def quantize_cora(
     model: nn.Module, calib_batches: Iterable, config: Optional[CoRaConfig] = None,
-    example_inputs: Optional[tuple] = None, *, leaf_modules: Iterable = (), ranks: Ranks = "search",
+    example_inputs: Optional[tuple] = None, *, leaf_modules: Iterable = (), ranks: RankSpec = "search",
     skip: Iterable[str] = (), progress: bool = True,
 ) -> fx.GraphModule:
     """The whole chain: `prepare_cora`, `run_pipeline` on ``calib_batches``, `convert_cora` (model untouched).

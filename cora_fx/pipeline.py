@@ -8,22 +8,20 @@ the whole chain. Nothing else writes this order out.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Optional, Union
+from typing import Callable, Iterable, Optional
 
 import torch.fx as fx
 
 from .batchnorm import correct_batchnorm
 from .config import CoRaConfig
 from .finetune import FinetuneResult, finetune
-from .prepare import set_ranks
+from .prepare import RankSpec, set_ranks
 from .rank_search import RankSearchResult, search_ranks
 from .rounding import calibrate_rounding
 from .state import PREPARED, get_state
 
 #: The steps `run_pipeline` knows, in the order it runs them; `skip=` takes these names.
 STEPS = ("calibrate_rounding", "search_ranks", "correct_batchnorm", "finetune")
-
-Ranks = Union[str, Mapping[str, int]]
 
 
 @dataclass
@@ -43,7 +41,7 @@ class PipelineResult:
     batchnorm_layers: int = 0
 
 
-def wanted_steps(config: CoRaConfig, ranks: Ranks = "search", skip: Iterable[str] = ()) -> list[str]:
+def wanted_steps(config: CoRaConfig, ranks: RankSpec = "search", skip: Iterable[str] = ()) -> list[str]:
     """The steps `run_pipeline` would run for ``config`` (``set_ranks`` when ``ranks`` is not "search")."""
     skip = set(skip)
     unknown = skip - set(STEPS)
@@ -59,7 +57,7 @@ def wanted_steps(config: CoRaConfig, ranks: Ranks = "search", skip: Iterable[str
     return ["set_ranks" if name == "search_ranks" and ranks != "search" else name for name in steps]
 
 
-def run_pipeline(prepared: fx.GraphModule, batches: Iterable, *, ranks: Ranks = "search",
+def run_pipeline(prepared: fx.GraphModule, batches: Iterable, *, ranks: RankSpec = "search",
                  skip: Iterable[str] = (), progress: bool = True,
                  on_step: Optional[Callable[[str], None]] = None) -> PipelineResult:
     """Run the data-aware steps the config of ``prepared`` asks for, in `STEPS` order, on ``batches``.
@@ -78,7 +76,7 @@ def run_pipeline(prepared: fx.GraphModule, batches: Iterable, *, ranks: Ranks = 
     return result
 
 
-def _run_step(name: str, prepared: fx.GraphModule, batches: Iterable, ranks: Ranks, progress: bool,
+def _run_step(name: str, prepared: fx.GraphModule, batches: Iterable, ranks: RankSpec, progress: bool,
               config: CoRaConfig, result: PipelineResult) -> None:
     if name == "calibrate_rounding":
         calibrate_rounding(prepared, batches, progress=progress)
