@@ -28,7 +28,7 @@ from cora_fx import CoRaConfig  # noqa: E402
 
 
 def paper(bits: int, **kw) -> CoRaConfig:
-    return CoRaConfig().replace(bits=bits, **kw)
+    return CoRaConfig().replace(bits=bits, clipping="normal_paper", **kw)
 
 
 def per_channel(bits: int, **kw) -> CoRaConfig:

@@ -319,6 +319,8 @@ def _data_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import CLIPPINGS, LOSSES
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--quiet", action="store_true", help="no progress bars")
     parser = _Parser(prog="cora-fx", description="CoRa low-bit weight quantization of ConvNets (torch.fx).",
@@ -345,9 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--budget", type=_fraction, help="adapter params / conv params, in (0, 1]")
     q.add_argument("--per-channel", action="store_true", help="per-output-channel ranges")
     q.add_argument("--per-tensor", action="store_true", help="one range per tensor (the paper)")
-    q.add_argument("--clipping", choices=("normal", "minmax", "mse"), help="clipping range")
+    q.add_argument("--clipping", choices=CLIPPINGS, help="clipping range")
     q.add_argument("--depthwise", choices=("skip", "residual", "float", "int8"), help="depthwise conv policy")
-    q.add_argument("--loss", choices=("ce", "kl"), help="search loss: ce (labels) or kl (label-free)")
+    q.add_argument("--loss", choices=LOSSES, help="search loss: ce (labels) or a label-free objective: kl (class "
+                   "logits), bce (sigmoid probabilities), bce_logits, mse (raw outputs)")
     q.add_argument("--iterations", type=_int_in(0, 1 << 30), help="rank search iterations (default 250)")
     q.add_argument("--finetune-iterations", type=_int_in(0, 1 << 30),
                    help="fine-tuning steps of adapters and channel scales after the ranks are set (default 0: none)")

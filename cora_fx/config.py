@@ -8,7 +8,8 @@ Each group is a small frozen, validated dataclass (the shape of torchao's per-wo
 - `SearchConfig` (``config.search``): the differentiable rank search, `search_ranks` (section 3);
 - `RefineConfig` (``config.refine``): the optional steps after the search (section 9).
 
-The defaults are the paper's settings; `CoRaConfig.recommended(bits)` is the measured best recipe.
+The defaults are the paper's settings (the normal clipping range cut back to [min, max], docs/method.md
+section 1); `CoRaConfig.recommended(bits)` is the measured best recipe.
 `to_dict` / `from_dict` give a JSON-ready form with a version, which `save` records in the artifact.
 """
 from __future__ import annotations
@@ -23,8 +24,8 @@ from typing import Any, Callable, ClassVar, Mapping, Optional, Union
 CONFIG_VERSION = 2
 
 GRANULARITIES = ("per_tensor", "per_channel")
-CLIPPINGS = ("normal", "minmax", "mse")
-LOSSES = ("ce", "kl")
+CLIPPINGS = ("normal", "normal_paper", "minmax", "mse")
+LOSSES = ("ce", "kl", "bce", "bce_logits", "mse")
 DEPTHWISE_POLICIES = ("skip", "residual", "float", "int8")
 ROUNDINGS = ("nearest", "gptq")
 SVDS = ("weight", "activation")
@@ -89,9 +90,10 @@ class QuantConfig(_Group):
     Attributes:
         bits: weight bit-width n of the main convs (and of Linear layers), 2..8.
         granularity: ``"per_tensor"`` (paper) or ``"per_channel"`` (per output channel).
-        clipping: ``"normal"`` (mu +- k*sigma, paper), ``"minmax"``, ``"mse"`` (the range that minimizes
-            the squared rounding error), or a torch.ao observer class / ``with_args`` factory, built with
-            ``dtype=torch.int8`` and the n-bit ``quant_min`` / ``quant_max``.
+        clipping: ``"normal"`` (mu +- k*sigma intersected with the weights' own [min, max]),
+            ``"normal_paper"`` (mu +- k*sigma as in the paper, possibly wider than the weights), ``"minmax"``,
+            ``"mse"`` (the range that minimizes the squared rounding error), or a torch.ao observer class /
+            ``with_args`` factory, built with ``dtype=torch.int8`` and the n-bit ``quant_min`` / ``quant_max``.
         k: width of the normal clipping range in standard deviations.
         quantize_linear: weight-quantize nn.Linear layers at ``bits`` (no adapter).
         depthwise: policy for convs whose residual has rank 1 per group (section 2): ``"skip"`` (no adapter),
@@ -173,18 +175,24 @@ class RoundingConfig(_Group):
             ``AdapterConfig.svd="activation"``).
         inputs: whose inputs those moments describe: ``"float"`` (the float model's, one pass) or
             ``"quantized"`` (a second pass over the model rounded once, with heuristic-rank adapters).
+        max_block: the largest number of weight columns (in/groups x kh x kw) whose second moment is kept
+            whole; a wider layer keeps only the diagonal blocks of at most this many columns (whole input
+            channels), so memory and time grow linearly with its fan-in (section 5). `summary` lists those
+            layers under ``rounding_notes``.
     """
 
     GROUP: ClassVar[str] = "rounding"
     method: str = "nearest"
     batches: int = 8
     inputs: str = "float"
+    max_block: int = 4096
 
     def _rules(self) -> list:
         return [
             ("method", _one_of(ROUNDINGS), f"must be one of {ROUNDINGS}"),
             ("batches", _int_in(1), "must be an integer >= 1"),
             ("inputs", _one_of(ROUNDING_INPUTS), f"must be one of {ROUNDING_INPUTS}"),
+            ("max_block", _int_in(1), "must be an integer >= 1 (weight columns)"),
         ]
 
 
@@ -200,8 +208,12 @@ class SearchConfig(_Group):
         iterations: maximum number of search steps.
         grad_clip: each rank gradient is clipped to [-grad_clip, grad_clip].
         init_rank: initial normalized rank (also the rank right after `prepare_cora`).
-        loss: ``"ce"`` (labels), ``"kl"`` (distil the float model's soft outputs, label-free) or a callable
-            ``loss(output, float_output, labels) -> scalar`` (section 7).
+        loss: ``"ce"`` (labels) or a label-free objective against the float model's outputs (section 7):
+            ``"kl"`` (class logits or probabilities along ``loss_dim``), ``"bce"`` (sigmoid probabilities),
+            ``"bce_logits"`` (logits of independent labels), ``"mse"`` (raw outputs, scale-free); each sums
+            over tuple / dict outputs. Or a callable ``loss(output, float_output, labels) -> scalar``.
+        loss_dim: the class dimension of ``"kl"`` (1: ``(N, C)`` logits and ``(N, C, H, W)`` maps; -1 for
+            ``(N, T, C)`` sequences).
         seed: seed of the search's random state.
     """
 
@@ -214,6 +226,7 @@ class SearchConfig(_Group):
     grad_clip: float = 0.2
     init_rank: float = 0.9
     loss: Union[str, LossFn] = "ce"
+    loss_dim: int = 1
     seed: int = 0
 
     def _rules(self) -> list:
@@ -226,6 +239,7 @@ class SearchConfig(_Group):
             ("grad_clip", lambda v: _is_number(v) and v > 0, "must be > 0"),
             ("init_rank", lambda v: _is_number(v) and 0 < v <= 1, "must be in (0, 1]"),
             ("loss", _valid_loss, f"must be one of {LOSSES} or a callable loss(output, float_output, labels)"),
+            ("loss_dim", _is_int, "must be an integer (a dimension of the model's output)"),
             ("seed", _is_int, "must be an integer"),
         ]
 
@@ -264,9 +278,9 @@ FLAT_NAMES: dict[str, tuple[str, str]] = {
        ("bits", "granularity", "clipping", "k", "quantize_linear", "depthwise", "layer_bits")},
     "adapter_bits": ("adapter", "bits"), "svd": ("adapter", "svd"), "adapter_form": ("adapter", "form"),
     "rounding": ("rounding", "method"), "rounding_batches": ("rounding", "batches"),
-    "rounding_inputs": ("rounding", "inputs"),
+    "rounding_inputs": ("rounding", "inputs"), "max_block": ("rounding", "max_block"),
     **{name: ("search", name) for name in
-       ("budget", "nbk_order", "penalty", "lr", "iterations", "grad_clip", "init_rank", "loss", "seed")},
+       ("budget", "nbk_order", "penalty", "lr", "iterations", "grad_clip", "init_rank", "loss", "loss_dim", "seed")},
     **{name: ("refine", name) for name in ("bn_correction", "finetune_iterations", "finetune_lr")},
 }
 
@@ -309,7 +323,7 @@ class CoRaConfig:
             object.__setattr__(self, name, value)
         if flat:
             warnings.warn(f"CoRaConfig({', '.join(f'{k}=...' for k in flat)}): flat keywords are deprecated and "
-                          f"will be removed in 0.3; use the groups (e.g. CoRaConfig(quant=QuantConfig(bits=3))) "
+                          f"will be removed in 0.4; use the groups (e.g. CoRaConfig(quant=QuantConfig(bits=3))) "
                           f"or CoRaConfig().replace(...)", CoRaDeprecationWarning, stacklevel=2)
             for name, value in _grouped_changes(self, flat).items():
                 object.__setattr__(self, name, value)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import torch.fx as fx
 from torch import nn
@@ -74,14 +74,17 @@ class PipelinePass:
 def quantize_cora(
     model: nn.Module, calib_batches: Iterable, config: Optional[CoRaConfig] = None,
     example_inputs: Optional[tuple] = None, *, leaf_modules: Iterable = (), ranks: RankSpec = "search",
-    skip: Iterable[str] = (), progress: bool = True,
+    skip: Iterable[str] = (), progress: bool = True, example_kwargs: Optional[Mapping[str, Any]] = None,
+    concrete_args: Optional[Mapping[str, Any]] = None, capture: str = "auto",
 ) -> fx.GraphModule:
     """The whole chain: `prepare_cora`, `run_pipeline` on ``calib_batches``, `convert_cora` (model untouched).
 
-    ``ranks`` and ``skip`` are `run_pipeline`'s. The steps' results are kept in
+    ``ranks`` and ``skip`` are `run_pipeline`'s; ``leaf_modules``, ``example_kwargs``, ``concrete_args``
+    and ``capture`` are `prepare_cora`'s. The steps' results are kept in
     ``result.meta["cora_fx"].pipeline`` (a `PipelineResult`) and the search's in ``.search_result``.
     """
-    prepared = prepare_cora(model, config, example_inputs=example_inputs, leaf_modules=leaf_modules)
+    prepared = prepare_cora(model, config, example_inputs=example_inputs, leaf_modules=leaf_modules,
+                            example_kwargs=example_kwargs, concrete_args=concrete_args, capture=capture)
     if not isinstance(prepared, fx.GraphModule):
         return prepared  # no Conv2d: prepare_cora warned and returned the model unchanged
     state = get_state(prepared, PREPARED)

@@ -3,27 +3,28 @@
 CoRa spends an adapter budget on top of one base bit-width n, so its equivalent bits are
 n + m*b + (what depthwise layers at 8 bits add) (docs/method.md section 3). To land at or below a
 target such as exactly 4.0 bits, some layers must take n - 1 bits. `allocate_bits` picks them
-by a one-layer-at-a-time sensitivity (HAWQ-style): the KL divergence of the model's output from
-the float model's when that layer alone is rounded to nearest at n - 1 bits, minus the same at
-n bits, each with the heuristic-rank adapter (the top floor(b*R) singular triplets of its
-residual) added back, averaged over the first `ALLOCATION_BATCHES` calibration batches. Taking
-those losses as additive, the demoted set is the one with the least summed loss whose saved bits
-meet the target: a 0/1 knapsack, solved exactly (`_cheapest_demotions`).
+by a one-layer-at-a-time sensitivity (HAWQ-style): the growth of the config's label-free objective (KL for
+``loss="ce"``) between the model's output and the float model's when that layer alone is rounded to nearest at
+n - 1 bits, minus the same at n bits, each with the heuristic-rank adapter (the top floor(b*R) singular
+triplets of its residual) added back, averaged over the first `ALLOCATION_BATCHES` calibration batches. Taking
+those losses as additive, the demoted set is the one with the least summed loss whose saved bits meet the
+target: a 0/1 knapsack, solved exactly (`_cheapest_demotions`).
 The result is a `CoRaConfig.layer_bits` mapping.
 """
 from __future__ import annotations
 
 import copy
 import math
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .capture import CAPTURE_OPTIONS
 from .batches import input_dtype, model_device, split_batch
 from .config import CoRaConfig
+from .losses import distillation_loss
 from .observers import make_observer, quantize_weight
 from .prepare import adapters, heuristic_rank, prepare_cora
 from .residual import ResidualFactors
@@ -55,11 +56,22 @@ def planned_bits(prepared: torch.fx.GraphModule, layer_bits: dict[str, int], bud
     return (weight_bits + 32 * state.float_conv_params + adapter_bits * (budget * total + fixed_adapters)) / total
 
 
-def _output_kls(model: nn.Module, inputs: list[tuple[torch.Tensor, ...]], reference: list[torch.Tensor]) -> list[float]:
-    """KL(reference || model output) on each batch, batch-mean."""
-    with torch.no_grad():
-        return [F.kl_div(F.log_softmax(model(*x).float(), -1), F.log_softmax(ref, -1), reduction="batchmean",
-                         log_target=True).item() for x, ref in zip(inputs, reference)]
+class _Sensitivity:
+    """How far the model's outputs are from the float ones on each batch: the config's label-free
+    objective (KL for ``loss="ce"``; a callable loss gets ``labels=None``), with the fixed arguments."""
+
+    def __init__(self, config: CoRaConfig, fixed: dict[str, Any]) -> None:
+        loss = config.search.loss
+        self.loss = loss if callable(loss) else distillation_loss("kl" if loss == "ce" else loss,
+                                                                  config.search.loss_dim)
+        self.fixed = fixed
+
+    def outputs(self, model: nn.Module, inputs: list[tuple[torch.Tensor, ...]]) -> list[Any]:
+        with torch.no_grad():
+            return [model(*x, **self.fixed) for x in inputs]
+
+    def __call__(self, model: nn.Module, inputs: list[tuple[torch.Tensor, ...]], reference: list[Any]) -> list[float]:
+        return [float(self.loss(out, ref, None)) for out, ref in zip(self.outputs(model, inputs), reference)]
 
 
 def _restored(base: torch.Tensor, factors: ResidualFactors, rank: int) -> torch.Tensor:
@@ -84,6 +96,7 @@ def allocate_bits(
     low_bits: Optional[int] = None,
     batches: int = ALLOCATION_BATCHES,
     progress: bool = True,
+    **capture_options: Any,
 ) -> dict[str, int]:
     """Choose which convs drop from ``config.quant.bits`` to ``low_bits`` so that the equivalent bits
     (adapter budget spent in full) are at most ``target_bits``.
@@ -96,6 +109,8 @@ def allocate_bits(
         config: the CoRa configuration the plan is for (its clipping, granularity, budget).
         target_bits: the equivalent bit-width to meet.
         low_bits: the demoted bit-width (default ``config.quant.bits - 1``).
+        capture_options: `prepare_cora`'s ``example_inputs``, ``leaf_modules``, ``example_kwargs``,
+            ``concrete_args`` and ``capture``, for models that need them to be traced.
     Returns:
         ``config.quant.layer_bits`` plus ``{layer name: low_bits}`` for each demoted layer (nothing added
         when the target is already met), to pass as ``config.replace(layer_bits=...)``.
@@ -109,7 +124,11 @@ def allocate_bits(
         raise ValueError(f"allocate_bits: target_bits={target_bits!r} must be a positive number")
     if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
         raise CoRaError(f"allocate_bits: {type(model).__name__} has no nn.Conv2d layer to allocate bits to")
-    prepared = prepare_cora(model, config)
+    unknown = set(capture_options) - CAPTURE_OPTIONS
+    if unknown:
+        raise TypeError(f"allocate_bits: unexpected argument(s) {sorted(unknown)}; "
+                        f"tracing options are {sorted(CAPTURE_OPTIONS)}")
+    prepared = prepare_cora(model, config, **capture_options)
     start = planned_bits(prepared, dict(config.quant.layer_bits), config.search.budget)
     if start <= target_bits:
         return dict(config.quant.layer_bits)
@@ -130,11 +149,10 @@ def allocate_bits(
             break
     if not inputs:
         raise CoRaError("allocate_bits: the calibration batches are empty")
-    with torch.no_grad():
-        reference = [reference_model(*x).float() for x in inputs]
-
+    sensitivity = _Sensitivity(config, get_state(prepared).concrete_args)
+    reference = sensitivity.outputs(reference_model, inputs)
     per_batch = _batch_sensitivities(reference_model, prepared, candidates, config, low_bits, inputs, reference,
-                                     progress)
+                                     sensitivity, progress)
     kl_growth = {name: sum(demoted) / len(demoted) - sum(kept) / len(kept)
                  for name, (kept, demoted) in per_batch.items()}
 
@@ -155,7 +173,8 @@ def _demotion_candidates(prepared: torch.fx.GraphModule, config: CoRaConfig, low
 
 
 def _batch_sensitivities(reference_model: nn.Module, prepared: torch.fx.GraphModule, candidates: dict,
-                         config: CoRaConfig, low_bits: int, inputs: list, reference: list[torch.Tensor],
+                         config: CoRaConfig, low_bits: int, inputs: list, reference: list[Any],
+                         sensitivity: _Sensitivity,
                          progress: bool = False) -> dict[str, tuple[list[float], list[float]]]:
     """Per candidate layer, the output KL to ``reference`` on each batch with the layer at its own bits
     and at ``low_bits``, its heuristic-rank adapter added back each time (what `allocate_bits` averages).
@@ -174,7 +193,7 @@ def _batch_sensitivities(reference_model: nn.Module, prepared: torch.fx.GraphMod
         for weight in (_restored(prepared.get_submodule(name).quantized.weight, adapter.factors, rank),
                        _demoted(original, conv.groups, config, low_bits, rank)):
             conv.weight.data = weight.to(original.dtype)
-            kls.append(_output_kls(reference_model, inputs, reference))
+            kls.append(sensitivity(reference_model, inputs, reference))
         conv.weight.data = original
         out[name] = (kls[0], kls[1])
     return out

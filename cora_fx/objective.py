@@ -9,22 +9,23 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .config import CoRaConfig
+from .losses import distillation_loss
 from .modules import FLOAT, CoRaConv2d, QuantLinear, folded_modes
 from .state import CoRaError
 
 
-def task_loss(cfg: CoRaConfig) -> Callable[[torch.Tensor, Optional[torch.Tensor], Any], torch.Tensor]:
-    """The config's loss(output, float_output, labels): CE on labels, KL to the float model, or a callable."""
+def task_loss(cfg: CoRaConfig) -> Callable[[Any, Optional[Any], Any], torch.Tensor]:
+    """The config's loss(output, float_output, labels): CE on labels, a label-free objective against the
+    float model (`losses.distillation_loss`), or the user's callable."""
     if callable(cfg.search.loss):
         return cfg.search.loss
-    if cfg.search.loss == "kl":
-        def kl(output: torch.Tensor, float_output: Optional[torch.Tensor], labels: Any) -> torch.Tensor:
-            assert float_output is not None
-            return F.kl_div(F.log_softmax(output, -1), F.log_softmax(float_output, -1), reduction="batchmean",
-                            log_target=True)
-        return kl
+    if cfg.search.loss != "ce":
+        return distillation_loss(cfg.search.loss, cfg.search.loss_dim)
 
-    def ce(output: torch.Tensor, float_output: Optional[torch.Tensor], labels: Any) -> torch.Tensor:
+    def ce(output: Any, float_output: Optional[Any], labels: Any) -> torch.Tensor:
+        if not isinstance(output, torch.Tensor):
+            raise CoRaError(f"loss='ce' needs a single logits tensor, the model returns {type(output).__name__}; "
+                            "use a label-free loss ('kl', 'bce', 'mse') or a callable loss")
         if (not isinstance(labels, torch.Tensor)
                 or labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8)):
             raise CoRaError("loss='ce' needs integer class labels in every batch (or use loss='kl')")
@@ -37,10 +38,10 @@ def task_loss(cfg: CoRaConfig) -> Callable[[torch.Tensor, Optional[torch.Tensor]
 
 
 def teacher_output(search_gm: fx.GraphModule, wrappers: Sequence[CoRaConv2d], linears: Sequence[QuantLinear],
-                   inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+                   inputs: tuple[torch.Tensor, ...]) -> Any:
     """The float model's output: full-rank float residuals give back W exactly (Theorem 1)."""
     with folded_modes(wrappers, linears, FLOAT), torch.no_grad():
-        return search_gm(*inputs).detach()
+        return search_gm(*inputs)
 
 
 def batch_loss(gm: fx.GraphModule, wrappers: Sequence[CoRaConv2d], linears: Sequence[QuantLinear], cfg: CoRaConfig,

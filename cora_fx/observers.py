@@ -57,23 +57,32 @@ class _WeightRangeObserver(UniformQuantizationObserverBase):
 
 
 class NormalObserver(_WeightRangeObserver):
-    """Range mu - k*sigma .. mu + k*sigma of the observed tensor (the paper's "normal" clipping).
+    """Range mu - k*sigma .. mu + k*sigma of the observed tensor (the paper's "normal" clipping),
+    intersected with the tensor's own [min, max] unless ``within_minmax=False`` (the paper's formula).
 
-    With ``ch_axis`` set, mu and sigma are taken per slice along that axis (per channel).
+    With ``ch_axis`` set, mu, sigma, min and max are taken per slice along that axis (per channel).
+    A range wider than the weights spends grid levels on values that never occur (docs/method.md
+    section 1).
     """
 
-    def __init__(self, k: float = 4.0, ch_axis: Optional[int] = None, **kwargs: Any) -> None:
+    def __init__(self, k: float = 4.0, ch_axis: Optional[int] = None, within_minmax: bool = True,
+                 **kwargs: Any) -> None:
         super().__init__(ch_axis=ch_axis, **kwargs)
         self.k = float(k)
+        self.within_minmax = within_minmax
 
     def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
         flat = self.rows(x_orig.detach().float())
         mu, sigma = flat.mean(dim=1), flat.std(dim=1, unbiased=False)
-        self.set_range(mu - self.k * sigma, mu + self.k * sigma)
+        lo, hi = mu - self.k * sigma, mu + self.k * sigma
+        if self.within_minmax:
+            lo, hi = torch.maximum(lo, flat.min(dim=1).values), torch.minimum(hi, flat.max(dim=1).values)
+        self.set_range(lo, hi)
         return x_orig
 
     def extra_repr(self) -> str:
-        return f"k={self.k}, ch_axis={self.ch_axis}, min_val={self.min_val}, max_val={self.max_val}"
+        return (f"k={self.k}, ch_axis={self.ch_axis}, within_minmax={self.within_minmax}, "
+                f"min_val={self.min_val}, max_val={self.max_val}")
 
 
 class MSEObserver(_WeightRangeObserver):
@@ -120,7 +129,7 @@ def make_observer(
 ) -> UniformQuantizationObserverBase:
     """Build the torch.ao observer that supplies the clipping range of one weight tensor.
 
-    ``clipping`` is ``"normal"``, ``"minmax"``, ``"mse"`` or a torch.ao observer class / factory
+    ``clipping`` is ``"normal"``, ``"normal_paper"``, ``"minmax"``, ``"mse"`` or a torch.ao observer class / factory
     (e.g. ``HistogramObserver`` or ``MinMaxObserver.with_args(eps=1e-6)``); a factory is
     called with ``dtype=torch.int8``, the n-bit ``quant_min``/``quant_max`` and the affine
     qscheme of the granularity (per-channel observers must accept ``ch_axis=0``).
@@ -128,8 +137,8 @@ def make_observer(
     qmin, qmax = quant_range(bits)
     qscheme = torch.per_channel_affine if per_channel else torch.per_tensor_affine
     kwargs: dict[str, Any] = dict(dtype=torch.int8, qscheme=qscheme, quant_min=qmin, quant_max=qmax)
-    if clipping == "normal":
-        return NormalObserver(k=k, ch_axis=0 if per_channel else None, **kwargs)
+    if clipping in ("normal", "normal_paper"):
+        return NormalObserver(k=k, ch_axis=0 if per_channel else None, within_minmax=clipping == "normal", **kwargs)
     if clipping == "mse":
         return MSEObserver(ch_axis=0 if per_channel else None, **kwargs)
     if clipping == "minmax":

@@ -4,17 +4,19 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from typing import Iterable, Mapping, Optional, Union
+from typing import Any, Iterable, Mapping, Optional, Union
 
 import torch
 import torch.fx as fx
 from torch import nn
 
+from .capture import capture as capture_model
+from .capture import example_tensors
 from .config import CoRaConfig
 from .modules import CoRaConv2d, LowRankAdapter, QuantLinear
 from .passes import QuantizeLinears, RewriteConvs, run_passes
 from .state import META_KEY, PREPARED, CoRaError, CoRaState, get_state
-from .tracer import LeafSpec, trace
+from .tracer import LeafSpec
 
 
 def prepare_cora(
@@ -23,6 +25,10 @@ def prepare_cora(
     example_inputs: Optional[tuple] = None,
     leaf_modules: Iterable[LeafSpec] = (),
     inplace: bool = False,
+    *,
+    example_kwargs: Optional[Mapping[str, Any]] = None,
+    concrete_args: Optional[Mapping[str, Any]] = None,
+    capture: str = "auto",
 ) -> fx.GraphModule:
     """Trace ``model`` and rewrite every nn.Conv2d into quantized conv + low-rank adapter.
 
@@ -35,6 +41,13 @@ def prepare_cora(
             once on them so shape errors surface here, naming the model.
         leaf_modules: module classes and/or qualified names traced as opaque calls;
             Conv2d layers inside them stay float and are listed as skipped.
+        example_kwargs: keyword inputs of the example call; tensors become graph inputs, other
+            values are fixed like ``concrete_args``.
+        concrete_args: ``forward`` arguments fixed to constants while tracing (as in
+            ``torch.fx.symbolic_trace``); arguments the example inputs do not give are fixed to
+            their defaults anyway, so ``forward(x, embed=False)`` traces with ``embed=False``.
+        capture: ``"symbolic"`` (torch.fx), ``"export"`` (torch.export on the example inputs) or
+            ``"auto"``: symbolic, then export if that fails (docs/method.md section 12).
     Returns:
         A `torch.fx.GraphModule` whose adapters start at rank ceil(init_rank * R).
     """
@@ -54,7 +67,8 @@ def prepare_cora(
 
     _check_layer_names(model, config)
     source = model if inplace else copy.deepcopy(model)
-    gm, leaves = trace(source, leaf_modules)
+    captured = capture_model(source, leaf_modules, example_inputs, example_kwargs, concrete_args, capture)
+    gm, leaves = captured.gm, captured.leaves
     conv_params = sum(m.weight.numel() for m in source.modules() if isinstance(m, nn.Conv2d))
     rewrite = RewriteConvs(config)
     passes = [rewrite] + ([QuantizeLinears(config)] if config.quant.quantize_linear else [])
@@ -67,7 +81,8 @@ def prepare_cora(
     _check_layer_bits(gm, config, skipped)
     float_params = sum(source.get_submodule(n).weight.numel() for n in skipped
                        if isinstance(source.get_submodule(n), nn.Conv2d))
-    gm.meta[META_KEY] = CoRaState(config, PREPARED, conv_params, skipped, float_params)
+    gm.meta[META_KEY] = CoRaState(config, PREPARED, conv_params, skipped, float_params,
+                                  capture=captured.method, concrete_args=captured.concrete_args)
     gm.train(source.training)
     if example_inputs is not None:
         # Checked in eval mode: a train-mode run would update BatchNorm running statistics
@@ -75,7 +90,7 @@ def prepare_cora(
         gm.eval()
         try:
             with torch.no_grad():
-                gm(*example_inputs)
+                gm(*example_tensors(example_inputs), **example_tensors(example_kwargs or {}))
         except Exception as err:
             raise CoRaError(
                 f"the prepared {type(model).__name__} failed on example_inputs: {type(err).__name__}: {err}"

@@ -28,7 +28,8 @@ class ResidualFactors(torch.nn.Module):
     S: torch.Tensor
     Vh: torch.Tensor
 
-    def __init__(self, residual: torch.Tensor, groups: int, whitening: torch.Tensor | None = None) -> None:
+    def __init__(self, residual: torch.Tensor, groups: int,
+                 whitening: torch.Tensor | list[torch.Tensor] | None = None) -> None:
         super().__init__()
         m, n_per_group, k1, k2 = residual.shape
         if m % groups:
@@ -36,13 +37,15 @@ class ResidualFactors(torch.nn.Module):
         self.groups = groups
         self.weight_shape = tuple(residual.shape)
         self.whitened = whitening is not None
-        blocks = residual.detach().to(torch.float64).reshape(groups, m // groups, n_per_group * k1 * k2)
+        blocks = residual.detach().to(torch.float64, copy=True).reshape(groups, m // groups, n_per_group * k1 * k2)
         if whitening is None:
             U, S, Vh = thin_svd(blocks)
         else:  # output-aware: SVD of dW L with H = L L^T, then V^T L^-1 (rounding.py)
-            L = whitening.to(torch.float64)
-            U, S, Vh = thin_svd(torch.bmm(blocks, L))
-            Vh = torch.linalg.solve_triangular(L, Vh, upper=False, left=False)
+            factors = [whitening] if isinstance(whitening, torch.Tensor) else list(whitening)
+            blocks = _block_apply(blocks, factors, torch.bmm)  # the float64 residual is dropped here
+            U, S, Vh = thin_svd(blocks)
+            del blocks
+            Vh = _block_apply(Vh, factors, _solve_right)
         self.register_buffer("U", U.to(torch.float32))
         self.register_buffer("S", S.to(torch.float32))
         self.register_buffer("Vh", Vh.to(torch.float32))
@@ -82,12 +85,60 @@ class ResidualFactors(torch.nn.Module):
         return torch.bmm(scaled, self.Vh).reshape(self.weight_shape)
 
 
+def _block_apply(x: torch.Tensor, factors: list[torch.Tensor], op) -> torch.Tensor:
+    """``op(x, L)`` for a block-diagonal L = diag(L_1, ..., L_k), one column slice of ``x`` per block.
+
+    With several blocks the result overwrites ``x`` slice by slice (each slice is read before it is
+    written), so a wide layer needs no second copy of it; callers pass a tensor of their own."""
+    if len(factors) == 1:
+        return op(x, factors[0].to(x.dtype))
+    start = 0
+    for factor in factors:
+        stop = start + factor.shape[-1]
+        x[..., start:stop] = op(x[..., start:stop], factor.to(x.dtype))
+        start = stop
+    return x
+
+
+def _solve_right(x: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
+    """x L^-1 for a lower-triangular L."""
+    return torch.linalg.solve_triangular(lower, x, upper=False, left=False)
+
+
+#: Above this many elements, a matrix at least 4x wider than tall (or taller than wide) is
+#: decomposed through its small Gram matrix (`gram_svd`) instead of LAPACK's gesdd.
+GRAM_ELEMENTS = 1 << 24
+
+
+def gram_svd(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of wide (g, m, d) matrices from the eigendecomposition of M M^T (m x m).
+
+    Memory beyond the input is one (g, m, d) result; U S V^T reproduces M to float64 precision
+    (directions with singular value below 1e-12 of the largest carry none of M and are zeroed).
+    """
+    evals, evecs = torch.linalg.eigh(torch.bmm(blocks, blocks.mT))
+    order = torch.argsort(evals, dim=-1, descending=True)
+    S = evals.gather(-1, order).clamp_min(0).sqrt()
+    U = evecs.gather(-1, order.unsqueeze(1).expand_as(evecs))
+    keep = S > 1e-12 * S[..., :1].clamp_min(1e-300)
+    inverse = torch.where(keep, 1.0 / S.clamp_min(1e-300), torch.zeros_like(S))
+    Vh = torch.bmm(U.mT, blocks).mul_(inverse.unsqueeze(-1))
+    return U, torch.where(keep, S, torch.zeros_like(S)), Vh
+
+
 def thin_svd(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Batched thin SVD; wide matrices are decomposed through their tall transpose.
 
     LAPACK's gesdd is several times faster on the tall transpose (resnet18 prepare: 48 s ->
     ~10 s on 2 cores): M^T = U' S V'^T gives M = V' S U'^T, the same factors up to sign.
+    Large, very unbalanced matrices (a conv with fan-in 65,536) go through `gram_svd`.
     """
+    m, d = blocks.shape[-2:]
+    if m * d >= GRAM_ELEMENTS and 4 * min(m, d) <= max(m, d):
+        if m < d:
+            return gram_svd(blocks)
+        u, s, vh = gram_svd(blocks.mT)
+        return vh.mT, s, u.mT
     if blocks.shape[-2] < blocks.shape[-1]:
         ut, s, vht = torch.linalg.svd(blocks.mT, full_matrices=False)
         return vht.mT, s, ut.mT

@@ -53,36 +53,71 @@ def im2col(x: torch.Tensor, spec: ConvSpec, kernel: tuple[int, int]) -> torch.Te
     return F.unfold(x, kernel, dilation=spec.dilation, padding=padding, stride=spec.stride)
 
 
-class _InputMoments:
-    """Accumulates H_g = sum X_g X_g^T over a conv's inputs, per group (float64)."""
+class SecondMoment:
+    """H = E[x x^T] of a conv's unfolded inputs, per group, as diagonal blocks over whole input
+    channels: ``blocks[i]`` (g, d_i, d_i) covers weight columns ``bounds[i]``. One block is the exact
+    H; more (fan-in above ``rounding.max_block``) drop the correlations between blocks (section 5)."""
 
-    def __init__(self, layer: CoRaConv2d) -> None:
+    def __init__(self, blocks: list[torch.Tensor], bounds: list[tuple[int, int]]) -> None:
+        self.blocks = blocks
+        self.bounds = bounds
+
+    @property
+    def exact(self) -> bool:
+        return len(self.blocks) == 1
+
+
+class _InputMoments:
+    """Accumulates the blocks of H_g = sum X_g X_g^T over a conv's inputs, one channel slice at a time so
+    the unfolded inputs never exceed ``_COLUMN_BYTES``. The exact H is kept in float64; blocks of a wider
+    layer in float32, which halves the largest memory cost (they are damped and factored in float64)."""
+
+    def __init__(self, layer: CoRaConv2d, max_block: int) -> None:
         self.spec = layer.quantized.spec
-        shape = layer.adapter.factors.weight_shape
-        self.kernel = (shape[2], shape[3])
+        _, n_per_group, k1, k2 = layer.adapter.factors.weight_shape
+        self.kernel = (k1, k2)
         self.groups = self.spec.groups
-        self.h: torch.Tensor | None = None
+        step = max(1, max_block // (k1 * k2))
+        self.channels = [(c, min(c + step, n_per_group)) for c in range(0, n_per_group, step)]
+        self.h: list[torch.Tensor | None] = [None] * len(self.channels)
+        self.dtype = torch.float64 if len(self.channels) == 1 else torch.float32
         self.count = 0
 
     def __call__(self, module: torch.nn.Module, args: tuple) -> None:
         x = args[0].detach()
-        for chunk in x.split(4):
-            cols = im2col(chunk.to(torch.float32), self.spec, self.kernel)
-            b, d, length = cols.shape
-            cols = cols.reshape(b, self.groups, d // self.groups, length)
-            h = torch.einsum("bgdl,bgel->gde", cols, cols).to(torch.float64)
-            self.h = h if self.h is None else self.h + h
-            self.count += b * length
+        b, n, height, width = x.shape
+        grouped = x.reshape(b, self.groups, n // self.groups, height, width)
+        for i, (c0, c1) in enumerate(self.channels):
+            part = grouped[:, :, c0:c1].reshape(b, self.groups * (c1 - c0), height, width)
+            per_image = part[:1].numel() * self.kernel[0] * self.kernel[1] * 4
+            for chunk in part.split(max(1, min(4, _COLUMN_BYTES // max(per_image, 1)))):
+                cols = im2col(chunk.to(torch.float32), self.spec, self.kernel)
+                cols = cols.reshape(cols.shape[0], self.groups, -1, cols.shape[-1])
+                h = torch.einsum("bgdl,bgel->gde", cols, cols).to(self.dtype)
+                self.h[i] = h if self.h[i] is None else self.h[i].add_(h)
+                if i == 0:
+                    self.count += cols.shape[0] * cols.shape[-1]
+
+    def moment(self) -> SecondMoment:
+        k = self.kernel[0] * self.kernel[1]
+        bounds = [(c0 * k, c1 * k) for c0, c1 in self.channels]
+        return SecondMoment([h / max(self.count, 1) for h in self.h], bounds)
+
+
+#: Upper bound of the unfolded inputs held at once while collecting second moments (bytes, per layer).
+_COLUMN_BYTES = 1 << 28
 
 
 def collect_input_moments(prepared: fx.GraphModule, batches: Iterable, max_batches: int,
-                          mode: str = FLOAT, progress: bool = False) -> dict[str, torch.Tensor]:
-    """H (g, d, d) per rewritten conv, averaged over its inputs: those of the float model
-    (``mode=FLOAT``) or of the quantized model with its hard-rank adapters (``mode=HARD``)."""
+                          mode: str = FLOAT, progress: bool = False) -> dict[str, SecondMoment]:
+    """H per rewritten conv (blocks of at most ``rounding.max_block`` columns), averaged over its inputs:
+    those of the float model (``mode=FLOAT``) or of the quantized model with its hard-rank adapters
+    (``mode=HARD``)."""
+    max_block = get_state(prepared).config.rounding.max_block
     folded = folded_copy(prepared)
     wrappers = {n: m for n, m in folded.named_modules() if isinstance(m, CoRaConv2d)}
     linears = [m for m in prepared.modules() if isinstance(m, QuantLinear)]
-    moments = {n: _InputMoments(m) for n, m in wrappers.items()}
+    moments = {n: _InputMoments(m, max_block) for n, m in wrappers.items()}
     handles = [m.register_forward_pre_hook(moments[n]) for n, m in wrappers.items()]
     device = model_device(prepared)
     seen = 0
@@ -102,12 +137,12 @@ def collect_input_moments(prepared: fx.GraphModule, batches: Iterable, max_batch
             h.remove()
     if not seen:
         raise CoRaError("calibrate_rounding: the calibration batches are empty")
-    return {n: m.h / max(m.count, 1) for n, m in moments.items() if m.h is not None}
+    return {n: m.moment() for n, m in moments.items() if m.h[0] is not None}
 
 
 def _damped(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """H + damp * mean(diag H) * I per group; dead inputs (zero diagonal) get 1."""
-    h = h.clone()
+    """H + damp * mean(diag H) * I per group, in float64; dead inputs (zero diagonal) get 1."""
+    h = h.to(torch.float64, copy=True)
     diag = torch.diagonal(h, dim1=-2, dim2=-1)
     diag[diag == 0] = 1.0
     mean = diag.mean(dim=-1, keepdim=True)
@@ -115,9 +150,21 @@ def _damped(h: torch.Tensor, damp: float) -> torch.Tensor:
     return h
 
 
-def gptq_quantize(weight: torch.Tensor, h: torch.Tensor, qw: QuantizedWeight, damp: float = 0.01,
-                  block: int = 128) -> QuantizedWeight:
-    """GPTQ rounding of ``weight`` on the grid of ``qw`` (same scale / zero point), groups batched.
+def gptq_quantize(weight: torch.Tensor, h: SecondMoment | torch.Tensor, qw: QuantizedWeight,
+                  damp: float = 0.01) -> QuantizedWeight:
+    """GPTQ rounding of ``weight`` on the grid of ``qw`` (same scale / zero point), groups batched;
+    with a block-diagonal H each block of columns is rounded on its own."""
+    moment = h if isinstance(h, SecondMoment) else SecondMoment([h], [(0, h.shape[-1])])
+    columns = weight.detach().reshape(weight.shape[0], -1)
+    codes = torch.cat([_gptq_codes(columns[:, a:b], hb, qw, damp)
+                       for hb, (a, b) in zip(moment.blocks, moment.bounds)], dim=1)
+    return QuantizedWeight(codes.reshape(weight.shape), qw.scale, qw.zero_point, qw.bits, qw.clip_min,
+                           qw.clip_max)
+
+
+def _gptq_codes(weight: torch.Tensor, h: torch.Tensor, qw: QuantizedWeight, damp: float,
+                block: int = 128) -> torch.Tensor:
+    """GPTQ codes (int8) of the (m, d) columns ``weight`` for their H block (g, d, d).
 
     Columns are processed in descending order of diag(H) ("act order").
     """
@@ -152,13 +199,20 @@ def gptq_quantize(weight: torch.Tensor, h: torch.Tensor, qw: QuantizedWeight, da
         w[:, :, stop:] -= torch.bmm(err1, hinv[:, start:stop, stop:])
     inverse = torch.argsort(perm, dim=-1)
     codes = torch.gather(codes, 2, inverse.unsqueeze(1).expand_as(codes))
-    codes = codes.reshape(weight.shape).to(torch.int8)
-    return QuantizedWeight(codes, qw.scale, qw.zero_point, qw.bits, qw.clip_min, qw.clip_max)
+    return codes.reshape(weight.shape).to(torch.int8)
 
 
-def whitening(h: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
-    """Lower Cholesky factor L of the damped H = L L^T, per group (float32)."""
-    return torch.linalg.cholesky(_damped(h, damp)).to(torch.float32)
+def whitening(h: SecondMoment, damp: float = 0.01, release: bool = False) -> list[torch.Tensor]:
+    """Lower Cholesky factors L_i of the damped blocks H_i = L_i L_i^T, per group (float32).
+
+    With ``release``, each block of ``h`` is dropped as soon as its factor exists (H is not needed after the
+    whitening), so H and L are never both whole in memory."""
+    factors = []
+    for i, block in enumerate(h.blocks):
+        factors.append(torch.linalg.cholesky(_damped(block, damp)).to(torch.float32))
+        if release:
+            h.blocks[i] = None
+    return factors
 
 
 def calibrate_rounding(prepared: fx.GraphModule, batches: Iterable, *, max_batches: int | None = None,
@@ -188,20 +242,27 @@ def calibrate_rounding(prepared: fx.GraphModule, batches: Iterable, *, max_batch
     return updated
 
 
-def _reround(prepared: fx.GraphModule, cfg: CoRaConfig, moments: dict[str, torch.Tensor],
+def _reround(prepared: fx.GraphModule, cfg: CoRaConfig, moments: dict[str, SecondMoment],
              progress: bool = False) -> int:
     """GPTQ and/or whitened SVD of every conv with moments, from its exactly recovered float weight."""
     updated = 0
+    notes = get_state(prepared).rounding_notes
     layers = [(n, m) for n, m in prepared.named_modules() if isinstance(m, CoRaConv2d) and n in moments]
     for name, layer in tqdm(layers, desc="cora rounding", disable=not progress, leave=False):
+        moment = moments.pop(name)  # freed layer by layer
         factors = layer.adapter.factors
         weight = layer.quantized.weight + factors.folded_delta(torch.ones_like(factors.S[0]))
         qw = layer.quantized.quantized_weight()
         if cfg.rounding.method == "gptq":
-            qw = gptq_quantize(weight, moments[name], qw)
-        white = whitening(moments[name]) if cfg.adapter.svd == "activation" else None
+            qw = gptq_quantize(weight, moment, qw)
+        exact, blocks, fan_in = moment.exact, len(moment.blocks), moment.bounds[-1][1]
+        white = whitening(moment, release=True) if cfg.adapter.svd == "activation" else None
+        del moment
         layer.quantized.set_quantized(qw)
         residual = weight - qw.dequantize()
         layer.adapter.set_factors(ResidualFactors(residual.to(torch.float32), layer.quantized.spec.groups, white))
+        if not exact:
+            notes[name] = (f"second moment kept as {blocks} diagonal blocks of at most "
+                           f"{cfg.rounding.max_block} columns (fan-in {fan_in})")
         updated += 1
     return updated

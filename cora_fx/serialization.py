@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 
 from .state import CoRaError, get_state, CONVERTED
+from .capture import batch_dynamic_shapes
 from .summary import CoRaSummary, LayerInfo, summary
 
 PathLike = Union[str, os.PathLike]
@@ -47,11 +48,7 @@ def export_converted(quantized: fx.GraphModule, example_inputs: tuple,
         raise TypeError("example_inputs must be a non-empty tuple of inputs, e.g. (x,)")
     dynamic = None
     if dynamic_batch:
-        # torch.export specializes a size-1 dim, so a batch of 1 is traced as a batch of 2 (the same rows twice)
-        example_inputs = tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == 1
-                               else x for x in example_inputs)
-        batch = torch.export.Dim("batch", min=1)
-        dynamic = tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in example_inputs)
+        example_inputs, dynamic = batch_dynamic_shapes(example_inputs, torch.export.Dim("batch", min=1))
     with torch.no_grad():
         program = torch.export.export(quantized.eval(), example_inputs, dynamic_shapes=dynamic)
     return program

@@ -23,7 +23,9 @@ class CoRaState:
     ``skipped`` maps qualified names of conv layers that stay float to the reason;
     ``float_conv_params`` counts their parameters (they cost 32 bits in the accounting);
     ``layers`` is filled at conversion with the per-layer records `summary` reports;
-    ``pipeline`` holds the `PipelineResult` when `quantize_cora` ran the steps.
+    ``pipeline`` holds the `PipelineResult` when `quantize_cora` ran the steps;
+    ``capture`` is how the model was captured and ``concrete_args`` the arguments fixed then;
+    ``rounding_notes`` names the layers whose calibrated rounding took a fallback, and which.
     """
 
     config: CoRaConfig
@@ -35,6 +37,9 @@ class CoRaState:
     layers: list[Any] = field(default_factory=list)
     rounding_calibrated: bool = False
     pipeline: Optional[Any] = None
+    capture: str = "symbolic"
+    concrete_args: dict[str, Any] = field(default_factory=dict)
+    rounding_notes: dict[str, str] = field(default_factory=dict)
 
 
 def get_state(gm: Any, expected: Optional[str] = None, argument: str = "model") -> CoRaState:

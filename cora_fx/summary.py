@@ -82,7 +82,10 @@ class CoRaSummary:
 
     ``budget`` is the achieved adapter fraction, ``target_budget`` the config's b,
     ``nbytes`` the size of the serialized state dict, ``config`` the `CoRaConfig.to_dict` of the
-    config that made the model (``CoRaConfig.from_dict(report.config)`` rebuilds it).
+    config that made the model (``CoRaConfig.from_dict(report.config)`` rebuilds it), ``capture`` how
+    the model was captured (``"symbolic"`` or ``"export"``), ``concrete_args`` the forward arguments
+    fixed then, ``rounding_notes`` the layers whose calibrated rounding took a fallback (e.g. a
+    block-diagonal second moment above ``rounding.max_block``).
     """
 
     layers: list[LayerInfo]
@@ -95,6 +98,9 @@ class CoRaSummary:
     stage: str = "prepared"
     target_budget: float = 0.05
     config: dict = field(default_factory=dict)
+    capture: str = "symbolic"
+    concrete_args: dict = field(default_factory=dict)
+    rounding_notes: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -119,11 +125,16 @@ class CoRaSummary:
                         f"{layer.adapter_params:>14,}  {layer.policy}")
         for name, why in self.skipped.items():
             rows.append(f"{name:<{width}}  skipped: {why}")
+        for name, note in self.rounding_notes.items():
+            rows.append(f"{name:<{width}}  rounding: {note}")
         rows += [
             "-" * len(head),
             f"conv params {self.conv_params:,} | adapter params {self.adapter_params:,} | budget {self.budget:.4f}"
             f" | equivalent bits {self.equivalent_bits:.3f} | serialized {self.nbytes:,} bytes ({self.stage})",
         ]
+        fixed = ", ".join(f"{k}={v!r}" for k, v in self.concrete_args.items())
+        rows.append(f"captured by {'torch.export' if self.capture == 'export' else 'symbolic tracing'}"
+                    + (f" with {fixed}" if fixed else ""))
         if self.config:
             rows += self.config_lines()
         return "\n".join(rows)
@@ -143,4 +154,10 @@ def summary(model: fx.GraphModule) -> CoRaSummary:
     acc = accounting(layers, state)
     return CoRaSummary(layers, acc.conv_params, acc.adapter_params, acc.budget, acc.equivalent_bits,
                        serialized_nbytes(model), dict(state.skipped), state.stage, state.config.search.budget,
-                       state.config.to_dict(strict=False))
+                       state.config.to_dict(strict=False), state.capture, _json_values(state.concrete_args),
+                       dict(state.rounding_notes))
+
+
+def _json_values(values: dict) -> dict:
+    """Plain JSON values kept as they are, anything else as its repr."""
+    return {k: v if isinstance(v, (bool, int, float, str, type(None))) else repr(v) for k, v in values.items()}

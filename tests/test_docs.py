@@ -3,7 +3,9 @@
 Every fenced ```python block of README.md and docs/*.md is executed, in order, in one namespace per file (so a
 block may use what an earlier block of the same file defined), inside a temporary working directory (files the
 examples write, such as model.pt2, land there). A failure names the file, the block number and its first line.
-Blocks that are not meant to run use ```text / ```console / ```bash fences, which are not executed.
+Blocks that are not meant to run use ```text / ```console / ```bash fences, which are not executed. A block whose
+first line is ``# needs: pkg [pkg ...]`` (benchmark extras such as the gallery's packages) runs only when those
+modules are installed; otherwise it and the blocks after it in that file are skipped, with the reason.
 """
 from __future__ import annotations
 
@@ -70,6 +72,9 @@ def test_python_blocks_run(path: Path, tmp_path: Path, monkeypatch: pytest.Monke
     name = path.relative_to(REPO)
     blocks = python_blocks(path)
     for number, (line, code) in enumerate(blocks, start=1):
+        missing = missing_modules(code)
+        if missing:
+            pytest.skip(f"{name}: python block {number} (line {line}) and later need {missing}, not installed")
         try:
             compiled = compile(code, f"{name}:block{number}(line {line})", "exec")
             with warnings.catch_warnings():
@@ -79,6 +84,14 @@ def test_python_blocks_run(path: Path, tmp_path: Path, monkeypatch: pytest.Monke
             first = next((row for row in code.splitlines() if row.strip()), "")
             pytest.fail(f"{name}: python block {number} of {len(blocks)} (line {line}: {first!r}) failed:\n"
                         f"{traceback.format_exc()}", pytrace=False)
+
+
+def missing_modules(code: str) -> list[str]:
+    """The modules a ``# needs: a b`` first line names that are not installed."""
+    first = code.lstrip().splitlines()[0] if code.strip() else ""
+    if not first.startswith("# needs:"):
+        return []
+    return [m for m in first[len("# needs:"):].split() if importlib.util.find_spec(m) is None]
 
 
 #: "section 3", "sections 1-2", "sections 2 and 6", "s.4": how the package cites docs/method.md.

@@ -35,7 +35,7 @@ def assert_same_state(before: dict, model: nn.Module) -> None:
 @pytest.mark.parametrize("field,value", [
     ("bits", 1), ("bits", 9), ("bits", 4.0), ("adapter_bits", 1), ("granularity", "per_row"), ("clipping", "l1"),
     ("k", -1.0), ("budget", 0.0), ("budget", 1.5), ("nbk_order", 0), ("penalty", -1), ("lr", 0),
-    ("iterations", -1), ("grad_clip", 0), ("init_rank", 0), ("loss", "mse"), ("quantize_linear", 1),
+    ("iterations", -1), ("grad_clip", 0), ("init_rank", 0), ("loss", "hinge"), ("quantize_linear", 1),
     ("depthwise", "drop"), ("adapter_form", "merged"),
 ])
 def test_config_rejects_bad_values_naming_the_field(field, value):
