@@ -772,7 +772,8 @@ def crude_round(model: nn.Module, bits: int = 3) -> nn.Module:
     return model
 
 
-def _max_fan_in(model: nn.Module) -> int:
+def max_fan_in(model: nn.Module) -> int:
+    """The largest in/groups x kh x kw of the model's Conv2d layers."""
     return max((m.in_channels // m.groups * math.prod(m.kernel_size) for m in model.modules()
                 if isinstance(m, nn.Conv2d)), default=0)
 
@@ -806,7 +807,7 @@ def _main() -> None:
         cr = entry.score(crude, ref, x)
         t_score = time.perf_counter() - t0
         params = sum(p.numel() for p in ref.parameters())
-        print(f"{name}: params {params:,}, max conv fan-in {_max_fan_in(ref)}, input {tuple(x.shape[1:])}, "
+        print(f"{name}: params {params:,}, max conv fan-in {max_fan_in(ref)}, input {tuple(x.shape[1:])}, "
               f"objective {entry.objective}; load {t_load:.1f}s, {len(x)} inputs {t_inputs:.1f}s, "
               f"float fwd 64 {t_fwd:.2f}s, 2 scores {t_score:.1f}s")
         for key in fl:

@@ -63,7 +63,7 @@ def quantize(row: str, entry: gallery.GalleryModel, model: torch.nn.Module, cali
         if _planned_bits(model, cfg, example) > bits + 0.5:  # many small depthwise convs: keep them at n bits
             cfg = cfg.replace(depthwise="skip")
         if row.endswith("-exact"):
-            cfg = cfg.replace(max_block=_max_fan_in(model))
+            cfg = cfg.replace(max_block=gallery.max_fan_in(model))
         quantized = quantize_cora(model, calib, cfg, example, progress=False, **_capture_options(model))
     info = summary(quantized)
     search = quantized.meta["cora_fx"].search_result
@@ -72,10 +72,6 @@ def quantize(row: str, entry: gallery.GalleryModel, model: torch.nn.Module, cali
                        "depthwise": cfg.quant.depthwise, "rounding_notes": info.rounding_notes,
                        "capture": info.capture,
                        "concrete_args": info.concrete_args}
-
-
-def _max_fan_in(model: torch.nn.Module) -> int:
-    return max(m.weight[0].numel() for m in model.modules() if isinstance(m, torch.nn.Conv2d))
 
 
 def _planned_bits(model: torch.nn.Module, cfg, example: tuple) -> float:

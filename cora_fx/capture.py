@@ -26,7 +26,7 @@ from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .state import CoRaError
-from .tracer import CoRaTraceError, split_leaf_specs, trace
+from .tracer import CoRaTraceError, leaf_names, split_leaf_specs, trace
 
 CAPTURES = ("auto", "symbolic", "export")
 CAPTURE_OPTIONS = frozenset({"example_inputs", "leaf_modules", "example_kwargs", "concrete_args", "capture"})
@@ -60,13 +60,11 @@ def specialised_arguments(model: nn.Module, example_inputs: Optional[tuple],
                              f"its arguments are {sorted(names)}")
     fixed: dict[str, Any] = {}
     for index, p in enumerate(params):
-        positional = p.kind is not p.KEYWORD_ONLY and index < len(example_inputs)
-        if positional:
-            value, has_value = example_inputs[index], True
+        if p.kind is not p.KEYWORD_ONLY and index < len(example_inputs):
+            value = example_inputs[index]
         else:
-            value, has_value = example_kwargs.get(p.name, p.default), p.name in example_kwargs
-            has_value = has_value or p.default is not p.empty
-        if has_value and not isinstance(value, torch.Tensor):
+            value = example_kwargs.get(p.name, p.default)
+        if value is not p.empty and not isinstance(value, torch.Tensor):
             fixed[p.name] = value
     fixed.update(concrete_args or {})
     return fixed
@@ -145,8 +143,7 @@ def _bound_for_export(model: nn.Module, fixed: dict[str, Any]) -> Iterator[None]
 
 def _leaf_prefixes(model: nn.Module, leaf_modules: Any) -> set[str]:
     """Qualified names of the leaf modules: under export their layers stay float aten calls."""
-    classes, names = split_leaf_specs(model, leaf_modules)
-    return set(names) | {n for n, m in model.named_modules() if n and classes and isinstance(m, classes)}
+    return leaf_names(model, *split_leaf_specs(model, leaf_modules))
 
 
 class ModulesFromCalls:

@@ -72,6 +72,11 @@ def split_leaf_specs(model: nn.Module, leaf_modules: Iterable[LeafSpec]) -> tupl
     return tuple(classes), frozenset(names)
 
 
+def leaf_names(model: nn.Module, classes: tuple[type, ...], names: frozenset[str]) -> set[str]:
+    """Qualified names of the submodules that `split_leaf_specs`' classes and names select."""
+    return {name for name, m in model.named_modules() if name and (name in names or isinstance(m, classes))}
+
+
 def trace(model: nn.Module, leaf_modules: Iterable[LeafSpec] = (),
           concrete_args: Optional[Mapping[str, Any]] = None) -> tuple[fx.GraphModule, set[str]]:
     """Symbolically trace ``model`` with ``concrete_args`` fixed; return the GraphModule and the leaves."""
@@ -83,8 +88,7 @@ def trace(model: nn.Module, leaf_modules: Iterable[LeafSpec] = (),
         raise _trace_error(model, tracer.failing_module, err, concrete_args or {}) from err
     _drop_specialised_inputs(graph)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    leaves = {name for name, m in model.named_modules() if name and (name in names or isinstance(m, classes))}
-    return gm, leaves
+    return gm, leaf_names(model, classes, names)
 
 
 def _drop_specialised_inputs(graph: fx.Graph) -> None:
