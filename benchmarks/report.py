@@ -263,7 +263,8 @@ def intro(results: dict) -> str:
         "eq. bits: stored bits per conv weight, averaged over all Conv2d weights (cora_fx: 8-bit depthwise "
         "convs and 8-bit adapters included; peers: their weight bits).",
         "size MB: the artifact file (cora_fx: the `.pt2` of `cora_fx.save`; float: `torch.save(state_dict)`).",
-        "calib s: calibration wall time, 1 thread, on a machine shared with other jobs: compare orders of magnitude.",
+        "calib s: calibration wall time when the row was measured (an earlier cora_fx, 1 thread, a machine shared "
+        "with other jobs): compare orders of magnitude; 'Calibration time' has this version's.",
     ]
     where = ("Metadata in results.json (one record for the file, whose rows come from several merged driver runs "
              f"and carry no date or torch build of their own): machine {meta_value(meta, 'machine')}, torch "
@@ -355,6 +356,83 @@ def scale_section(folder: Path) -> list[str]:
         "`exact` keeps it whole. The error is ||y_q - y||^2 / ||y||^2 on 64 held-out inputs with heuristic-rank "
         f"adapters. {meta.get('machine', '')}, {meta.get('threads', 2)} threads."),
         "```bash\n" + meta.get("command", "python benchmarks/rounding_scale.py") + "\n```", "\n".join(lines)]
+
+
+def speed_section(folder: Path) -> list[str]:
+    """Wall time of recommended(n) step by step, the search step's speed-ups one by one, the profiles,
+    prepare_cora's SVDs and the two-process run (calibration_speed.json, search_speed.json,
+    distributed_speed.json)."""
+    path = folder / "calibration_speed.json"
+    if not path.exists():
+        return []
+    data = load(path)
+    parts = ["## Calibration time", wrap(
+        "`recommended(n)` on MobileNetV2 through the public API (prepare_cora -> calibrate_rounding -> search_ranks "
+        "-> convert_cora) on the 1,600 calibration images at batch 32, 2 threads; the ratio divides the total by "
+        "250 float forward+backward steps at batch 32 measured in the same process before and after the row. "
+        "`start-budget-200` starts every rank on the budget and stops after 200 steps."),
+        "```bash\n" + "\n".join(data["_meta"]["commands"]) + "\n```"]
+    lines = ["| row | prep. s | round. s | search s | conv. s | total s | float step s | ratio | top-1 % (95% CI)"
+             " | tiny64 % | bits |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in data.items():
+        if name.startswith("recommended"):
+            t = r["seconds"]
+            label = f"recommended({r['bits']})" + ("" if r["schedule"] == "recommended" else f", {r['schedule']}")
+            lines.append(f"| {label} | {t['prepare_cora']:.1f} | {t['calibrate_rounding']:.1f} | "
+                         f"{t['search_ranks']:.0f} | {t['convert_cora']:.1f} | {t['total']:.0f} | "
+                         f"{r['float_step_seconds']:.2f} | {r['ratio_to_250_float_steps']:.2f} | {top1_ci(r)} | "
+                         f"{r['tiny_agreement']:.2f} | {r['equivalent_bits']:.3f} |")
+    parts.append("\n".join(lines))
+    prepares = [(k.split()[-1], r) for k, r in data.items() if k.startswith("prepare_cora ")]
+    if prepares:
+        parts.append(wrap("prepare_cora (default config, torchvision weights' shapes): " + "; ".join(
+            f"{arch} {r['seconds']:.1f} s, of which {r['svd_seconds']:.1f} s residual SVDs" for arch, r in prepares)
+            + "."))
+    profile = data.get("_profile")
+    if profile:
+        parts += [wrap("Where the time goes (cProfile, own time): the rounding of recommended(4) on 8 batches, and "
+                       "a search step (8 steps on 2 batches whose float outputs are cached, setup included)."),
+                  "| rounding: function | s | search step: function | s per step |\n|---|---|---|---|\n" + "\n".join(
+                      f"| {a[0]} | {a[1]:.2f} | {b[0]} | {b[1]:.3f} |"
+                      for a, b in zip(profile["calibrate_rounding"], profile["search_step"]))]
+    parts += _search_step_table(folder) + _distributed_table(folder)
+    return parts
+
+
+def _search_step_table(folder: Path) -> list[str]:
+    path = folder / "search_speed.json"
+    if not path.exists():
+        return []
+    data = load(path)
+    rows = "\n".join(f"| {r['variant']} | {r['search_step_seconds']:.2f} | {r['float_step_seconds']:.2f} | "
+                     f"{r['ratio']:.2f} |" for r in data["rows"])
+    return [wrap("One search step against one float forward+backward step (batch 32, 224 px, two random batches "
+                 "cycled, KL objective), each speed-up added in turn; none changes the step's result beyond float "
+                 "rounding (tests/test_search_speed.py)."),
+            "```bash\n" + data["command"] + "\n```",
+            "| search loop | search s/step | float s/step | ratio |\n|---|---|---|---|\n" + rows]
+
+
+def _distributed_table(folder: Path) -> list[str]:
+    path = folder / "distributed_speed.json"
+    if not path.exists():
+        return []
+    data = load(path)
+    lines = ["| run | batch per process | rounding s | search s | total s | top-1 % (95% CI) | tiny64 agr. % |",
+             "|---|---|---|---|---|---|---|"]
+    for key, label in (("single", "1 process x 2 threads"), ("double", "2 processes x 1 thread (torchrun, gloo)")):
+        r = data[key]
+        t = r["seconds"]
+        lines.append(f"| {label} | {r['batch_per_process']} | {t['calibrate_rounding']:.1f} | {t['search_ranks']:.0f} "
+                     f"| {t['total']:.0f} | {top1_ci(r)} | {r['tiny_agreement']:.2f} |")
+    single, double = data["single"]["ranks"], data["double"]["ranks"]
+    largest = max(abs(single[n] - double[n]) for n in single)
+    return [wrap(f"`recommended({data['bits']})` on one process and on two (`torch.distributed`, same global "
+                 f"batches of 32, 2 cores in all): {data['ranks_equal']} of {data['layers']} searched ranks are "
+                 f"equal, the others differ by at most {largest} (sums {sum(single.values())} and "
+                 f"{sum(double.values())}): the gradients are added in another order, and 250 Adam steps and the "
+                 "budget projection carry such differences into a rank here and there."),
+            "```bash\n" + data["command"] + "\n```", "\n".join(lines)]
 
 
 def gallery_section(folder: Path) -> list[str]:
@@ -469,6 +547,7 @@ def render_results(results: dict, plots: str = "results", folder: Path | None = 
             parts += [f"## {title}", wrap(sentence), rows_table(sections[key])]
             notes = peer_notes(sections[key], meta.get("calib_images")) if key == "peers" else ""
             parts += [notes] if notes else []
+    parts += speed_section(folder)
     latency = latency_summary(results)
     if latency:
         parts += ["## Latency", wrap(

@@ -21,7 +21,7 @@ from .tracer import CoRaTraceError
 from .serialization import CoRaLoadError, load, read_summary, save
 from .plots import plot_ranks, plot_search
 
-__version__ = "0.3.0"
+__version__ = "0.3.1"
 
 __all__ = [
     "CoRaConfig", "QuantConfig", "AdapterConfig", "RoundingConfig", "SearchConfig", "RefineConfig",

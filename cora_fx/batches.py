@@ -42,13 +42,18 @@ def split_batch(batch: Any, device: torch.device,
 
 
 class BatchCycle:
-    """Cycles a re-iterable (list, DataLoader); a one-shot iterator ends when exhausted."""
+    """Cycles a re-iterable (list, DataLoader); a one-shot iterator ends when exhausted.
+
+    ``position`` is the index of the last batch within its pass; ``repeats`` is True when every pass
+    yields the same batches (a list or tuple), so results per position can be reused."""
 
     def __init__(self, batches: Iterable) -> None:
         self.batches = batches
         self.iterator = iter(batches)
         self.one_shot = self.iterator is batches
+        self.repeats = isinstance(batches, (list, tuple))
         self.seen = 0
+        self.position = -1
 
     def next(self) -> Optional[Any]:
         """The next batch, or None when a one-shot iterator is exhausted."""
@@ -56,6 +61,7 @@ class BatchCycle:
             try:
                 batch = next(self.iterator)
                 self.seen += 1
+                self.position += 1
                 return batch
             except StopIteration:
                 if self.seen == 0:
@@ -63,4 +69,5 @@ class BatchCycle:
                 if self.one_shot or attempt:
                     return None
                 self.iterator = iter(self.batches)
+                self.position = -1
         return None

@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from . import distributed
 from .batches import model_device, split_batch
 from .modules import FLOAT, HARD, CoRaConv2d, QuantLinear, folded_modes
 from .passes import folded_copy
@@ -26,16 +27,21 @@ from .state import PREPARED, CoRaError, get_state
 
 
 def _batch_mean(x: torch.Tensor) -> torch.Tensor:
+    """Per-channel mean of a BatchNorm input, over this batch on every process (section 13)."""
     dims = [d for d in range(x.dim()) if d != 1]
-    return x.detach().to(torch.float64).mean(dim=dims)
+    total = x.detach().to(torch.float64).sum(dim=dims)
+    count = torch.tensor([x.numel() // max(x.shape[1], 1)], dtype=torch.float64, device=x.device)
+    packed = distributed.all_reduce_sum(torch.cat([total, count]))
+    return packed[:-1] / packed[-1]
 
 
 def correct_batchnorm(prepared: fx.GraphModule, batches: Iterable, *, max_batches: int = 16) -> int:
     """Correct the BatchNorm running statistics of ``prepared`` for its quantized weights.
 
-    Uses the first ``max_batches`` ``(inputs, labels)`` batches; returns how many BatchNorm
-    layers were corrected. Call it after the ranks are final (`search_ranks` does, when
-    ``CoRaConfig.bn_correction`` is set); `convert_cora` keeps the corrected statistics.
+    Uses the first ``max_batches`` ``(inputs, labels)`` batches (under `torch.distributed`, of each process,
+    the means of each step all-reduced); returns how many BatchNorm layers were corrected. Call
+    it after the ranks are final (`run_pipeline` does, when ``refine.bn_correction`` is set); `convert_cora`
+    keeps the corrected statistics.
     """
     get_state(prepared, PREPARED, "prepared")
     device = model_device(prepared)
@@ -44,6 +50,7 @@ def correct_batchnorm(prepared: fx.GraphModule, batches: Iterable, *, max_batche
         if len(inputs) >= max_batches:
             break
         inputs.append(split_batch(batch, device)[0])
+    inputs = inputs[:distributed.all_reduce_min(len(inputs))]  # every process runs as many batches
     if not inputs:
         raise CoRaError("correct_batchnorm: the calibration batches are empty")
     bns = {n: m for n, m in prepared.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)

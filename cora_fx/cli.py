@@ -145,6 +145,27 @@ def _loader(dataset: Any, batch_size: int, shuffle: bool) -> torch.utils.data.Da
                                        generator=torch.Generator().manual_seed(0) if shuffle else None)
 
 
+#: Calibration sets up to this size (as float tensors) are decoded once and kept in memory.
+IN_MEMORY_BYTES = 4 << 30
+
+
+def _calibration_batches(dataset: Any, batch_size: int, quiet: bool) -> Any:
+    """The calibration batches, shuffled once: decoded into a list when they fit `IN_MEMORY_BYTES` (every
+    search step then skips JPEG decoding, and the float model's outputs are computed once per batch),
+    else a shuffling DataLoader. Under ``torchrun`` each process takes every world-size-th image."""
+    from tqdm.auto import tqdm
+
+    from . import distributed
+
+    if distributed.active():
+        dataset = torch.utils.data.Subset(dataset, range(distributed.rank(), len(dataset), distributed.world_size()))
+    loader = _loader(dataset, batch_size, shuffle=True)
+    if len(dataset) * _first_image(dataset, "--calib").numel() * 4 > IN_MEMORY_BYTES:
+        return loader
+    return list(tqdm(loader, desc="loading calibration images", disable=not distributed.shows_progress(not quiet),
+                     leave=False))
+
+
 def _first_image(dataset: Any, flag: str) -> torch.Tensor:
     try:
         return dataset[0][0]
@@ -212,6 +233,19 @@ def quantize_config(args: argparse.Namespace) -> "CoRaConfig":
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    """``cora-fx quantize``; under ``torchrun`` every process calibrates on its share and rank 0 writes."""
+    from . import distributed
+
+    started = distributed.init_from_environment()
+    try:
+        return _quantize(args)
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from . import distributed
     from .convert import convert_cora
     from .pipeline import run_pipeline
     from .prepare import prepare_cora
@@ -232,24 +266,28 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     dataset = open_dataset(Path(args.calib), args.split, args.image_size, args.resize, args.calib_images, "--calib")
     image = _first_image(dataset, "--calib")
     example = (torch.stack([image, image]),)  # batch 2: the exported batch dimension stays dynamic
+    calibration = _calibration_batches(dataset, args.batch_size, args.quiet)
     if args.target_bits is not None:
         from .mixed_precision import allocate_bits
 
         try:
-            plan = allocate_bits(model, _loader(dataset, args.batch_size, shuffle=False), config, args.target_bits,
-                                 progress=not args.quiet)
+            plan = allocate_bits(model, calibration, config, args.target_bits, progress=not args.quiet)
         except ValueError as err:
             raise UsageError(f"--target-bits: {err}") from None
         config = config.replace(layer_bits=plan)
-    prepared = prepare_cora(model, config, example_inputs=example)
+    prepared = prepare_cora(model, config, example_inputs=example, progress=not args.quiet)
     if not hasattr(prepared, "meta") or "cora_fx" not in prepared.meta:
         raise UsageError(f"--model {args.model}: no nn.Conv2d layer to quantize")
-    loader = _loader(dataset, args.batch_size, shuffle=True)
-    say = (lambda step: None) if args.quiet else (lambda step: print(f"cora-fx quantize: {step} ...", flush=True))
-    steps = run_pipeline(prepared, loader, ranks="search" if args.ranks == "search" else "heuristic",
+    quiet = args.quiet or not distributed.is_main_process()
+    say = (lambda step: None) if quiet else (lambda step: print(f"cora-fx quantize: {step} ...", flush=True))
+    steps = run_pipeline(prepared, calibration, ranks="search" if args.ranks == "search" else "heuristic",
                          progress=not args.quiet, on_step=say)
     result = steps.search
+    say("convert_cora")
     quantized = convert_cora(prepared)
+    if not distributed.is_main_process():
+        return 0  # every process holds the same model; rank 0 writes it
+    say(f"save {out}")
     save(quantized, out, example)
     report = summary(quantized)
     float_bytes = serialized_nbytes(model)

@@ -84,7 +84,8 @@ def quantize_cora(
     ``result.meta["cora_fx"].pipeline`` (a `PipelineResult`) and the search's in ``.search_result``.
     """
     prepared = prepare_cora(model, config, example_inputs=example_inputs, leaf_modules=leaf_modules,
-                            example_kwargs=example_kwargs, concrete_args=concrete_args, capture=capture)
+                            example_kwargs=example_kwargs, concrete_args=concrete_args, capture=capture,
+                            progress=progress)
     if not isinstance(prepared, fx.GraphModule):
         return prepared  # no Conv2d: prepare_cora warned and returned the model unchanged
     state = get_state(prepared, PREPARED)

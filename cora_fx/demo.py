@@ -243,7 +243,7 @@ def run_demo(fast: bool = False, out_dir: Path = Path("cora-fx-demo"), progress:
                     serialized_nbytes(model))]
     searches: dict[str, RankSearchResult] = {}
     for setting, cfg in demo_configs(settings.budget):
-        prepared = prepare_cora(model, cfg, example_inputs=example)
+        prepared = prepare_cora(model, cfg, example_inputs=example, progress=progress)
         searchable = [n for n, a in adapters(prepared).items() if a.searchable]
         for method, ranks in (("RTN (no adapters)", {n: 0 for n in searchable}), ("CoRa heuristic ranks", "heuristic")):
             set_ranks(prepared, ranks)

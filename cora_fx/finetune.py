@@ -19,6 +19,7 @@ import torch.fx as fx
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .batches import BatchCycle, input_dtype, model_device, split_batch
 from .modules import TUNE, CoRaConv2d, QuantLinear, folded_modes
 from .objective import batch_loss, frozen_weights, task_loss
@@ -82,7 +83,7 @@ def finetune(
     optimizer = torch.optim.Adam(params, lr=lr)
     data = BatchCycle(batches)
     start = time.perf_counter()
-    bar = tqdm(total=iterations, desc="cora finetune", disable=not progress, leave=False)
+    bar = tqdm(total=iterations, desc="cora finetune", disable=not distributed.shows_progress(progress), leave=False)
     try:
         for w, pair in tuned.items():
             w.tuned = pair
@@ -92,15 +93,17 @@ def finetune(
             gm.eval()
             while result.iterations < iterations:
                 batch = data.next()
-                if batch is None:
+                if not distributed.all_reduce_min(int(batch is not None)):
                     break
                 inputs, labels = split_batch(batch, device, dtype)
                 loss = batch_loss(gm, wrappers, linears, cfg, loss_fn, inputs, labels, caller="finetune",
                                   index=data.seen - 1)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                distributed.average_gradients(params)  # data-parallel: the step of the global batch
                 optimizer.step()
-                result.loss.append(loss.item())
+                value = distributed.all_reduce_sum(loss.detach().reshape(1).clone()) / distributed.world_size()
+                result.loss.append(float(value))
                 result.iterations += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{result.loss[-1]:.4f}")

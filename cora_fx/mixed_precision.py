@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .capture import CAPTURE_OPTIONS
 from .batches import input_dtype, model_device, split_batch
 from .config import CoRaConfig
@@ -128,7 +129,7 @@ def allocate_bits(
     if unknown:
         raise TypeError(f"allocate_bits: unexpected argument(s) {sorted(unknown)}; "
                         f"tracing options are {sorted(CAPTURE_OPTIONS)}")
-    prepared = prepare_cora(model, config, **capture_options)
+    prepared = prepare_cora(model, config, progress=progress, **capture_options)
     start = planned_bits(prepared, dict(config.quant.layer_bits), config.search.budget)
     if start <= target_bits:
         return dict(config.quant.layer_bits)
@@ -147,19 +148,27 @@ def allocate_bits(
         inputs.append(split_batch(batch, device, dtype)[0])
         if len(inputs) == batches:
             break
-    if not inputs:
-        raise CoRaError("allocate_bits: the calibration batches are empty")
+    if not distributed.all_reduce_min(len(inputs)):
+        raise CoRaError("allocate_bits: the calibration batches are empty"
+                        + (" on at least one process" if distributed.active() else ""))
     sensitivity = _Sensitivity(config, get_state(prepared).concrete_args)
     reference = sensitivity.outputs(reference_model, inputs)
     per_batch = _batch_sensitivities(reference_model, prepared, candidates, config, low_bits, inputs, reference,
-                                     sensitivity, progress)
-    kl_growth = {name: sum(demoted) / len(demoted) - sum(kept) / len(kept)
-                 for name, (kept, demoted) in per_batch.items()}
+                                     sensitivity, distributed.shows_progress(progress))
+    kl_growth = _mean_growth(per_batch)
 
     # a hair more, so float rounding cannot leave the plan just above the target
     need = (start - target_bits) * (1 + 1e-9)
     demoted = _cheapest_demotions(kl_growth, saved, need)
     return {**config.quant.layer_bits, **{name: low_bits for name in demoted}}
+
+
+def _mean_growth(per_batch: dict[str, tuple[list[float], list[float]]]) -> dict[str, float]:
+    """Per layer, the mean over every process's batches of (loss demoted - loss kept)."""
+    sums = torch.tensor([[sum(kept), sum(demoted), len(kept)] for kept, demoted in per_batch.values()],
+                        dtype=torch.float64).reshape(-1, 3)
+    distributed.all_reduce_sum(sums)
+    return {name: float((row[1] - row[0]) / row[2]) for name, row in zip(per_batch, sums)}
 
 
 def _demotion_candidates(prepared: torch.fx.GraphModule, config: CoRaConfig, low_bits: int,

@@ -307,6 +307,32 @@ class CoRaConv2d(nn.Module):
         return self.quantized.spec.conv(x, weight, None if bias is None else bias.to(x.dtype))
 
 
+class ConvBatchNorm(nn.Module):
+    """A folded `CoRaConv2d` and the eval-mode BatchNorm2d after it as one conv (the search's copy only).
+
+    conv(x, W) followed by BN is conv(x, W * s) + (b - mu) * s + beta with s = gamma / sqrt(var + eps): exact,
+    and the BatchNorm's forward and backward disappear from every search step (docs/method.md section 4).
+    """
+
+    def __init__(self, conv: CoRaConv2d, bn: nn.BatchNorm2d) -> None:
+        super().__init__()
+        self.conv = conv
+        self.bn = bn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv, bn = self.conv, self.bn
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        shift = -bn.running_mean * scale
+        if bn.weight is not None:
+            scale = scale * bn.weight
+            shift = shift * bn.weight + bn.bias
+        bias = conv.quantized.bias
+        if bias is not None:
+            shift = shift + bias * scale
+        weight = conv.folded_weight() * scale.reshape(-1, 1, 1, 1)
+        return conv.quantized.spec.conv(x, weight.to(x.dtype), shift.to(x.dtype))
+
+
 @contextmanager
 def folded_modes(wrappers: Sequence[CoRaConv2d], linears: Sequence[QuantLinear], mode: str) -> Iterator[None]:
     """Run folded wrappers in ``mode`` (FLOAT also switches QuantLinear to its float weight);

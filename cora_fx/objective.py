@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
 from .config import CoRaConfig
-from .losses import distillation_loss
+from .losses import distillation_loss, output_tensors
 from .modules import FLOAT, CoRaConv2d, QuantLinear, folded_modes
 from .state import CoRaError
 
@@ -46,16 +46,84 @@ def teacher_output(search_gm: fx.GraphModule, wrappers: Sequence[CoRaConv2d], li
 
 def batch_loss(gm: fx.GraphModule, wrappers: Sequence[CoRaConv2d], linears: Sequence[QuantLinear], cfg: CoRaConfig,
                loss_fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...], labels: Any, *, caller: str,
-               index: int) -> torch.Tensor:
-    """The task loss of ``gm`` on one batch; a model failure names the caller and the batch, not a conv."""
+               index: int, teachers: Optional["TeacherCache"] = None, key: Any = None) -> torch.Tensor:
+    """The task loss of ``gm`` on one batch; a model failure names the caller and the batch, not a conv.
+
+    With ``teachers``, the float model's output is looked up under ``key`` (computed on first use)."""
     try:
-        teacher = teacher_output(gm, wrappers, linears, inputs) if cfg.search.loss != "ce" else None
+        teacher = None
+        if cfg.search.loss != "ce":
+            compute = lambda: teacher_output(gm, wrappers, linears, inputs)  # noqa: E731
+            teacher = compute() if teachers is None else teachers.get(key, compute)
         output = gm(*inputs)
     except Exception as err:  # e.g. a batch of the wrong shape
         shapes = [tuple(t.shape) for t in inputs]
         raise CoRaError(f"{caller}: the model failed on calibration batch {index} "
                         f"(input shapes {shapes}): {type(err).__name__}: {err}") from err
     return loss_fn(output, teacher, labels)
+
+
+class TeacherCache:
+    """The float model's outputs per calibration position, computed once (docs/method.md section 3).
+
+    The float model does not change during the search, so a list of batches cycled 5 times needs its
+    outputs once, not 5 times. Outputs are kept until ``limit_bytes`` are held; later keys are computed
+    every time. Only for batches that repeat exactly (a list, not a shuffling DataLoader): `enabled`.
+    """
+
+    def __init__(self, enabled: bool, limit_bytes: int = 1 << 29) -> None:
+        self.enabled = enabled
+        self.limit = limit_bytes
+        self.held = 0
+        self.outputs: dict[Any, Any] = {}
+
+    def get(self, key: Any, compute: Callable[[], Any]) -> Any:
+        if not self.enabled or key is None:
+            return compute()
+        if key not in self.outputs:
+            output = compute()
+            size = sum(t.numel() * t.element_size() for _, t in output_tensors(output))
+            if self.held + size > self.limit:
+                return output
+            self.held += size
+            self.outputs[key] = output
+        return self.outputs[key]
+
+
+#: Losses that are means over the batch: split into micro-batches, weighted by size, they are unchanged.
+SPLITTABLE_LOSSES = ("ce", "kl", "bce", "bce_logits")
+
+
+#: Input values per micro-batch with ``search.micro_batch="auto"`` on a CPU: 8 ImageNet images at 224 px.
+CPU_MICRO_BATCH_VALUES = 8 * 3 * 224 * 224
+
+
+def micro_batches(inputs: tuple[torch.Tensor, ...], labels: Any, size: Union[int, str, None],
+                  loss: Any) -> list[tuple[tuple[torch.Tensor, ...], Any, float]]:
+    """``(inputs, labels, weight)`` chunks of at most ``size`` samples, weights summing to 1.
+
+    The whole batch when ``size`` is None (or ``"auto"`` off the CPU), the loss is not a batch mean
+    (``"mse"``, a callable) or the inputs do not share a batch dimension. Time per sample falls on CPUs
+    whose caches a batch of 32 overflows (docs/method.md section 3)."""
+    if size == "auto":
+        on_cpu = bool(inputs) and inputs[0].device.type == "cpu" and inputs[0].dim() > 0
+        size = max(1, CPU_MICRO_BATCH_VALUES * inputs[0].shape[0] // max(inputs[0].numel(), 1)) if on_cpu else None
+    count = inputs[0].shape[0] if inputs and inputs[0].dim() else 0
+    same = all(t.dim() and t.shape[0] == count for t in inputs)
+    if size is None or not isinstance(loss, str) or loss not in SPLITTABLE_LOSSES or not same or count <= size:
+        return [(inputs, labels, 1.0)]
+    chunks = []
+    for start in range(0, count, size):
+        part = tuple(t[start:start + size] for t in inputs)
+        label_part = labels[start:start + size] if isinstance(labels, torch.Tensor) and labels.dim() else labels
+        chunks.append((part, label_part, part[0].shape[0] / count))
+    return chunks
+
+
+def channels_last(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """4-D floating inputs in channels-last memory format (faster CPU convolutions), others unchanged."""
+    return tuple(t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 and t.is_floating_point() else t
+                 for t in inputs)
 
 
 @contextmanager

@@ -17,9 +17,11 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.passes.infra.pass_manager import PassManager
+from tqdm.auto import tqdm
 
 from .config import CoRaConfig
-from .modules import FIXED, OFF, SEARCH, CoRaConv2d, ConvSpec, LowRankAdapter, QuantConv2d, QuantLinear
+from .modules import (FIXED, OFF, SEARCH, ConvBatchNorm, CoRaConv2d, ConvSpec, LowRankAdapter, QuantConv2d,
+                      QuantLinear)
 from .observers import make_observer, quantize_weight
 from .residual import ResidualFactors
 from .state import CoRaError
@@ -68,18 +70,21 @@ class RewriteConvs:
 
     Depthwise-like convs (rank 1 per group) follow ``config.quant.depthwise``; convs whose
     weight the forward reads directly, overridden Conv2d subclasses and other conv types
-    are left float and recorded in ``skipped``.
+    are left float and recorded in ``skipped``. ``progress`` shows a bar over the convs (quantization and
+    residual SVD: the slow part on large models).
     """
 
-    def __init__(self, config: CoRaConfig) -> None:
+    def __init__(self, config: CoRaConfig, progress: bool = False) -> None:
         self.config = config
+        self.progress = progress
         self.skipped: dict[str, str] = {}
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         read_directly = {n.target.rpartition(".")[0] for n in gm.graph.nodes if n.op == "get_attr"}
         done: dict[str, CoRaConv2d] = {}
         modified = False
-        for node, conv in module_calls(gm, nn.Module):
+        calls = list(module_calls(gm, nn.Module))
+        for node, conv in tqdm(calls, desc="cora prepare", disable=not self.progress, leave=False):
             name = str(node.target)
             if name in done:
                 pass
@@ -131,7 +136,7 @@ class RewriteConvs:
         residual = conv.weight.detach().to(torch.float32) - qw.dequantize()
         factors = ResidualFactors(residual, conv.groups)
         spec = ConvSpec.of(conv)
-        adapter = LowRankAdapter(factors, spec, cfg.adapter.bits, policy, cfg.search.init_rank)
+        adapter = LowRankAdapter(factors, spec, cfg.adapter.bits, policy, cfg.search.start_rank)
         adapter.nbk_order = cfg.search.nbk_order
         container = CoRaConv2d(QuantConv2d(conv, qw, observer), adapter)
         return container.to(conv.weight.device)
@@ -197,6 +202,34 @@ class FoldAdaptersForSearch:
         return PassResult(gm, modified)
 
 
+class FoldBatchNormForSearch:
+    """Merge each BatchNorm2d that alone reads a folded conv's output into that conv (`ConvBatchNorm`,
+    eval-mode statistics). Only for the search's copy, which always runs in eval mode: the prepared model
+    keeps its BatchNorms."""
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        modified = False
+        calls = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+        for node, conv in module_calls(gm, CoRaConv2d):
+            users = list(node.users)
+            if len(users) != 1 or calls.count(node.target) != 1 or users[0].op != "call_module":
+                continue
+            bn = gm.get_submodule(str(users[0].target))
+            if (type(bn) is not nn.BatchNorm2d or bn.running_mean is None
+                    or bn.num_features != conv.quantized.weight.shape[0]):
+                continue
+            set_submodule(gm, str(node.target), ConvBatchNorm(conv, bn))
+            users[0].replace_all_uses_with(node)
+            gm.graph.erase_node(users[0])
+            modified = True
+        return PassResult(gm, modified)
+
+
 def folded_copy(prepared: fx.GraphModule) -> fx.GraphModule:
     """A GraphModule sharing ``prepared``'s modules whose graph runs the folded form (section 4)."""
     return run_passes(fx.GraphModule(prepared, copy.deepcopy(prepared.graph)), [FoldAdaptersForSearch()])
+
+
+def search_copy(prepared: fx.GraphModule) -> fx.GraphModule:
+    """`folded_copy` with each eval-mode conv + BatchNorm pair merged (section 4): what `search_ranks` runs."""
+    return run_passes(folded_copy(prepared), [FoldBatchNormForSearch()])

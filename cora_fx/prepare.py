@@ -10,6 +10,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from . import distributed
 from .capture import capture as capture_model
 from .capture import example_tensors
 from .config import CoRaConfig
@@ -29,6 +30,7 @@ def prepare_cora(
     example_kwargs: Optional[Mapping[str, Any]] = None,
     concrete_args: Optional[Mapping[str, Any]] = None,
     capture: str = "auto",
+    progress: bool = True,
 ) -> fx.GraphModule:
     """Trace ``model`` and rewrite every nn.Conv2d into quantized conv + low-rank adapter.
 
@@ -48,6 +50,7 @@ def prepare_cora(
             their defaults anyway, so ``forward(x, embed=False)`` traces with ``embed=False``.
         capture: ``"symbolic"`` (torch.fx), ``"export"`` (torch.export on the example inputs) or
             ``"auto"``: symbolic, then export if that fails (docs/method.md section 12).
+        progress: a progress bar over the convs while they are quantized and their residuals factored.
     Returns:
         A `torch.fx.GraphModule` whose adapters start at rank ceil(init_rank * R).
     """
@@ -70,7 +73,7 @@ def prepare_cora(
     captured = capture_model(source, leaf_modules, example_inputs, example_kwargs, concrete_args, capture)
     gm, leaves = captured.gm, captured.leaves
     conv_params = sum(m.weight.numel() for m in source.modules() if isinstance(m, nn.Conv2d))
-    rewrite = RewriteConvs(config)
+    rewrite = RewriteConvs(config, distributed.shows_progress(progress))
     passes = [rewrite] + ([QuantizeLinears(config)] if config.quant.quantize_linear else [])
     gm = run_passes(gm, passes)
     skipped = dict(rewrite.skipped)

@@ -18,11 +18,12 @@ import torch.fx as fx
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import distributed
 from .config import SEARCH_FIELDS, CoRaConfig
 from .modules import CoRaConv2d, LowRankAdapter, QuantLinear
-from .objective import batch_loss, frozen_weights, task_loss
+from .objective import TeacherCache, batch_loss, channels_last, frozen_weights, micro_batches, task_loss
 from .batches import BatchCycle, input_dtype, model_device, split_batch
-from .passes import folded_copy
+from .passes import search_copy
 from .prepare import adapters
 from .state import PREPARED, CoRaError, get_state
 from .summary import accounting, layer_infos
@@ -157,7 +158,7 @@ class _RankSearch:
         self.searchable = {n: a for n, a in self.layers.items() if a.searchable}
         self.names = list(self.searchable)
         self.saved = {n: (int(a.hard_rank), float(a.rank)) for n, a in self.layers.items()}
-        self.search_gm = folded_copy(prepared)
+        self.search_gm = search_copy(prepared)
         self.wrappers = [m for m in self.search_gm.modules() if isinstance(m, CoRaConv2d)]
         self.linears = [m for m in prepared.modules() if isinstance(m, QuantLinear)]
         self.loss_fn = task_loss(cfg)
@@ -172,48 +173,67 @@ class _RankSearch:
         self.fixed_params = sum(a.parameter_count() for a in self.layers.values() if not a.searchable)
         self.fixed_budget = self.fixed_params / total
         self.importance = torch.zeros(len(self.names), device=self.device)
+        self.channels_last = cfg.search.channels_last
+        self.teachers = TeacherCache(False)
         self.history = SearchHistory()
         self.done = 0
         self.start = time.perf_counter()
 
     def run(self, data: BatchCycle, progress: bool) -> None:
-        """Up to ``iterations`` steps, or until a one-shot iterator of batches ends."""
+        """Up to ``iterations`` steps, or until a one-shot iterator of batches ends (on any process)."""
         cfg = self.cfg.search
-        bar = tqdm(total=cfg.iterations, desc="cora rank search", disable=not progress, leave=False)
+        bar = tqdm(total=cfg.iterations, desc="cora rank search", disable=not distributed.shows_progress(progress),
+                   leave=False)
+        self.teachers = TeacherCache(data.repeats)
         with frozen_weights(self.prepared), torch.random.fork_rng(devices=[]), closing(bar):
             self.search_gm.eval()
             optimizer = self._start()
             torch.manual_seed(cfg.seed)
             while self.done < cfg.iterations:
                 batch = data.next()
-                if batch is None:
+                if not distributed.all_reduce_min(int(batch is not None)):
                     break
-                self._step(batch, data.seen - 1, optimizer, bar)
+                self._step(batch, data.seen - 1, data.position, optimizer, bar)
 
     def _start(self) -> Optional[torch.optim.Optimizer]:
+        start = self._start_fraction()
         with torch.no_grad():
             for a in self.searchable.values():
-                a.rank.fill_(self.cfg.search.init_rank)
+                a.rank.fill_(min(max(start, 1.0 / a.max_rank), 1.0))
                 a.nbk_order = self.cfg.search.nbk_order
         for r in self.ranks:
             r.requires_grad_(True)
         return torch.optim.Adam(self.ranks, lr=self.cfg.search.lr) if self.ranks else None
 
-    def _step(self, batch: Any, index: int, optimizer: Optional[torch.optim.Optimizer], bar: Any) -> None:
-        """One Adam step on task + lambda * exp(ReLU(running_budget - b)) with clipped rank gradients."""
+    def _start_fraction(self) -> float:
+        """``init_rank``, or for ``"budget"`` the normalized rank u with fixed + u * sum(omega_l R_l) = b."""
+        cfg = self.cfg.search
+        if cfg.init_rank != "budget":
+            return float(cfg.init_rank)
+        spendable = float((self.omega * self.max_ranks).sum()) if self.names else 0.0
+        return (cfg.budget - self.fixed_budget) / spendable if spendable > 0 else 1.0
+
+    def _step(self, batch: Any, index: int, position: int, optimizer: Optional[torch.optim.Optimizer],
+              bar: Any) -> None:
+        """One Adam step on task + lambda * exp(ReLU(running_budget - b)) with clipped rank gradients.
+
+        The task gradient is summed over micro-batches and averaged over processes (section 13)."""
         cfg = self.cfg.search
         inputs, labels = split_batch(batch, self.device, self.dtype)
-        task = batch_loss(self.search_gm, self.wrappers, self.linears, self.cfg, self.loss_fn, inputs, labels,
-                          caller="search_ranks", index=index)
+        try:
+            g_task, task_value = self._task_gradient(inputs, labels, index, position)
+        except CoRaError:
+            if not (self.channels_last and self.done == 0):
+                raise
+            self.channels_last = False  # e.g. a view() of a channels-last activation: run contiguous
+            g_task, task_value = self._task_gradient(inputs, labels, index, position)
         if optimizer is None:
-            self._record(task.item(), task.item(), self.fixed_budget, bar)
+            self._record(task_value, task_value, self.fixed_budget, bar)
             return
         running = self.fixed_budget + (self.omega * torch.stack(self.ranks) * self.max_ranks).sum()
         penalty = cfg.penalty * torch.exp(F.relu(running - cfg.budget))
-        task_grads = torch.autograd.grad(task, self.ranks, allow_unused=True)
         penalty_grads = torch.autograd.grad(penalty, self.ranks)
         with torch.no_grad():
-            g_task = torch.stack([torch.zeros((), device=self.device) if g is None else g for g in task_grads])
             self.importance.mul_(0.9).add_(0.1 * (-g_task / self.max_ranks))  # d task / d r_l
             for r, gt, gp in zip(self.ranks, g_task, penalty_grads):
                 r.grad = (gt + gp).clamp(-cfg.grad_clip, cfg.grad_clip)
@@ -222,8 +242,26 @@ class _RankSearch:
             for r, big_r in zip(self.ranks, self.max_ranks):
                 r.nan_to_num_(nan=float(1.0 / big_r))
                 r.clamp_(float(1.0 / big_r), 1.0)
-        task_value = task.item()
         self._record(task_value + penalty.item(), task_value, running.item(), bar)
+
+    def _task_gradient(self, inputs: tuple[torch.Tensor, ...], labels: Any, index: int,
+                       position: int) -> tuple[torch.Tensor, float]:
+        """d task / d r_l and the task loss of one batch, over its micro-batches and all processes."""
+        cfg = self.cfg.search
+        if self.channels_last:
+            inputs = channels_last(inputs)
+        g_task = torch.zeros(len(self.names), device=self.device)
+        task_value = torch.zeros(1, device=self.device)
+        for k, (part, part_labels, weight) in enumerate(micro_batches(inputs, labels, cfg.micro_batch, cfg.loss)):
+            task = weight * batch_loss(self.search_gm, self.wrappers, self.linears, self.cfg, self.loss_fn, part,
+                                       part_labels, caller="search_ranks", index=index, teachers=self.teachers,
+                                       key=(position, k))
+            if self.ranks and task.requires_grad:
+                grads = torch.autograd.grad(task, self.ranks, allow_unused=True)
+                g_task += torch.stack([torch.zeros((), device=self.device) if g is None else g for g in grads])
+            task_value += task.detach()
+        reduced = distributed.all_reduce_sum(torch.cat([g_task, task_value])) / distributed.world_size()
+        return reduced[:-1], float(reduced[-1])
 
     def _record(self, loss: float, task: float, budget: float, bar: Any) -> None:
         self.history.loss.append(loss)

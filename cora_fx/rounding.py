@@ -25,6 +25,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import distributed
 from .batches import model_device, split_batch
 from .config import CoRaConfig
 from .modules import FLOAT, HARD, ConvSpec, CoRaConv2d, QuantLinear, folded_modes
@@ -37,6 +38,8 @@ from .state import PREPARED, CoRaError, get_state
 
 def im2col(x: torch.Tensor, spec: ConvSpec, kernel: tuple[int, int]) -> torch.Tensor:
     """(B, n, H, W) -> (B, n*k1*k2, L): the columns the conv multiplies, in weight order."""
+    if kernel == (1, 1) and spec.stride == (1, 1) and spec.padding in ((0, 0), "valid", "same"):
+        return x.reshape(x.shape[0], x.shape[1], -1)  # a pointwise conv multiplies the pixels themselves
     padding = spec.padding
     if spec.padding_mode != "zeros":
         x = F.pad(x, spec.reversed_padding, mode=spec.padding_mode)
@@ -90,29 +93,37 @@ class _InputMoments:
         for i, (c0, c1) in enumerate(self.channels):
             part = grouped[:, :, c0:c1].reshape(b, self.groups * (c1 - c0), height, width)
             per_image = part[:1].numel() * self.kernel[0] * self.kernel[1] * 4
-            for chunk in part.split(max(1, min(4, _COLUMN_BYTES // max(per_image, 1)))):
+            for chunk in part.split(max(1, _COLUMN_BYTES // max(per_image, 1))):
                 cols = im2col(chunk.to(torch.float32), self.spec, self.kernel)
-                cols = cols.reshape(cols.shape[0], self.groups, -1, cols.shape[-1])
-                h = torch.einsum("bgdl,bgel->gde", cols, cols).to(self.dtype)
-                self.h[i] = h if self.h[i] is None else self.h[i].add_(h)
+                h = torch.zeros(self.groups, cols.shape[1] // self.groups, cols.shape[1] // self.groups)
+                for image in cols:  # one product per image: no copy of the columns (a view for 1x1 convs)
+                    image = image.reshape(self.groups, -1, image.shape[-1])
+                    h.baddbmm_(image, image.mT)
+                self.h[i] = h.to(self.dtype) if self.h[i] is None else self.h[i].add_(h)
                 if i == 0:
                     self.count += cols.shape[0] * cols.shape[-1]
 
     def moment(self) -> SecondMoment:
+        """E[x x^T] over every process's inputs (sums and counts all-reduced, section 13)."""
+        for h in self.h:
+            distributed.all_reduce_sum(h)
+        self.count = int(distributed.all_reduce_sum(torch.tensor([self.count], dtype=torch.int64)))
         k = self.kernel[0] * self.kernel[1]
         bounds = [(c0 * k, c1 * k) for c0, c1 in self.channels]
         return SecondMoment([h / max(self.count, 1) for h in self.h], bounds)
 
 
-#: Upper bound of the unfolded inputs held at once while collecting second moments (bytes, per layer).
-_COLUMN_BYTES = 1 << 28
+#: Upper bound of the unfolded inputs held at once while collecting second moments (bytes, per layer); small
+#: enough to stay in a CPU's cache.
+_COLUMN_BYTES = 1 << 25
 
 
 def collect_input_moments(prepared: fx.GraphModule, batches: Iterable, max_batches: int,
                           mode: str = FLOAT, progress: bool = False) -> dict[str, SecondMoment]:
     """H per rewritten conv (blocks of at most ``rounding.max_block`` columns), averaged over its inputs:
     those of the float model (``mode=FLOAT``) or of the quantized model with its hard-rank adapters
-    (``mode=HARD``)."""
+    (``mode=HARD``). Under `torch.distributed` each process reads ``max_batches`` of its own batches and the
+    sums are all-reduced (W processes at batch B: the moments of one process at batch W * B)."""
     max_block = get_state(prepared).config.rounding.max_block
     folded = folded_copy(prepared)
     wrappers = {n: m for n, m in folded.named_modules() if isinstance(m, CoRaConv2d)}
@@ -122,7 +133,8 @@ def collect_input_moments(prepared: fx.GraphModule, batches: Iterable, max_batch
     device = model_device(prepared)
     seen = 0
     folded.eval()
-    bar = tqdm(total=max_batches, desc=f"cora input moments ({mode})", disable=not progress, leave=False)
+    bar = tqdm(total=max_batches, desc=f"cora input moments ({mode})", disable=not distributed.shows_progress(progress),
+               leave=False)
     try:
         with folded_modes(list(wrappers.values()), linears, mode), torch.no_grad():
             for batch in batches:
@@ -135,8 +147,9 @@ def collect_input_moments(prepared: fx.GraphModule, batches: Iterable, max_batch
         bar.close()
         for h in handles:
             h.remove()
-    if not seen:
-        raise CoRaError("calibrate_rounding: the calibration batches are empty")
+    if not distributed.all_reduce_min(seen):
+        raise CoRaError("calibrate_rounding: the calibration batches are empty"
+                        + (" on at least one process" if distributed.active() else ""))
     return {n: m.moment() for n, m in moments.items() if m.h[0] is not None}
 
 
@@ -238,6 +251,8 @@ def calibrate_rounding(prepared: fx.GraphModule, batches: Iterable, *, max_batch
             for name, adapter in layers.items():
                 adapter.set_hard_rank(min(saved[name], adapter.max_rank))
         _reround(prepared, cfg, moments, progress)
+    for layer in adapters(prepared):
+        distributed.broadcast_state(prepared.get_submodule(layer))  # bit-identical on every process
     state.rounding_calibrated = True
     return updated
 
@@ -248,7 +263,8 @@ def _reround(prepared: fx.GraphModule, cfg: CoRaConfig, moments: dict[str, Secon
     updated = 0
     notes = get_state(prepared).rounding_notes
     layers = [(n, m) for n, m in prepared.named_modules() if isinstance(m, CoRaConv2d) and n in moments]
-    for name, layer in tqdm(layers, desc="cora rounding", disable=not progress, leave=False):
+    bar = tqdm(layers, desc="cora rounding", disable=not distributed.shows_progress(progress), leave=False)
+    for name, layer in bar:
         moment = moments.pop(name)  # freed layer by layer
         factors = layer.adapter.factors
         weight = layer.quantized.weight + factors.folded_delta(torch.ones_like(factors.S[0]))

@@ -161,3 +161,15 @@ def test_allocation_noise_plans_come_from_the_mean_of_the_first_k_batches(monkey
     # either layer alone saves enough (need 0.2): the first batch favours "a", the mean of two or three "b"
     measured = {"start": 4.2, "saved": {"a": 0.3, "b": 0.3}, "kl": {"a": [0.1, 0.5, 0.5], "b": [0.2, 0.2, 0.2]}}
     assert allocation_noise.plans(measured, [1, 2, 3]) == {1: ("a",), 2: ("b",), 3: ("b",)}
+
+
+def test_search_speed_measures_every_speed_up_in_turn(tmp_path):
+    from benchmarks import search_speed
+    from cora_fx import rank_search
+
+    out = tmp_path / "speed.json"
+    search_speed.main(["--arch", "mobilenet_v2", "--batch", "2", "--size", "32", "--steps", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == [v[0] for v in search_speed.VARIANTS]
+    assert all(r["search_step_seconds"] > 0 and r["float_step_seconds"] > 0 for r in rows)
+    assert rank_search.search_copy.__name__ == "search_copy"  # the BatchNorm switch was put back

@@ -36,7 +36,8 @@ def assert_same_state(before: dict, model: nn.Module) -> None:
     ("bits", 1), ("bits", 9), ("bits", 4.0), ("adapter_bits", 1), ("granularity", "per_row"), ("clipping", "l1"),
     ("k", -1.0), ("budget", 0.0), ("budget", 1.5), ("nbk_order", 0), ("penalty", -1), ("lr", 0),
     ("iterations", -1), ("grad_clip", 0), ("init_rank", 0), ("loss", "hinge"), ("quantize_linear", 1),
-    ("depthwise", "drop"), ("adapter_form", "merged"),
+    ("depthwise", "drop"), ("adapter_form", "merged"), ("init_rank", "half"), ("micro_batch", 0),
+    ("micro_batch", "8"), ("channels_last", 1),
 ])
 def test_config_rejects_bad_values_naming_the_field(field, value):
     group, key = FLAT_NAMES[field]
