@@ -370,7 +370,10 @@ def speed_section(folder: Path) -> list[str]:
         "`recommended(n)` on MobileNetV2 through the public API (prepare_cora -> calibrate_rounding -> search_ranks "
         "-> convert_cora) on the 1,600 calibration images at batch 32, 2 threads; the ratio divides the total by "
         "250 float forward+backward steps at batch 32 measured in the same process before and after the row. "
-        "`start-budget-200` starts every rank on the budget and stops after 200 steps."),
+        "`start-budget-200` starts every rank on the budget and stops after 200 steps. The tables above were "
+        "measured before this version's speed-ups, which change a search step only by float rounding; carried "
+        "through 250 steps that moves a few ranks, so the same configurations score slightly differently here, "
+        "inside the intervals."),
         "```bash\n" + "\n".join(data["_meta"]["commands"]) + "\n```"]
     lines = ["| row | prep. s | round. s | search s | conv. s | total s | float step s | ratio | top-1 % (95% CI)"
              " | tiny64 % | bits |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -477,7 +480,8 @@ def gallery_section(folder: Path) -> list[str]:
         "Equivalent bits count the convs; the recognizer's attention and MLP matmuls are onnx2torch "
         "ops, not nn.Linear, and stay float in every row (hence its size). torchao rows need no calibration. On "
         f"{schedule.get('eval', 400)} eval inputs a headline accuracy near 0.9 has a 95% binomial interval of "
-        f"about +- 3 points. {meta.get('machine', '')}, torch {meta.get('torch', '-')}."),
+        f"about +- 3 points. {meta.get('machine', '')}, torch {meta.get('torch', '-')}. Measured with cora_fx "
+        "0.3.0, before the search speed-ups of 'Calibration time' (same steps up to float rounding)."),
         "```bash\npip install --no-deps -r benchmarks/requirements-gallery.txt\n"
         f"{meta.get('command', 'python benchmarks/real_models.py')} {options}{extra}\n```",
         "\n".join(lines), wrap("Share of the gap that RTN opens to float on the headline metric which CoRa "

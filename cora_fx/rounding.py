@@ -95,7 +95,8 @@ class _InputMoments:
             per_image = part[:1].numel() * self.kernel[0] * self.kernel[1] * 4
             for chunk in part.split(max(1, _COLUMN_BYTES // max(per_image, 1))):
                 cols = im2col(chunk.to(torch.float32), self.spec, self.kernel)
-                h = torch.zeros(self.groups, cols.shape[1] // self.groups, cols.shape[1] // self.groups)
+                d = cols.shape[1] // self.groups
+                h = torch.zeros(self.groups, d, d, device=cols.device)
                 for image in cols:  # one product per image: no copy of the columns (a view for 1x1 convs)
                     image = image.reshape(self.groups, -1, image.shape[-1])
                     h.baddbmm_(image, image.mT)
