@@ -336,12 +336,17 @@ def latency_summary(results: dict) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def optional(folder: Path, name: str) -> dict | None:
+    """Another benchmark's JSON in ``folder``, or None when it has not been run."""
+    path = folder / name
+    return load(path) if path.exists() else None
+
+
 def scale_section(folder: Path) -> list[str]:
     """Time, memory and output error of `calibrate_rounding` on single wide convs (rounding_scale.json)."""
-    path = folder / "rounding_scale.json"
-    if not path.exists():
+    data = optional(folder, "rounding_scale.json")
+    if data is None:
         return []
-    data = load(path)
     lines = ["| case | fan-in | out ch. | max_block | H blocks | calibrate s | peak extra GB | rel. output error |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in data.items():
@@ -362,10 +367,9 @@ def speed_section(folder: Path) -> list[str]:
     """Wall time of recommended(n) step by step, the search step's speed-ups one by one, the profiles,
     prepare_cora's SVDs and the two-process run (calibration_speed.json, search_speed.json,
     distributed_speed.json)."""
-    path = folder / "calibration_speed.json"
-    if not path.exists():
+    data = optional(folder, "calibration_speed.json")
+    if data is None:
         return []
-    data = load(path)
     parts = ["## Calibration time", wrap(
         "`recommended(n)` on MobileNetV2 through the public API (prepare_cora -> calibrate_rounding -> search_ranks "
         "-> convert_cora) on the 1,600 calibration images at batch 32, 2 threads; the ratio divides the total by "
@@ -403,10 +407,9 @@ def speed_section(folder: Path) -> list[str]:
 
 
 def _search_step_table(folder: Path) -> list[str]:
-    path = folder / "search_speed.json"
-    if not path.exists():
+    data = optional(folder, "search_speed.json")
+    if data is None:
         return []
-    data = load(path)
     rows = "\n".join(f"| {r['variant']} | {r['search_step_seconds']:.2f} | {r['float_step_seconds']:.2f} | "
                      f"{r['ratio']:.2f} |" for r in data["rows"])
     return [wrap("One search step against one float forward+backward step (batch 32, 224 px, two random batches "
@@ -417,10 +420,9 @@ def _search_step_table(folder: Path) -> list[str]:
 
 
 def _distributed_table(folder: Path) -> list[str]:
-    path = folder / "distributed_speed.json"
-    if not path.exists():
+    data = optional(folder, "distributed_speed.json")
+    if data is None:
         return []
-    data = load(path)
     lines = ["| run | batch per process | rounding s | search s | total s | top-1 % (95% CI) | tiny64 agr. % |",
              "|---|---|---|---|---|---|---|"]
     for key, label in (("single", "1 process x 2 threads"), ("double", "2 processes x 1 thread (torchrun, gloo)")):
@@ -440,10 +442,9 @@ def _distributed_table(folder: Path) -> list[str]:
 
 def gallery_section(folder: Path) -> list[str]:
     """Real pretrained models beyond ImageNet (gallery.json), with the closure targets."""
-    path = folder / "gallery.json"
-    if not path.exists():
+    data = optional(folder, "gallery.json")
+    if data is None:
         return []
-    data = load(path)
     lines = ["| model | row | headline | other metrics | eq. bits | calib s | peak GB | size MB |",
              "|---|---|---|---|---|---|---|---|"]
     targets = ["| model | objective | RTN W4 gap | W4 gap closed (target 90%) | RTN W3 gap "

@@ -149,10 +149,11 @@ def _loader(dataset: Any, batch_size: int, shuffle: bool) -> torch.utils.data.Da
 IN_MEMORY_BYTES = 4 << 30
 
 
-def _calibration_batches(dataset: Any, batch_size: int, quiet: bool) -> Any:
+def _calibration_batches(dataset: Any, batch_size: int, quiet: bool, image_values: int) -> Any:
     """The calibration batches, shuffled once: decoded into a list when they fit `IN_MEMORY_BYTES` (every
     search step then skips JPEG decoding, and the float model's outputs are computed once per batch),
-    else a shuffling DataLoader. Under ``torchrun`` each process takes every world-size-th image."""
+    else a shuffling DataLoader (``image_values``: values per decoded image). Under ``torchrun`` each process
+    takes every world-size-th image."""
     from tqdm.auto import tqdm
 
     from . import distributed
@@ -160,7 +161,7 @@ def _calibration_batches(dataset: Any, batch_size: int, quiet: bool) -> Any:
     if distributed.active():
         dataset = torch.utils.data.Subset(dataset, range(distributed.rank(), len(dataset), distributed.world_size()))
     loader = _loader(dataset, batch_size, shuffle=True)
-    if len(dataset) * _first_image(dataset, "--calib").numel() * 4 > IN_MEMORY_BYTES:
+    if len(dataset) * image_values * 4 > IN_MEMORY_BYTES:
         return loader
     return list(tqdm(loader, desc="loading calibration images", disable=not distributed.shows_progress(not quiet),
                      leave=False))
@@ -266,7 +267,7 @@ def _quantize(args: argparse.Namespace) -> int:
     dataset = open_dataset(Path(args.calib), args.split, args.image_size, args.resize, args.calib_images, "--calib")
     image = _first_image(dataset, "--calib")
     example = (torch.stack([image, image]),)  # batch 2: the exported batch dimension stays dynamic
-    calibration = _calibration_batches(dataset, args.batch_size, args.quiet)
+    calibration = _calibration_batches(dataset, args.batch_size, args.quiet, image.numel())
     if args.target_bits is not None:
         from .mixed_precision import allocate_bits
 

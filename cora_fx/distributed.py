@@ -9,6 +9,7 @@ converted models are bit-identical. Without a process group every function here 
 """
 from __future__ import annotations
 
+import os
 from typing import Sequence, TypeVar
 
 import torch
@@ -41,8 +42,6 @@ def is_main_process() -> bool:
 def init_from_environment() -> bool:
     """Initialise the default process group from ``torchrun``'s environment (gloo on CPU); True if this call
     did (the caller then destroys it), False when there is nothing to do or a group already exists."""
-    import os
-
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
         return False
     dist.init_process_group("gloo")
