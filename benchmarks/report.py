@@ -363,6 +363,40 @@ def scale_section(folder: Path) -> list[str]:
         "```bash\n" + meta.get("command", "python benchmarks/rounding_scale.py") + "\n```", "\n".join(lines)]
 
 
+def deploy_section(folder: Path) -> list[str]:
+    """MobileNetV2 as ONNX files in onnxruntime: accuracy, size, integer convolutions, latency (onnx_deploy.json)."""
+    data = optional(folder, "onnx_deploy.json")
+    if data is None or "rows" not in data:
+        return []
+    machine = data.get("machine", {})
+    parts = ["## Deployment: ONNX in onnxruntime", wrap(
+        "Every score below is computed by onnxruntime " + str(machine.get("onnxruntime", "")) + " (CPU execution "
+        "provider) on the exported file: top-1 on the 700 evaluation images, top-1 agreement with the float ONNX "
+        "model on the 10,000 tiny64 images (64 px: activation ranges calibrated at 224 px fit them worse), "
+        "QLinearConv = convolutions onnxruntime runs with integer kernels after its graph optimizations."),
+        "```bash\n" + data["command"].strip() + "\n```"]
+    lines = ["| row | top-1 % (95% CI) | tiny64 % | bits | file MB | vs float | QLinearConv |",
+             "|---|---|---|---|---|---|---|"]
+    float_bytes = data["rows"].get("float", {}).get("file_bytes")
+    for name, r in data["rows"].items():
+        size = f"{r['file_bytes'] / float_bytes:.3f}" if float_bytes else "-"
+        lines.append(f"| {name} | {top1_ci(r)} | {r['tiny_agreement']:.2f} | {r['equivalent_bits']:.3f} | "
+                     f"{r['file_bytes'] / 1e6:.2f} | {size} | {r['integer_convs']} |")
+    parts.append("\n".join(lines))
+    latency = data.get("latency_ms")
+    if latency:
+        settings = list(latency)
+        table = ["| file | " + " | ".join(k.replace("batch", "batch ").replace("_threads", ", threads ")
+                                          for k in settings) + " |", "|---" * (len(settings) + 1) + "|"]
+        for row in latency[settings[0]]:
+            table.append(f"| {row} | " + " | ".join(
+                f"{latency[k][row]:.1f} ({latency[k][row] / latency[k]['float']:.2f})" for k in settings) + " |")
+        parts += [wrap("Median milliseconds per run (224 px), the files taking turns in one process; "
+                       "in brackets, the ratio to the float file."), "```bash\n" + data["latency_command"] + "\n```",
+                  "\n".join(table)]
+    return parts
+
+
 def speed_section(folder: Path) -> list[str]:
     """Wall time of recommended(n) step by step, the search step's speed-ups one by one, the profiles,
     prepare_cora's SVDs and the two-process run (calibration_speed.json, search_speed.json,
@@ -553,6 +587,7 @@ def render_results(results: dict, plots: str = "results", folder: Path | None = 
             notes = peer_notes(sections[key], meta.get("calib_images")) if key == "peers" else ""
             parts += [notes] if notes else []
     parts += speed_section(folder)
+    parts += deploy_section(folder)
     latency = latency_summary(results)
     if latency:
         parts += ["## Latency", wrap(

@@ -21,6 +21,7 @@ from torch import nn
 
 from . import distributed
 from .batches import model_device, split_batch
+from .activations import float_activations
 from .modules import FLOAT, HARD, CoRaConv2d, QuantLinear, folded_modes
 from .passes import folded_copy
 from .state import PREPARED, CoRaError, get_state
@@ -89,7 +90,7 @@ def correct_batchnorm(prepared: fx.GraphModule, batches: Iterable, *, max_batche
                 try:
                     for n, bn in bns.items():  # the float reference runs with the float statistics
                         bn.running_mean.copy_(original[n])
-                    with folded_modes(wrappers, linears, FLOAT):
+                    with folded_modes(wrappers, linears, FLOAT), float_activations(folded):
                         folded(*args)
                 finally:
                     for h in handles:

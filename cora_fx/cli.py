@@ -221,8 +221,8 @@ def quantize_config(args: argparse.Namespace) -> "CoRaConfig":
     base = CoRaConfig.recommended(args.bits) if args.config == "recommended" else CoRaConfig().replace(bits=args.bits)
     changes: dict[str, Any] = {"seed": args.seed}
     for option in ("adapter_bits", "budget", "clipping", "depthwise", "loss", "iterations", "finetune_iterations",
-                   "adapter_form"):
-        if getattr(args, option) is not None:
+                   "adapter_form", "act_bits"):
+        if getattr(args, option, None) is not None:
             changes[option] = getattr(args, option)
     if args.per_channel or args.per_tensor:
         changes["granularity"] = "per_channel" if args.per_channel else "per_tensor"
@@ -347,6 +347,32 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _example_input(program: nn.Module, image_size: Optional[int]) -> torch.Tensor:
+    """A zero input of the shape the saved program was exported with (batch 1; ``image_size`` overrides H, W)."""
+    first = next(n for n in program.graph.nodes if n.op == "placeholder")
+    value = first.meta.get("val")
+    if value is None:
+        raise UsageError(f"{first.name}: the program does not record its input shape")
+    shape = [1] + [int(d) if isinstance(d, int) else 1 for d in value.shape[1:]]
+    if image_size is not None:
+        shape[-2:] = [image_size, image_size]
+    return torch.zeros(shape, dtype=value.dtype)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .onnx_export import export_onnx
+    from .serialization import load
+
+    program = load(args.program)
+    example = (_example_input(program, args.image_size),)
+    out = Path(args.out) if args.out else Path(args.program).with_suffix(".onnx")
+    if not args.quiet:
+        print(f"cora-fx export: writing {out} ...", flush=True)
+    export_onnx(program, example, out, weights=args.weights, opset=args.opset, dynamic_size=args.dynamic_size)
+    print(f"wrote {out} ({out.stat().st_size:,} bytes, weights={args.weights}, opset {args.opset})")
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 def _data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", help="keep only CSV rows whose split column equals this (e.g. calib, eval)")
@@ -400,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed precision: move the convs with the least summed sensitivity to --bits - 1 so that "
                         "the equivalent bits, adapter budget included, are at most BITS (e.g. --bits 4 --target-bits "
                         "4.0); without --budget, the recommended config then takes budget 0.02")
+    q.add_argument("--act-bits", type=_int_in(2, 8),
+                   help="quantize activations too (8 for integer runtimes; `cora-fx export` then writes an ONNX "
+                        "file onnxruntime runs with integer convolutions); default: float activations")
     q.add_argument("--ranks", choices=("search", "heuristic"), default="search",
                    help="search the ranks or use floor(b*R)")
     q.add_argument("--seed", type=int, default=0)
@@ -415,6 +444,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--weights", help="state dict of the float model")
     _data_options(e)
     e.set_defaults(run=cmd_evaluate)
+
+    x = sub.add_parser("export", parents=[common], help="write a saved program as an ONNX file (integer weights)")
+    x.add_argument("program", help="a .pt2 written by cora-fx quantize / cora_fx.save")
+    x.add_argument("--format", choices=("onnx",), default="onnx", help="output format (default onnx)")
+    x.add_argument("--out", help="output path (default: the program's path with .onnx)")
+    x.add_argument("--weights", choices=("auto", "codes", "int8"), default="auto",
+                   help="codes: each weight's own 4/8-bit codes (smallest file); int8: one int8 tensor per layer "
+                        "(integer kernels in onnxruntime with 8-bit activations); auto: int8 when the program "
+                        "quantizes activations, else codes")
+    x.add_argument("--opset", type=_int_in(21, 1 << 10), default=21, help="ONNX opset, >= 21 (default 21)")
+    x.add_argument("--image-size", type=_positive_int,
+                   help="side of the example input (default: the size the program was saved with)")
+    x.add_argument("--dynamic-size", action="store_true", help="symbolic input height and width (batch always is)")
+    x.set_defaults(run=cmd_export)
 
     s = sub.add_parser("summary", parents=[common], help="per-layer table of a saved artifact")
     s.add_argument("artifact", help="a .pt2 written by cora-fx quantize / cora_fx.save")

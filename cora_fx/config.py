@@ -6,7 +6,8 @@ Each group is a small frozen, validated dataclass (the shape of torchao's per-wo
 - `AdapterConfig` (``config.adapter``): the residual adapters (sections 2, 4 and 6);
 - `RoundingConfig` (``config.rounding``): data-aware base rounding, `calibrate_rounding` (section 5);
 - `SearchConfig` (``config.search``): the differentiable rank search, `search_ranks` (section 3);
-- `RefineConfig` (``config.refine``): the optional steps after the search (section 9).
+- `RefineConfig` (``config.refine``): the optional steps after the search (section 9);
+- `ActivationConfig` (``config.activation``): 8-bit activation quantizers, `calibrate_activations` (section 14).
 
 The defaults are the paper's settings (the normal clipping range cut back to [min, max], docs/method.md
 section 1); `CoRaConfig.recommended(bits)` is the measured best recipe.
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping, Optional, Union
 
 #: Version of the `to_dict` layout; `from_dict` reads this version and the flat layout before it.
-CONFIG_VERSION = 2
+CONFIG_VERSION = 3
 
 GRANULARITIES = ("per_tensor", "per_channel")
 CLIPPINGS = ("normal", "normal_paper", "minmax", "mse")
@@ -31,6 +32,8 @@ ROUNDINGS = ("nearest", "gptq")
 SVDS = ("weight", "activation")
 ROUNDING_INPUTS = ("float", "quantized")
 ADAPTER_FORMS = ("parallel", "folded")
+ACTIVATION_OBSERVERS = ("minmax", "moving_average", "histogram")
+ACTIVATION_DTYPES = ("uint8", "int8")
 
 LossFn = Callable[..., Any]
 
@@ -290,8 +293,39 @@ class RefineConfig(_Group):
         ]
 
 
+@dataclass(frozen=True)
+class ActivationConfig(_Group):
+    """Activation quantizers for integer runtimes, calibrated by `calibrate_activations` (docs/method.md s.14).
+
+    Attributes:
+        bits: activation bit-width (per tensor), 2..8; ``None`` (the default) keeps activations in float
+            (weight-only quantization). 8 is what integer runtimes such as onnxruntime execute.
+        observer: the torch.ao observer that sets each range: ``"minmax"`` (MinMaxObserver),
+            ``"moving_average"`` (MovingAverageMinMaxObserver) or ``"histogram"`` (HistogramObserver: the range
+            that minimizes the squared quantization error of the observed histogram).
+        dtype: ``"uint8"`` (asymmetric, onnxruntime's default for activations) or ``"int8"`` (symmetric,
+            zero point 0, as many NPU runtimes expect).
+        batches: calibration batches the observers see before their ranges are frozen.
+    """
+
+    GROUP: ClassVar[str] = "activation"
+    bits: Optional[int] = None
+    observer: str = "histogram"
+    dtype: str = "uint8"
+    batches: int = 8
+
+    def _rules(self) -> list:
+        return [
+            ("bits", lambda v: v is None or _int_in(2, 8)(v), "must be None (float activations) or an integer "
+                                                               "in 2..8 (8 for integer runtimes)"),
+            ("observer", _one_of(ACTIVATION_OBSERVERS), f"must be one of {ACTIVATION_OBSERVERS}"),
+            ("dtype", _one_of(ACTIVATION_DTYPES), f"must be one of {ACTIVATION_DTYPES}"),
+            ("batches", _int_in(1), "must be an integer >= 1"),
+        ]
+
+
 GROUPS: dict[str, type] = {"quant": QuantConfig, "adapter": AdapterConfig, "rounding": RoundingConfig,
-                           "search": SearchConfig, "refine": RefineConfig}
+                           "search": SearchConfig, "refine": RefineConfig, "activation": ActivationConfig}
 
 #: The flat names of earlier releases (and of `CoRaConfig.replace`): name -> (group, field).
 FLAT_NAMES: dict[str, tuple[str, str]] = {
@@ -304,6 +338,8 @@ FLAT_NAMES: dict[str, tuple[str, str]] = {
        ("budget", "nbk_order", "penalty", "lr", "iterations", "grad_clip", "init_rank", "loss", "loss_dim", "seed",
         "micro_batch", "channels_last")},
     **{name: ("refine", name) for name in ("bn_correction", "finetune_iterations", "finetune_lr")},
+    "act_bits": ("activation", "bits"), "act_observer": ("activation", "observer"),
+    "act_dtype": ("activation", "dtype"), "act_batches": ("activation", "batches"),
 }
 
 #: Fields that `search_ranks(..., **overrides)` may change for one call.
@@ -318,7 +354,8 @@ def _values(group: Any) -> list:
 class CoRaConfig:
     """Settings of one CoRa run, one validated group per pipeline step.
 
-    ``CoRaConfig()`` is the paper's setting. Build one from groups,
+    ``CoRaConfig()`` is the paper's setting (weights only; ``CoRaConfig(act_bits=8)`` adds 8-bit activations,
+    short for ``activation=ActivationConfig(bits=8)``). Build one from groups,
     ``CoRaConfig(quant=QuantConfig(bits=3), search=SearchConfig(budget=0.04))``, or change fields by name with
     `replace` (``config.replace(bits=3, budget=0.04)``). The flat keywords of earlier releases
     (``CoRaConfig(bits=3)``) still work and warn with `CoRaDeprecationWarning`.
@@ -329,14 +366,19 @@ class CoRaConfig:
     rounding: RoundingConfig
     search: SearchConfig
     refine: RefineConfig
+    activation: ActivationConfig
 
     def __init__(self, quant: Optional[QuantConfig] = None, adapter: Optional[AdapterConfig] = None,
                  rounding: Union[RoundingConfig, str, None] = None, search: Optional[SearchConfig] = None,
-                 refine: Optional[RefineConfig] = None, **flat: Any) -> None:
+                 refine: Optional[RefineConfig] = None, activation: Optional[ActivationConfig] = None,
+                 act_bits: Optional[int] = None, **flat: Any) -> None:
         if isinstance(rounding, str):  # the flat `rounding="gptq"` of earlier releases
             flat["rounding"] = rounding
             rounding = None
-        given = {"quant": quant, "adapter": adapter, "rounding": rounding, "search": search, "refine": refine}
+        given = {"quant": quant, "adapter": adapter, "rounding": rounding, "search": search, "refine": refine,
+                 "activation": activation}
+        if act_bits is not None:  # the shorthand CoRaConfig(act_bits=8)
+            given["activation"] = dataclasses.replace(activation or ActivationConfig(), bits=act_bits)
         for name, value in given.items():
             if value is None:
                 value = GROUPS[name]()
@@ -349,6 +391,11 @@ class CoRaConfig:
                           f"or CoRaConfig().replace(...)", CoRaDeprecationWarning, stacklevel=2)
             for name, value in _grouped_changes(self, flat).items():
                 object.__setattr__(self, name, value)
+
+    @property
+    def act_bits(self) -> Optional[int]:
+        """The activation bit-width (``activation.bits``); None for weight-only quantization."""
+        return self.activation.bits
 
     def __getattr__(self, name: str) -> Any:
         where = FLAT_NAMES.get(name)

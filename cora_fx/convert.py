@@ -10,7 +10,8 @@ from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .config import ADAPTER_FORMS, CoRaConfig
-from .lowering import Cleanup, ConversionPlan, FoldBatchNorm, FoldRanks, LowerToOps, QuantizeAdapters
+from .lowering import (Cleanup, ConversionPlan, FoldBatchNorm, FoldRanks, LowerActivationQuantizers, LowerToOps,
+                       QuantizeAdapters)
 from .passes import run_passes
 from .prepare import RankSpec, prepare_cora
 from .pipeline import run_pipeline
@@ -21,7 +22,7 @@ from .summary import layer_infos
 def convert_passes(config: CoRaConfig, fold_batchnorm: bool = True) -> list:
     plan = ConversionPlan(config.adapter.bits, config.adapter.form)
     fold = [FoldBatchNorm(plan)] if fold_batchnorm else []
-    return [FoldRanks(plan), QuantizeAdapters(plan), *fold, LowerToOps(plan), Cleanup()]
+    return [FoldRanks(plan), QuantizeAdapters(plan), *fold, LowerToOps(plan), LowerActivationQuantizers(), Cleanup()]
 
 
 def convert_cora(prepared: fx.GraphModule, *, fold_batchnorm: bool = True,

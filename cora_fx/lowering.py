@@ -12,7 +12,9 @@ Run in this order by torch.fx's PassManager (`convert_cora`):
    F.linear calls; the modules are removed. The adapter is either a parallel two-conv branch
    (docs/method.md s.2) or, with ``adapter_form="folded"``, added to the dequantized main weight
    as fold(B o A) (s.4), so the model runs one conv per layer.
-5. `Cleanup`: dead code and unused submodules (observers, SVD factors) are deleted.
+5. `LowerActivationQuantizers`: each calibrated activation quantizer becomes one
+   ``torch.fake_quantize_per_tensor_affine`` call on its frozen scale and zero point (docs/method.md s.14).
+6. `Cleanup`: dead code and unused submodules (observers, SVD factors) are deleted.
 """
 from __future__ import annotations
 
@@ -26,10 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
 
+from .activations import QUANTIZE, ActivationQuantizer, quantized_decomposed
 from .modules import ConvSpec, QuantLinear
 from .observers import QuantizedWeight, minmax_quantize
 from .packing import field_bits, pack_codes, unpack_words, word_shifts
 from .passes import merge_nodes, module_calls, set_submodule
+from .state import CoRaError
 
 Weight = Union[QuantizedWeight, torch.Tensor]
 PACKED_WORDS = "cora_packed_words"  # the root buffer with every weight's packed words (`packing`)
@@ -261,6 +265,32 @@ class LowerToOps:
             g.erase_node(node)
         emit.finish()
         return PassResult(gm, True)
+
+
+class LowerActivationQuantizers:
+    """Replace each `ActivationQuantizer` call by quantize + dequantize with its frozen constants.
+
+    The ``quantized_decomposed`` ops of torch's PT2 quantization export with a symbolic batch size and become
+    ONNX QuantizeLinear / DequantizeLinear (`export_onnx`).
+    """
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        ops = quantized_decomposed()
+        g = gm.graph
+        found = list(module_calls(gm, ActivationQuantizer))
+        for node, quantizer in found:
+            if quantizer.state != QUANTIZE:
+                raise CoRaError(f"activation quantizer '{node.target}' has no calibrated range; run "
+                                "calibrate_activations (or run_pipeline) before convert_cora")
+            qparams = (float(quantizer.scale), int(quantizer.zero_point), quantizer.quant_min, quantizer.quant_max,
+                       torch.uint8 if quantizer.quant_min >= 0 else torch.int8)
+            with g.inserting_before(node):
+                codes = g.call_function(ops.quantize_per_tensor.default, (node.args[0], *qparams))
+                out = g.call_function(ops.dequantize_per_tensor.default, (codes, *qparams))
+            out.meta.update(node.meta)
+            node.replace_all_uses_with(out)
+            g.erase_node(node)
+        return PassResult(gm, bool(found))
 
 
 class Cleanup:

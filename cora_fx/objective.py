@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from .config import CoRaConfig
 from .losses import distillation_loss, output_tensors
+from .activations import float_activations
 from .modules import FLOAT, CoRaConv2d, QuantLinear, folded_modes
 from .state import CoRaError
 
@@ -40,7 +41,7 @@ def task_loss(cfg: CoRaConfig) -> Callable[[Any, Optional[Any], Any], torch.Tens
 def teacher_output(search_gm: fx.GraphModule, wrappers: Sequence[CoRaConv2d], linears: Sequence[QuantLinear],
                    inputs: tuple[torch.Tensor, ...]) -> Any:
     """The float model's output: full-rank float residuals give back W exactly (Theorem 1)."""
-    with folded_modes(wrappers, linears, FLOAT), torch.no_grad():
+    with folded_modes(wrappers, linears, FLOAT), float_activations(search_gm), torch.no_grad():
         return search_gm(*inputs)
 
 

@@ -1,9 +1,9 @@
 """The data-aware steps between `prepare_cora` and `convert_cora`, in one visible order.
 
-``prepare_cora`` -> `calibrate_rounding` -> `search_ranks` (or `set_ranks`) -> `correct_batchnorm` ->
-`finetune` -> ``convert_cora``. Each step is a public function a user may call alone; `run_pipeline`
-runs the ones the config asks for, and `quantize_cora` (the CLI and the benchmarks through it) runs
-the whole chain. Nothing else writes this order out.
+``prepare_cora`` -> `calibrate_activations` (with ``act_bits``) -> `calibrate_rounding` -> `search_ranks`
+(or `set_ranks`) -> `correct_batchnorm` -> `finetune` -> ``convert_cora``. Each step is a public function a
+user may call alone; `run_pipeline` runs the ones the config asks for, and `quantize_cora` (the CLI and the
+benchmarks through it) runs the whole chain. Nothing else writes this order out.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Callable, Iterable, Optional
 
 import torch.fx as fx
 
+from .activations import calibrate_activations
 from .batchnorm import correct_batchnorm
 from .config import CoRaConfig
 from .finetune import FinetuneResult, finetune
@@ -21,7 +22,7 @@ from .rounding import calibrate_rounding
 from .state import PREPARED, get_state
 
 #: The steps `run_pipeline` knows, in the order it runs them; `skip=` takes these names.
-STEPS = ("calibrate_rounding", "search_ranks", "correct_batchnorm", "finetune")
+STEPS = ("calibrate_activations", "calibrate_rounding", "search_ranks", "correct_batchnorm", "finetune")
 
 
 @dataclass
@@ -48,6 +49,7 @@ def wanted_steps(config: CoRaConfig, ranks: RankSpec = "search", skip: Iterable[
     if unknown:
         raise ValueError(f"run_pipeline: skip={sorted(unknown)}: unknown step(s); the steps are {STEPS}")
     enabled: dict[str, bool] = {
+        "calibrate_activations": config.activation.bits is not None,
         "calibrate_rounding": config.needs_rounding_data,
         "search_ranks": True,
         "correct_batchnorm": config.refine.bn_correction > 0,
@@ -78,7 +80,9 @@ def run_pipeline(prepared: fx.GraphModule, batches: Iterable, *, ranks: RankSpec
 
 def _run_step(name: str, prepared: fx.GraphModule, batches: Iterable, ranks: RankSpec, progress: bool,
               config: CoRaConfig, result: PipelineResult) -> None:
-    if name == "calibrate_rounding":
+    if name == "calibrate_activations":
+        calibrate_activations(prepared, batches, progress=progress)
+    elif name == "calibrate_rounding":
         calibrate_rounding(prepared, batches, progress=progress)
     elif name == "search_ranks":
         result.search = search_ranks(prepared, batches, progress=progress)

@@ -11,6 +11,7 @@ import torch.fx as fx
 from torch import nn
 
 from . import distributed
+from .activations import InsertActivationQuantizers
 from .capture import capture as capture_model
 from .capture import example_tensors
 from .config import CoRaConfig
@@ -75,6 +76,8 @@ def prepare_cora(
     conv_params = sum(m.weight.numel() for m in source.modules() if isinstance(m, nn.Conv2d))
     rewrite = RewriteConvs(config, distributed.shows_progress(progress))
     passes = [rewrite] + ([QuantizeLinears(config)] if config.quant.quantize_linear else [])
+    if config.activation.bits is not None:
+        passes.append(InsertActivationQuantizers(config.activation))
     gm = run_passes(gm, passes)
     skipped = dict(rewrite.skipped)
     for leaf in sorted(leaves):

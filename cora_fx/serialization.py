@@ -24,6 +24,7 @@ from typing import Any, Iterator, Optional, Union
 import torch
 import torch.fx as fx
 
+from .activations import quantized_decomposed
 from .state import CoRaError, get_state, CONVERTED
 from .capture import batch_dynamic_shapes
 from .summary import CoRaSummary, LayerInfo, summary
@@ -154,6 +155,7 @@ def _read(path: PathLike) -> tuple[torch.export.ExportedProgram, Optional[dict]]
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     _check_archive(path)
+    quantized_decomposed()  # registers the activation quantize / dequantize ops a program may hold
     extra = {SUMMARY_FILE: ""}
     try:
         with _weights_only_loads():

@@ -1,0 +1,205 @@
+"""ONNX export (`export_onnx`, ``cora-fx export``) and 8-bit activations (``act_bits``), checked in onnxruntime."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from benchmarks.zoo_sweep import FAST, rel_err, zoo
+from cora_fx import (ActivationConfig, CoRaConfig, CoRaError, calibrate_activations, convert_cora, export_onnx,
+                     prepare_cora, quantize_cora, save)
+from cora_fx.activations import QUANTIZE, quantizers
+from cora_fx.cli import main as cli_main
+from tests.conftest import random_batches
+
+onnx = pytest.importorskip("onnx", reason="the [onnx] extra (onnx, onnxscript) is not installed")
+ort = pytest.importorskip("onnxruntime", reason="onnxruntime (the [onnx] extra) is not installed")
+
+ZOO = zoo()
+#: Fast-tier models exported in the default run; the larger ones (tens of millions of weights) run with -m slow.
+BIG = {"convnext_tiny", "vgg11", "densenet121", "inception_v3", "googlenet"}
+
+
+def run_onnx(path, *inputs):
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    return session.run(None, {n: x.numpy() for n, x in zip(names, inputs)})
+
+
+def optimized_ops(path, tmp_path):
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+
+
+def w8a8(model, batches, **changes):
+    config = CoRaConfig(act_bits=8).replace(bits=8, granularity="per_channel", adapter_form="folded", **changes)
+    return quantize_cora(model, batches, config, ranks="heuristic", progress=False)
+
+
+def _round_trip(name, tmp_path):
+    entry = ZOO[name]
+    model = entry.build().eval()
+    x = torch.randn(2, 3, entry.size, entry.size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = quantize_cora(model, [(x, None)], CoRaConfig(), (x,), ranks="heuristic", progress=False)
+    path = export_onnx(converted, (x,), tmp_path / f"{name}.onnx")
+    onnx.checker.check_model(str(path), full_check=True)
+    with torch.no_grad():
+        reference = converted(x)
+    outputs = [torch.from_numpy(o) for o in run_onnx(path, x)]
+    assert rel_err(outputs, torch.utils._pytree.tree_leaves(reference)) < 1e-4
+
+
+@pytest.mark.parametrize("name", [n for n in FAST if n not in BIG])
+def test_onnx_round_trip_zoo_fast(name, tmp_path):
+    _round_trip(name, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(BIG & set(FAST)))
+def test_onnx_round_trip_zoo_big(name, tmp_path):
+    _round_trip(name, tmp_path)
+
+
+def test_weights_are_integer_initializers_without_float_copies(small_net, tmp_path):
+    converted = quantize_cora(small_net, random_batches(1), CoRaConfig(), ranks="heuristic", progress=False)
+    path = export_onnx(converted, (torch.randn(1, 3, 16, 16),), tmp_path / "net.onnx", weights="codes")
+    graph = onnx.load(str(path)).graph
+    inits = {i.name: i for i in graph.initializer}
+    produced = {out: n for n in graph.node for out in n.output}
+    layers = [n for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    assert len([n for n in layers if n.op_type == "Conv"]) >= 5
+    integer = (onnx.TensorProto.UINT4, onnx.TensorProto.UINT8, onnx.TensorProto.INT8)
+    for node in layers:
+        weight = node.input[1]
+        assert weight not in inits, f"{node.name} reads a float initializer {weight}"
+        source = produced[weight]
+        while source.op_type in ("Transpose", "Reshape"):
+            source = produced[source.input[0]]
+        assert source.op_type == "DequantizeLinear", node.name
+        assert inits[source.input[0]].data_type in integer
+    float_elements = sum(int(torch.tensor(i.dims).prod()) for i in graph.initializer
+                         if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) > 1)
+    weights = sum(p.numel() for n, p in small_net.named_parameters() if n.endswith("weight") and p.dim() > 1)
+    assert float_elements < 0.05 * weights  # no float copy of a quantized weight (only per-channel scales)
+
+
+def test_w8a8_runs_integer_convolutions_in_onnxruntime(small_net, tmp_path):
+    converted = w8a8(small_net, random_batches(2))
+    x = torch.randn(4, 3, 16, 16)
+    path = export_onnx(converted, (x,), tmp_path / "w8a8.onnx")
+    ops = optimized_ops(path, tmp_path)
+    assert ops.count("QLinearConv") == 5 and "Conv" not in ops, ops
+    with torch.no_grad():
+        reference = converted(x)
+    (out,) = run_onnx(path, x)
+    # integer kernels round each requantization once more than float math: a few output steps at most
+    assert rel_err(torch.from_numpy(out), reference) < 0.1
+
+
+def test_activation_quantizers_are_calibrated_then_frozen(small_net):
+    prepared = prepare_cora(small_net, CoRaConfig(act_bits=8), progress=False)
+    found = quantizers(prepared)
+    assert len(found) >= 5
+    with pytest.raises(CoRaError, match="calibrate_activations"):
+        convert_cora(prepared)
+    batches = random_batches(3)
+    assert calibrate_activations(prepared, batches, progress=False) == len(found)
+    assert all(q.state == QUANTIZE and float(q.scale) > 0 for q in found)
+    scales = [float(q.scale) for q in found]
+    with torch.no_grad():
+        prepared(batches[0][0] * 10)  # a far wider input after calibration moves no range
+    assert [float(q.scale) for q in found] == scales
+    x = batches[0][0]
+    with torch.no_grad():
+        assert not torch.equal(prepared(x), small_net(x))
+        assert rel_err(convert_cora(prepared)(x), prepared(x)) < 1e-5
+
+
+def test_search_sees_quantized_activations_and_float_teacher(small_net):
+    from cora_fx.objective import teacher_output
+    from cora_fx.passes import search_copy
+    from cora_fx.modules import CoRaConv2d, QuantLinear
+
+    prepared = prepare_cora(small_net, CoRaConfig(act_bits=8), progress=False)
+    calibrate_activations(prepared, random_batches(2), progress=False)
+    search = search_copy(prepared)
+    wrappers = [m for m in search.modules() if isinstance(m, CoRaConv2d)]
+    linears = [m for m in prepared.modules() if isinstance(m, QuantLinear)]
+    x = random_batches(1)[0][0]
+    with torch.no_grad():
+        teacher = teacher_output(search, wrappers, linears, (x,))
+        assert rel_err(teacher, small_net(x)) < 1e-5  # the teacher is the float model, activations float too
+    assert any(n.meta.get("cora_role") == "activation" for n in search.graph.nodes)
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"act_bits": 9}, "activation.bits"), ({"act_bits": "8"}, "activation.bits"), ({"act_bits": True}, "bits"),
+    ({"act_observer": "percentile"}, "activation.observer"), ({"act_dtype": "int16"}, "activation.dtype"),
+    ({"act_batches": 0}, "activation.batches"),
+])
+def test_act_bits_is_validated(changes, match):
+    with pytest.raises(ValueError, match=match):
+        CoRaConfig().replace(**changes)
+
+
+def test_activation_config_round_trips_and_reads_older_dicts():
+    config = CoRaConfig(act_bits=8, activation=ActivationConfig(observer="minmax", dtype="int8"))
+    assert config.act_bits == 8 and config.activation.dtype == "int8"
+    assert CoRaConfig.from_dict(config.to_dict()) == config
+    older = {k: v for k, v in CoRaConfig().to_dict().items() if k != "activation"}
+    assert CoRaConfig.from_dict({**older, "version": 2}).act_bits is None
+
+
+def test_an_op_without_onnx_form_is_named(tmp_path):
+    @torch.library.custom_op("cora_fx_test::mystery", mutates_args=())
+    def mystery(x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @mystery.register_fake
+    def _(x):
+        return torch.empty_like(x)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3)
+
+        def forward(self, x):
+            return mystery(self.conv(x))
+
+    x = torch.randn(1, 3, 8, 8)
+    converted = quantize_cora(Net().eval(), [(x, None)], CoRaConfig(), ranks="heuristic", progress=False)
+    with pytest.raises(CoRaError, match="mystery"):
+        export_onnx(converted, (x,), tmp_path / "bad.onnx")
+    assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_export_refuses_bad_arguments(small_net, tmp_path):
+    converted = quantize_cora(small_net, random_batches(1), CoRaConfig(), ranks="heuristic", progress=False)
+    x = torch.randn(1, 3, 16, 16)
+    with pytest.raises(ValueError, match="weights"):
+        export_onnx(converted, (x,), tmp_path / "a.onnx", weights="int4")
+    with pytest.raises(ValueError, match="opset"):
+        export_onnx(converted, (x,), tmp_path / "a.onnx", opset=17)
+    with pytest.raises(CoRaError, match="not a cora_fx model"):
+        export_onnx(small_net, (x,), tmp_path / "a.onnx")
+
+
+def test_cli_export_writes_an_onnx_file(small_net, tmp_path, capsys):
+    converted = w8a8(small_net, random_batches(2))
+    x = torch.randn(1, 3, 16, 16)
+    save(converted, tmp_path / "net.pt2", (x,))
+    assert cli_main(["export", str(tmp_path / "net.pt2"), "--format", "onnx", "--quiet"]) == 0
+    assert "weights=auto" in capsys.readouterr().out
+    (out,) = run_onnx(tmp_path / "net.onnx", torch.cat([x, x]))
+    assert out.shape == (2, 10)
+    assert optimized_ops(tmp_path / "net.onnx", tmp_path).count("QLinearConv") == 5
