@@ -222,7 +222,7 @@ def main(argv=None) -> int:
                         "onnxruntime": onnxruntime.__version__}
     if args.latency:
         saved["latency_ms"] = run_latency(args.rows, args.repeats)
-        saved["latency_command"] = "python benchmarks/onnx_deploy.py --latency"
+        saved["latency_command"] = "python benchmarks/onnx_deploy.py " + " ".join(sys.argv[1:])
     else:
         saved["rows"] = run_rows(args)
         saved["command"] = "python benchmarks/onnx_deploy.py " + " ".join(sys.argv[1:])
