@@ -228,7 +228,3 @@ def calibrate_activations(prepared: fx.GraphModule, batches: Iterable, *, max_ba
         distributed.broadcast_state(q)
     return len(found)
 
-
-def calibrated(gm: nn.Module) -> bool:
-    """True when every activation quantizer of ``gm`` has frozen ranges (or there is none)."""
-    return all(q.state == QUANTIZE for q in quantizers(gm))
