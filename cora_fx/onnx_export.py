@@ -185,7 +185,7 @@ def weights_as_constants(model: fx.GraphModule, example_inputs: tuple,
     With ``integer_kernels`` a weight computed from several stored tensors (a folded adapter) becomes one
     buffer first; the dequantize chains left in the graph become one buffer each.
     """
-    gm = fx.GraphModule(model, copy.deepcopy(model.graph))
+    gm = copy.deepcopy(model)  # its own submodules: the rewrites below leave the user's model as it was
     for node in list(gm.graph.nodes):  # the export is float32 throughout: casts of weights to the input's type go
         if (node.op, node.target) in (("call_method", "type_as"), ("call_function", aten.type_as.default)):
             node.replace_all_uses_with(node.args[0])
