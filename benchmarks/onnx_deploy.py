@@ -13,9 +13,11 @@ Rows (every score is computed by onnxruntime's CPU execution provider on the exp
 - ``cora-w4a32``: ``CoRaConfig.recommended(4)`` (weight-only), exported with its codes.
 Scores: top-1 on the 700 evaluation images with a 95% bootstrap interval, top-1 agreement with the float
 ONNX model on the 10,000 tiny64 images, equivalent bits (cora_fx's `summary`), file bytes, and whether
-onnxruntime's optimized graph runs integer convolutions (QLinearConv count). ``--latency`` times each file
-at batch 1 and 32 with 1 and 2 intra-op threads, the models interleaved in one process.
-Results: benchmarks/results/onnx_deploy.json; the ONNX files stay in the benchmark cache.
+onnxruntime's optimized graph runs integer convolutions and linear layers (QLinearConv, QGemm counts).
+``--latency`` times each file at batch 1 and 32 with 1 and 2 intra-op threads, the models interleaved in one
+process (the weight-only file also with ``session.disable_quant_qdq``: weights folded to float at load).
+Results: benchmarks/results/onnx_deploy.json (each row with the command that wrote it); the ONNX files stay
+in the benchmark cache.
 """
 from __future__ import annotations
 
@@ -30,12 +32,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import onnx
 import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import CACHE, batches, data_paths, load_split, normalize, topk_with_ci  # noqa: E402
 from cora_fx import CoRaConfig, convert_cora, export_onnx, prepare_cora, run_pipeline, summary  # noqa: E402
+from cora_fx.onnx_export import strip_debug_info  # noqa: E402
 from cora_fx.prepare import adapters  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "onnx_deploy.json"
@@ -44,20 +48,30 @@ ROWS = ("float", "ort-static-w8a8-minmax", "ort-static-w8a8-entropy", "ort-stati
         "cora-w4a8", "cora-w4a8-codes", "cora-w4a32")
 #: Rows whose file is another export of the row before it (the same quantized model).
 SAME_MODEL = {"cora-w4a8-codes": "cora-w4a8"}
+#: quantize_static calibrations whose histograms take hours on 1,600 images on two cores (see --ort-images).
+SLOW_CALIBRATION = ("entropy", "percentile")
 
 
-def session(path: Path, threads: int = 2) -> Any:
+#: Timed a second time with onnxruntime's QDQ handling off, which folds DequantizeLinear of the weights into
+#: float constants when the session loads (a weight-only "codes" file then runs as a float model).
+FOLD_AT_LOAD = ("cora-w4a32",)
+FOLDED = " folded at load"
+
+
+def session(path: Path, threads: int = 2, fold_weights: bool = False) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    if fold_weights:
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def integer_convs(path: Path) -> int:
-    """QLinearConv nodes in onnxruntime's optimized graph of ``path``."""
+def integer_ops(path: Path) -> dict[str, int]:
+    """QLinearConv and QGemm nodes (integer convolutions and linear layers) in onnxruntime's optimized graph."""
     import onnx
     import onnxruntime as ort
 
@@ -67,7 +81,8 @@ def integer_convs(path: Path) -> int:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         options.log_severity_level = 3
         ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        return sum(n.op_type == "QLinearConv" for n in onnx.load(options.optimized_model_filepath).graph.node)
+        ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+        return {"integer_convs": ops.count("QLinearConv"), "integer_gemms": ops.count("QGemm")}
 
 
 def onnx_predict(path: Path, images: torch.Tensor, batch_size: int = 50) -> torch.Tensor:
@@ -83,7 +98,9 @@ def export_float(model: torch.nn.Module, path: Path) -> None:
     example = (torch.randn(1, 3, 224, 224),)
     shapes = ({0: torch.export.Dim("batch", min=1), 2: torch.export.Dim("h", min=2), 3: torch.export.Dim("w", min=2)},)
     program = torch.onnx.export(model, example, dynamo=True, opset_version=21, dynamic_shapes=shapes, verbose=False)
-    program.save(str(path))
+    proto = program.model_proto
+    strip_debug_info(proto)  # as export_onnx does: the file sizes compare weights, not exporter metadata
+    onnx.save(proto, str(path))
 
 
 def ort_static(float_path: Path, path: Path, method: str, calib_images: torch.Tensor) -> None:
@@ -135,7 +152,7 @@ def score(path: Path, eval_data: tuple, tiny: torch.Tensor, float_tiny: torch.Te
     out = {k: round(v, 2) for k, v in topk_with_ci(top5, eval_data[1]).items() if k.startswith("top1")}
     out["tiny_agreement"] = round(100.0 * float((onnx_predict(path, tiny)[:, 0] == float_tiny).float().mean()), 2)
     out["file_bytes"] = path.stat().st_size
-    out["integer_convs"] = integer_convs(path)
+    out.update(integer_ops(path))
     return out
 
 
@@ -159,9 +176,15 @@ def run_rows(args: argparse.Namespace) -> dict:
         path = FILES / f"{row}.onnx"
         extra: dict = {}
         if row.startswith("ort-static"):
+            method = row.rsplit("-", 1)[1]
+            images = calib_images[:args.ort_images] if method in SLOW_CALIBRATION else calib_images
+            if len(images) < len(calib_images):
+                row = f"{row}-{len(images)}img"
+                path = FILES / f"{row}.onnx"
             start = time.perf_counter()
-            ort_static(float_path, path, row.rsplit("-", 1)[1], calib_images)
-            extra = {"equivalent_bits": 8.0, "quantize_seconds": round(time.perf_counter() - start, 1)}
+            ort_static(float_path, path, method, images)
+            extra = {"equivalent_bits": 8.0, "quantize_seconds": round(time.perf_counter() - start, 1),
+                     "calibration_images": len(images)}
         elif row.startswith("cora"):
             extra = cora_row(row, model, calib, path, done)
             converted = extra.pop("converted")
@@ -173,14 +196,15 @@ def run_rows(args: argparse.Namespace) -> dict:
             extra["top1_agreement_vs_torch"] = float((ort_out.argmax(1) == torch_out.argmax(1)).mean() * 100)
         else:
             extra = {"equivalent_bits": 32.0}
-        results[row] = {**score(path, eval_data, tiny, float_tiny), **extra}
+        command = "python benchmarks/onnx_deploy.py " + " ".join(sys.argv[1:])
+        results[row] = {**score(path, eval_data, tiny, float_tiny), **extra, "command": command.strip()}
         print(row, results[row], flush=True)
     return results
 
 
 def interleaved(paths: dict[str, Path], batch: int, threads: int, repeats: int) -> dict[str, float]:
     """Median milliseconds per run of each file, the files taking turns."""
-    sessions = {row: session(p, threads) for row, p in paths.items()}
+    sessions = {row: session(p, threads, row.endswith(FOLDED)) for row, p in paths.items()}
     x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
     run: Callable = lambda s: s.run(None, {s.get_inputs()[0].name: x})  # noqa: E731
     for s in sessions.values():
@@ -196,7 +220,9 @@ def interleaved(paths: dict[str, Path], batch: int, threads: int, repeats: int) 
 
 
 def run_latency(rows: list[str], repeats: int) -> dict:
-    paths = {row: FILES / f"{row}.onnx" for row in rows if (FILES / f"{row}.onnx").is_file()}
+    files = [path for row in rows for path in (FILES / f"{row}.onnx", *sorted(FILES.glob(f"{row}-*img.onnx")))]
+    paths = {path.stem: path for path in files if path.is_file()}
+    paths.update({row + FOLDED: paths[row] for row in FOLD_AT_LOAD if row in paths})
     out = {}
     for batch in (1, 32):
         for threads in (1, 2):
@@ -213,6 +239,8 @@ def main(argv=None) -> int:
     parser.add_argument("--latency", action="store_true", help="time the ONNX files the rows wrote")
     parser.add_argument("--repeats", type=int, default=200, help="timed runs per file at batch 1")
     parser.add_argument("--threads", type=int, default=2, help="torch threads while quantizing")
+    parser.add_argument("--ort-images", type=int, default=1600,
+                        help="calibration images for the Entropy / Percentile rows (row name says the count)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     saved = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
@@ -225,7 +253,6 @@ def main(argv=None) -> int:
         saved["latency_command"] = "python benchmarks/onnx_deploy.py " + " ".join(sys.argv[1:])
     else:
         saved["rows"] = run_rows(args)
-        saved["command"] = "python benchmarks/onnx_deploy.py " + " ".join(sys.argv[1:])
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(saved, indent=1) + "\n")
     return 0

@@ -24,7 +24,7 @@ from .tracer import CoRaTraceError
 from .serialization import CoRaLoadError, load, read_summary, save
 from .plots import plot_ranks, plot_search
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 __all__ = [
     "CoRaConfig", "QuantConfig", "AdapterConfig", "RoundingConfig", "SearchConfig", "RefineConfig", "ActivationConfig",

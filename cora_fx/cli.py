@@ -368,7 +368,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.program).with_suffix(".onnx")
     if not args.quiet:
         print(f"cora-fx export: writing {out} ...", flush=True)
-    export_onnx(program, example, out, weights=args.weights, opset=args.opset, dynamic_size=args.dynamic_size)
+    export_onnx(program, example, out, weights=args.weights, opset=args.opset, dynamic_size=args.dynamic_size,
+                debug_info=args.debug_info)
     print(f"wrote {out} ({out.stat().st_size:,} bytes, weights={args.weights}, opset {args.opset})")
     return 0
 
@@ -457,6 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--image-size", type=_positive_int,
                    help="side of the example input (default: the size the program was saved with)")
     x.add_argument("--dynamic-size", action="store_true", help="symbolic input height and width (batch always is)")
+    x.add_argument("--debug-info", action="store_true",
+                   help="keep torch.onnx's per-node metadata and intermediate shapes (larger file)")
     x.set_defaults(run=cmd_export)
 
     s = sub.add_parser("summary", parents=[common], help="per-layer table of a saved artifact")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping, Optional, Union
 
 #: Version of the `to_dict` layout; `from_dict` reads this version and the flat layout before it.
-CONFIG_VERSION = 3
+CONFIG_VERSION = 4
 
 GRANULARITIES = ("per_tensor", "per_channel")
 CLIPPINGS = ("normal", "normal_paper", "minmax", "mse")
@@ -104,6 +104,10 @@ class QuantConfig(_Group):
             (left in float, counted as 32 bits) or ``"int8"`` (8 bits per channel, min-max).
         layer_bits: per-layer bit-width overrides ``{qualified name of a Conv2d or Linear: bits}`` (mixed
             precision, section 8; `allocate_bits` chooses them). Unknown names raise in `prepare_cora`.
+        symmetric_int8: put every 8-bit weight (``depthwise="int8"``, ``layer_bits`` 8, ``bits=8``) on a
+            symmetric grid, zero point 0: the INT8 layout of integer runtimes' kernels, so `export_onnx` stores
+            it exactly (an asymmetric 8-bit weight is re-quantized there; section 15). Narrower weights keep
+            their asymmetric grid, which the INT8 layout holds exactly.
     """
 
     GROUP: ClassVar[str] = "quant"
@@ -114,6 +118,7 @@ class QuantConfig(_Group):
     quantize_linear: bool = True
     depthwise: str = "skip"
     layer_bits: Mapping[str, int] = field(default_factory=dict)
+    symmetric_int8: bool = False
 
     def _rules(self) -> list:
         return [
@@ -124,6 +129,7 @@ class QuantConfig(_Group):
             ("quantize_linear", lambda v: isinstance(v, bool), "must be a bool"),
             ("depthwise", _one_of(DEPTHWISE_POLICIES), f"must be one of {DEPTHWISE_POLICIES}"),
             ("layer_bits", _valid_layer_bits, "must map layer names (str) to integers in 2..8"),
+            ("symmetric_int8", lambda v: isinstance(v, bool), "must be a bool"),
         ]
 
     def __post_init__(self) -> None:
@@ -136,6 +142,10 @@ class QuantConfig(_Group):
     @property
     def per_channel(self) -> bool:
         return self.granularity == "per_channel"
+
+    def symmetric_at(self, bits: int) -> bool:
+        """Whether a weight quantized at ``bits`` gets the symmetric grid (`symmetric_int8`)."""
+        return self.symmetric_int8 and bits == 8
 
     def bits_for(self, name: str, default: Optional[int] = None) -> int:
         """The main-weight bit-width of layer ``name``: its `layer_bits` entry, else ``default`` or `bits`."""
@@ -330,7 +340,7 @@ GROUPS: dict[str, type] = {"quant": QuantConfig, "adapter": AdapterConfig, "roun
 #: The flat names of earlier releases (and of `CoRaConfig.replace`): name -> (group, field).
 FLAT_NAMES: dict[str, tuple[str, str]] = {
     **{name: ("quant", name) for name in
-       ("bits", "granularity", "clipping", "k", "quantize_linear", "depthwise", "layer_bits")},
+       ("bits", "granularity", "clipping", "k", "quantize_linear", "depthwise", "layer_bits", "symmetric_int8")},
     "adapter_bits": ("adapter", "bits"), "svd": ("adapter", "svd"), "adapter_form": ("adapter", "form"),
     "rounding": ("rounding", "method"), "rounding_batches": ("rounding", "batches"),
     "rounding_inputs": ("rounding", "inputs"), "max_block": ("rounding", "max_block"),
@@ -387,7 +397,7 @@ class CoRaConfig:
             object.__setattr__(self, name, value)
         if flat:
             warnings.warn(f"CoRaConfig({', '.join(f'{k}=...' for k in flat)}): flat keywords are deprecated and "
-                          f"will be removed in 0.4; use the groups (e.g. CoRaConfig(quant=QuantConfig(bits=3))) "
+                          f"will be removed in 0.6; use the groups (e.g. CoRaConfig(quant=QuantConfig(bits=3))) "
                           f"or CoRaConfig().replace(...)", CoRaDeprecationWarning, stacklevel=2)
             for name, value in _grouped_changes(self, flat).items():
                 object.__setattr__(self, name, value)
@@ -429,9 +439,12 @@ class CoRaConfig:
         adapters reclaim, output-aware (activation) adapters, the label-free KL search, adapters lowered in
         the folded form; a budget that keeps MobileNetV2 at or below ``bits + 0.5`` equivalent bits with its
         depthwise convs counted at 8 bits. No BatchNorm correction or fine-tuning: after GPTQ they did not help
-        (`benchmarks/ablation.py` measures them). ``changes`` are applied with `replace`. ``CoRaConfig()``
-        stays the paper's.
+        (`benchmarks/ablation.py` measures them). With ``act_bits`` (an integer runtime) the 8-bit weights
+        are symmetric (``symmetric_int8``). ``changes`` are applied with `replace`. ``CoRaConfig()`` stays the
+        paper's.
         """
+        if changes.get("act_bits") is not None:
+            changes = {"symmetric_int8": True, **changes}
         budget = {2: 0.03, 3: 0.044, 4: 0.045}.get(bits, 0.05)
         base = cls(quant=QuantConfig(bits=bits, granularity="per_channel", clipping="mse", depthwise="int8"),
                    adapter=AdapterConfig(svd="activation", form="folded"),

@@ -26,7 +26,7 @@ from .capture import CAPTURE_OPTIONS
 from .batches import input_dtype, model_device, split_batch
 from .config import CoRaConfig
 from .losses import distillation_loss
-from .observers import make_observer, quantize_weight
+from .observers import main_observer, quantize_weight
 from .prepare import adapters, heuristic_rank, prepare_cora
 from .residual import ResidualFactors
 from .state import CoRaError, get_state
@@ -83,8 +83,7 @@ def _restored(base: torch.Tensor, factors: ResidualFactors, rank: int) -> torch.
 
 def _demoted(weight: torch.Tensor, groups: int, cfg: CoRaConfig, bits: int, rank: int) -> torch.Tensor:
     """`_restored` for ``weight`` rounded to nearest at ``bits`` (the config's clipping and granularity)."""
-    base = quantize_weight(weight, make_observer(cfg.quant.clipping, bits, cfg.quant.per_channel, cfg.quant.k),
-                           bits).dequantize()
+    base = quantize_weight(weight, main_observer(cfg.quant, bits), bits).dequantize()
     return _restored(base, ResidualFactors(weight.detach().float() - base, groups), rank)
 
 

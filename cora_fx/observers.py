@@ -18,6 +18,8 @@ from torch.ao.quantization.observer import (
     UniformQuantizationObserverBase,
 )
 
+from .config import QuantConfig
+
 
 class _WeightRangeObserver(UniformQuantizationObserverBase):
     """Shared plumbing: a per-tensor or per-channel (``ch_axis``) range in ``min_val``/``max_val``."""
@@ -125,17 +127,21 @@ ObserverSpec = Union[str, Callable[..., Any]]
 
 
 def make_observer(
-    clipping: ObserverSpec, bits: int, per_channel: bool, k: float = 4.0
+    clipping: ObserverSpec, bits: int, per_channel: bool, k: float = 4.0, symmetric: bool = False
 ) -> UniformQuantizationObserverBase:
     """Build the torch.ao observer that supplies the clipping range of one weight tensor.
 
     ``clipping`` is ``"normal"``, ``"normal_paper"``, ``"minmax"``, ``"mse"`` or a torch.ao observer class / factory
     (e.g. ``HistogramObserver`` or ``MinMaxObserver.with_args(eps=1e-6)``); a factory is
-    called with ``dtype=torch.int8``, the n-bit ``quant_min``/``quant_max`` and the affine
-    qscheme of the granularity (per-channel observers must accept ``ch_axis=0``).
+    called with ``dtype=torch.int8``, the n-bit ``quant_min``/``quant_max`` and the affine (with
+    ``symmetric``: the symmetric, zero point 0) qscheme of the granularity (per-channel observers must accept
+    ``ch_axis=0``).
     """
     qmin, qmax = quant_range(bits)
-    qscheme = torch.per_channel_affine if per_channel else torch.per_tensor_affine
+    if symmetric:
+        qscheme = torch.per_channel_symmetric if per_channel else torch.per_tensor_symmetric
+    else:
+        qscheme = torch.per_channel_affine if per_channel else torch.per_tensor_affine
     kwargs: dict[str, Any] = dict(dtype=torch.int8, qscheme=qscheme, quant_min=qmin, quant_max=qmax)
     if clipping in ("normal", "normal_paper"):
         return NormalObserver(k=k, ch_axis=0 if per_channel else None, within_minmax=clipping == "normal", **kwargs)
@@ -154,6 +160,11 @@ def make_observer(
     if not hasattr(observer, "calculate_qparams"):
         raise ValueError(f"CoRaConfig.clipping={clipping!r} did not build a torch.ao observer")
     return observer
+
+
+def main_observer(quant: QuantConfig, bits: int) -> UniformQuantizationObserverBase:
+    """The observer of a main weight at ``bits``: the config's clipping, granularity and 8-bit symmetry."""
+    return make_observer(quant.clipping, bits, quant.per_channel, quant.k, quant.symmetric_at(bits))
 
 
 @dataclass

@@ -54,7 +54,8 @@ def require_onnx() -> Any:
 
 
 def export_onnx(model: fx.GraphModule, example_inputs: tuple, path: Union[str, Path], *, weights: str = "auto",
-                opset: int = 21, dynamic_batch: bool = True, dynamic_size: bool = False) -> Path:
+                opset: int = 21, dynamic_batch: bool = True, dynamic_size: bool = False,
+                debug_info: bool = False) -> Path:
     """Write the converted ``model`` as an ONNX file at ``path`` (``model`` is not changed).
 
     Args:
@@ -71,6 +72,8 @@ def export_onnx(model: fx.GraphModule, example_inputs: tuple, path: Union[str, P
         dynamic_batch: the first dimension of every input is a symbolic batch size.
         dynamic_size: the dimensions after the second of every input (an image's height and width) are symbolic
             too, for a model that runs at several input sizes.
+        debug_info: keep what torch.onnx records for debugging: each node's source module, FX node and stack
+            trace, and the shapes of intermediate values (about a quarter of a 4-bit MobileNetV2 file).
     Returns:
         ``path`` as a `pathlib.Path`; the file passes ``onnx.checker.check_model``.
     """
@@ -91,11 +94,23 @@ def export_onnx(model: fx.GraphModule, example_inputs: tuple, path: Union[str, P
     proto = _torch_export(gm, example_inputs, opset, _dynamic_shapes(example_inputs, dynamic_batch, dynamic_size),
                           optimize=not computed)
     encode_initializers(proto, table)
+    if weights == "int8":
+        quantize_gemm_biases(proto, table)
+    if not debug_info:
+        strip_debug_info(proto)
     onnx.checker.check_model(proto, full_check=True)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(proto, str(path))
     return path
+
+
+def strip_debug_info(proto: Any) -> None:
+    """Drop the nodes' metadata and doc strings and the graph's intermediate shapes (none of them is run)."""
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    del proto.graph.value_info[:]
 
 
 def _activation_bits(model: Any) -> Optional[int]:
@@ -231,13 +246,17 @@ def _rows(t: torch.Tensor) -> np.ndarray:
 
 def encode_codes(codes: torch.Tensor, zero_point: torch.Tensor, scale: torch.Tensor,
                  integer_kernels: bool) -> EncodedWeight:
-    """Integer codes with ``(codes - zero_point) * scale`` equal, value for value, to the converted weight.
+    """Integer codes with ``(codes - zero_point) * scale`` equal to the converted weight.
 
-    The unsigned field (0..15 or 0..255) is kept as UINT4 / UINT8, or shifted to INT8 for integer kernels.
-    Channels whose scale is negative (a folded BatchNorm with gamma < 0) are mirrored inside the field, so
-    every stored scale is positive.
+    The unsigned field (0..15 or 0..255) is kept as UINT4 / UINT8, value for value. For integer kernels
+    the weight is stored as symmetric INT8 with zero point 0 (the layout onnxruntime's s8 convolution
+    kernels take): ``codes - zero_point`` itself where it fits in [-128, 127] (every weight narrower than 8
+    bits, and 8-bit weights on a symmetric grid: exact), else re-quantized at 8 bits. Channels whose scale
+    is negative (a folded BatchNorm with gamma < 0) are mirrored, so every stored scale is positive.
     """
     onnx = require_onnx()
+    if integer_kernels:
+        return _symmetric_int8(codes, zero_point, scale)
     top = 15 if float(codes.max()) <= 15 and float(zero_point.max()) <= 15 else 255
     scale_rows = _rows(scale).astype(np.float32)
     flip = scale_rows < 0
@@ -248,15 +267,26 @@ def encode_codes(codes: torch.Tensor, zero_point: torch.Tensor, scale: torch.Ten
         c = np.where(mask, top - c, c)
         z = np.where(flip, top - z, z)
         scale_rows = np.abs(scale_rows)
-    if integer_kernels and top == 15:
-        return EncodedWeight((c - 8).astype(np.int8), scale_rows, (z - 8).astype(np.int8), onnx.TensorProto.INT8)
-    if integer_kernels or top == 255:
-        return EncodedWeight(c.astype(np.uint8), scale_rows, z.astype(np.uint8), onnx.TensorProto.UINT8)
-    return EncodedWeight(c.astype(np.uint8), scale_rows, z.astype(np.uint8), onnx.TensorProto.UINT4)
+    onnx_type = onnx.TensorProto.UINT8 if top == 255 else onnx.TensorProto.UINT4
+    return EncodedWeight(c.astype(np.uint8), scale_rows, z.astype(np.uint8), onnx_type)
+
+
+def _symmetric_int8(codes: torch.Tensor, zero_point: torch.Tensor, scale: torch.Tensor) -> EncodedWeight:
+    """Per-output-channel INT8 codes, zero point 0: exact when ``codes - zero_point`` fits in 8 signed bits."""
+    onnx = require_onnx()
+    rows = codes.shape[0]
+    shape = (-1, *[1] * (codes.dim() - 1))
+    scale_rows = torch.as_tensor(scale, dtype=torch.float32).reshape(-1).expand(rows)
+    zero_rows = torch.as_tensor(zero_point, dtype=torch.float32).reshape(-1).expand(rows)
+    signed = (codes.float() - zero_rows.reshape(shape)) * scale_rows.sign().reshape(shape)
+    if float(signed.min()) < -128 or float(signed.max()) > 127:
+        return requantize_int8(signed * scale_rows.abs().reshape(shape))
+    return EncodedWeight(signed.numpy().astype(np.int8), scale_rows.abs().numpy().astype(np.float32),
+                         np.zeros(rows, np.int8), onnx.TensorProto.INT8)
 
 
 def requantize_int8(weight: torch.Tensor) -> EncodedWeight:
-    """Symmetric per-output-channel INT8 codes of a computed (folded) weight: max |w| maps to 127."""
+    """Symmetric per-output-channel INT8 codes of a weight: max |w| of each row maps to 127."""
     onnx = require_onnx()
     rows = weight.reshape(weight.shape[0], -1)
     scale = (rows.abs().amax(dim=1) / 127).clamp_min(1e-12)
@@ -300,3 +330,51 @@ def encode_initializers(proto: Any, table: dict[str, EncodedWeight]) -> None:
     rest = list(graph.node)
     del graph.node[:]
     graph.node.extend(nodes + rest)
+
+
+def _constant(graph: Any, name: str) -> Optional[np.ndarray]:
+    """The value of ``name`` when it is an initializer or a Constant node's output, else None."""
+    from onnx import numpy_helper
+    for init in graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] == name and node.attribute[0].name == "value":
+            return numpy_helper.to_array(node.attribute[0].t)
+    return None
+
+
+def quantize_gemm_biases(proto: Any, table: dict[str, EncodedWeight]) -> None:
+    """Give each Gemm between a quantized input and an INT8 weight an int32 bias (docs/method.md section 15).
+
+    onnxruntime fuses DequantizeLinear -> Gemm into its integer QGemm only when the bias is int32, dequantized
+    with scale = input scale x weight scale and zero point 0; the bias is rounded on that grid.
+    """
+    from onnx import helper, numpy_helper
+    graph = proto.graph
+    producers = {out: node for node in graph.node for out in node.output}
+    readers = [name for node in graph.node for name in node.input]
+    added = []
+    for node in graph.node:
+        transposed = any(a.name == "transB" and a.i == 1 for a in node.attribute)
+        if node.op_type != "Gemm" or len(node.input) < 3 or node.input[1] not in table or not transposed:
+            continue
+        source = producers.get(node.input[0])
+        if source is None or source.op_type != "DequantizeLinear" or node.input[2] in producers:
+            continue
+        input_scale, bias = _constant(graph, source.input[1]), _constant(graph, node.input[2])
+        if input_scale is None or input_scale.size != 1 or bias is None:
+            continue
+        scale = np.broadcast_to(float(input_scale) * table[node.input[1]].scale, bias.shape).astype(np.float32)
+        name = node.input[2]
+        graph.initializer.extend([numpy_helper.from_array(np.round(bias / scale).astype(np.int32), f"{name}.codes"),
+                                  numpy_helper.from_array(scale, f"{name}.scale"),
+                                  numpy_helper.from_array(np.zeros(bias.shape, np.int32), f"{name}.zero_point")])
+        added.append(helper.make_node("DequantizeLinear", [f"{name}.codes", f"{name}.scale", f"{name}.zero_point"],
+                                      [f"{name}.dequantized"], name=f"{name}.dequantize", axis=0))
+        node.input[2] = f"{name}.dequantized"
+        if readers.count(name) == 1:
+            graph.initializer.remove(next(i for i in graph.initializer if i.name == name))
+    rest = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(added + rest)

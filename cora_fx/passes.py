@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .config import CoRaConfig
 from .modules import (FIXED, OFF, SEARCH, ConvBatchNorm, CoRaConv2d, ConvSpec, LowRankAdapter, QuantConv2d,
                       QuantLinear)
-from .observers import make_observer, quantize_weight
+from .observers import main_observer, make_observer, quantize_weight
 from .residual import ResidualFactors
 from .state import CoRaError
 
@@ -130,8 +130,8 @@ class RewriteConvs:
             policy = FIXED if cfg.quant.depthwise == "residual" else OFF
             if cfg.quant.depthwise == "int8":
                 bits = cfg.quant.bits_for(name, default=8)
-                observer = make_observer("minmax", bits, per_channel=True)
-        observer = observer or make_observer(cfg.quant.clipping, bits, cfg.quant.per_channel, cfg.quant.k)
+                observer = make_observer("minmax", bits, True, symmetric=cfg.quant.symmetric_at(bits))
+        observer = observer or main_observer(cfg.quant, bits)
         qw = quantize_weight(conv.weight, observer, bits)
         residual = conv.weight.detach().to(torch.float32) - qw.dequantize()
         factors = ResidualFactors(residual, conv.groups)
@@ -157,7 +157,7 @@ class QuantizeLinears:
                 continue
             check_finite(name, linear.weight)
             bits = cfg.quant.bits_for(name)
-            observer = make_observer(cfg.quant.clipping, bits, cfg.quant.per_channel, cfg.quant.k)
+            observer = main_observer(cfg.quant, bits)
             qw = quantize_weight(linear.weight, observer, bits)
             set_submodule(gm, name, QuantLinear(linear, qw, observer).to(linear.weight.device))
             swapped.add(name)

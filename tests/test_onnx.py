@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from benchmarks.zoo_sweep import FAST, rel_err, zoo
-from cora_fx import (ActivationConfig, CoRaConfig, CoRaError, calibrate_activations, convert_cora, export_onnx,
-                     prepare_cora, quantize_cora, save)
+from cora_fx import (ActivationConfig, CoRaConfig, CoRaError, QuantConfig, calibrate_activations, convert_cora,
+                     export_onnx, prepare_cora, quantize_cora, save)
 from cora_fx.activations import QUANTIZE, quantizers
 from cora_fx.cli import main as cli_main
+from cora_fx.modules import CoRaConv2d
 from tests.conftest import random_batches
 
 onnx = pytest.importorskip("onnx", reason="the [onnx] extra (onnx, onnxscript) is not installed")
@@ -92,17 +93,54 @@ def test_weights_are_integer_initializers_without_float_copies(small_net, tmp_pa
     assert float_elements < 0.05 * weights  # no float copy of a quantized weight (only per-channel scales)
 
 
+def test_debug_info_is_dropped_unless_asked_for(small_net, tmp_path):
+    converted = quantize_cora(small_net, random_batches(1), CoRaConfig(), ranks="heuristic", progress=False)
+    x = (torch.randn(1, 3, 16, 16),)
+    lean = onnx.load(str(export_onnx(converted, x, tmp_path / "lean.onnx")))
+    full = onnx.load(str(export_onnx(converted, x, tmp_path / "full.onnx", debug_info=True)))
+    assert not any(n.metadata_props for n in lean.graph.node) and not lean.graph.value_info
+    assert any(n.metadata_props for n in full.graph.node) and full.graph.value_info
+    assert (tmp_path / "lean.onnx").stat().st_size < (tmp_path / "full.onnx").stat().st_size
+
+
 def test_w8a8_runs_integer_convolutions_in_onnxruntime(small_net, tmp_path):
     converted = w8a8(small_net, random_batches(2))
     x = torch.randn(4, 3, 16, 16)
     path = export_onnx(converted, (x,), tmp_path / "w8a8.onnx")
     ops = optimized_ops(path, tmp_path)
     assert ops.count("QLinearConv") == 5 and "Conv" not in ops, ops
+    assert ops.count("QGemm") == 1 and "Gemm" not in ops, ops  # the head too: its bias went int32
     with torch.no_grad():
         reference = converted(x)
     (out,) = run_onnx(path, x)
     # integer kernels round each requantization once more than float math: a few output steps at most
     assert rel_err(torch.from_numpy(out), reference) < 0.1
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int8_weights_are_symmetric_and_exact_on_a_symmetric_grid(small_net, tmp_path, symmetric):
+    config = CoRaConfig(quant=QuantConfig(bits=8, granularity="per_channel", symmetric_int8=symmetric))
+    no_adapters = {name: 0 for name in ("stem.0", "block.0", "block.4", "down")}
+    converted = quantize_cora(small_net, random_batches(1), config, ranks=no_adapters, progress=False)
+    x = torch.randn(2, 3, 16, 16)
+    path = export_onnx(converted, (x,), tmp_path / "w8.onnx", weights="int8")
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+    zero_points = [v for name, v in inits.items() if name.endswith(".zero_point")]
+    assert len(zero_points) >= 5 and all(v.dtype == "int8" and not v.any() for v in zero_points)
+    with torch.no_grad():
+        error = rel_err(torch.from_numpy(run_onnx(path, x)[0]), converted(x))
+    # a symmetric grid is stored code for code; an asymmetric 8-bit one is rounded once more
+    assert error < 1e-5 if symmetric else 1e-5 < error < 0.05
+
+
+def test_recommended_with_activations_puts_8_bit_weights_on_a_symmetric_grid(small_net):
+    config = CoRaConfig.recommended(4, act_bits=8)
+    assert config.quant.symmetric_int8 and not CoRaConfig.recommended(4).quant.symmetric_int8
+    prepared = prepare_cora(small_net, config.replace(layer_bits={"stem.0": 8}), progress=False)
+    zero_points = {name: m.quantized.quantized_weight().zero_point for name, m in prepared.named_modules()
+                   if isinstance(m, CoRaConv2d)}
+    assert not zero_points["stem.0"].any() and not zero_points["block.2"].any()  # 8 bits: stem.0, depthwise
+    assert zero_points["down"].any()  # 4 bits: asymmetric
 
 
 def test_activation_quantizers_are_calibrated_then_frozen(small_net):
@@ -157,6 +195,11 @@ def test_activation_config_round_trips_and_reads_older_dicts():
     assert CoRaConfig.from_dict(config.to_dict()) == config
     older = {k: v for k, v in CoRaConfig().to_dict().items() if k != "activation"}
     assert CoRaConfig.from_dict({**older, "version": 2}).act_bits is None
+    v3 = config.to_dict()
+    del v3["quant"]["symmetric_int8"]
+    assert CoRaConfig.from_dict({**v3, "version": 3}) == config  # before symmetric_int8: False
+    with pytest.raises(ValueError, match="symmetric_int8"):
+        config.replace(symmetric_int8=1)
 
 
 def test_an_op_without_onnx_form_is_named(tmp_path):

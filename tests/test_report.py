@@ -131,3 +131,20 @@ def test_reproduced_rows_are_compared_with_their_recorded_values():
     results["_meta"]["reproduced"][0]["top1"] = 78.0
     assert "gives different numbers for `row`: top-1 78.00 (on this page 78.29)" in text()
     assert report.reproduction({"_meta": {}}) == ""
+
+
+def test_deployment_targets_are_checked_against_the_rows():
+    row = {"top1_lo": 0.0, "top1_hi": 0.0, "tiny_agreement": 0.0, "integer_convs": 0}
+    data = {"rows": {"float": {**row, "top1": 80.0, "top1_lo": 77.0, "top1_hi": 83.0, "equivalent_bits": 32.0,
+                               "file_bytes": 1000},
+                     "ort-static-w8a8-minmax": {**row, "top1": 79.0, "top1_lo": 76.0, "top1_hi": 82.0},
+                     "cora-w4a8": {**row, "top1": 78.6, "equivalent_bits": 4.48, "file_bytes": 300},
+                     "cora-w4a8-codes": {**row, "top1": 78.6, "equivalent_bits": 4.48, "file_bytes": 160}},
+            "latency_ms": {"batch1_threads1": {"float": 10.0, "cora-w4a8": 7.0}}}
+    table = "\n".join(report.deploy_targets(data))
+    assert "| W4A8 top-1 >= float - 1.5 (78.50) | 78.60 | yes |" in table
+    assert "78.60: a tie, inside its interval | **no** |" in table  # inside the peer's interval: not a win
+    assert "| W4 file <= 15% of float | 16.0% (W4A8, codes) | **no** |" in table
+    assert "| W4A8 latency <= 0.8x float (batch 1, 1 thread) | 0.70x | yes |" in table
+    del data["rows"]["cora-w4a8"]
+    assert report.deploy_targets(data) == []
