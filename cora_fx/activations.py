@@ -25,6 +25,7 @@ from . import distributed
 from .batches import model_device, split_batch
 from .config import ActivationConfig
 from .modules import FLOAT, CoRaConv2d, QuantLinear, folded_modes
+from .observers import quant_range as signed_range
 from .passes import folded_copy
 from .state import PREPARED, CoRaError, get_state
 
@@ -50,7 +51,7 @@ def quantized_decomposed() -> Any:
 def quant_range(config: ActivationConfig) -> tuple[int, int]:
     """(quant_min, quant_max) of ``config``: 0..2^n-1 for uint8, -2^(n-1)..2^(n-1)-1 for int8."""
     bits = int(config.bits or 8)
-    return (0, 2 ** bits - 1) if config.dtype == "uint8" else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    return (0, 2 ** bits - 1) if config.dtype == "uint8" else signed_range(bits)
 
 
 class ActivationQuantizer(nn.Module):

@@ -12,8 +12,8 @@ Run in this order by torch.fx's PassManager (`convert_cora`):
    F.linear calls; the modules are removed. The adapter is either a parallel two-conv branch
    (docs/method.md s.2) or, with ``adapter_form="folded"``, added to the dequantized main weight
    as fold(B o A) (s.4), so the model runs one conv per layer.
-5. `LowerActivationQuantizers`: each calibrated activation quantizer becomes one
-   ``torch.fake_quantize_per_tensor_affine`` call on its frozen scale and zero point (docs/method.md s.14).
+5. `LowerActivationQuantizers`: each calibrated activation quantizer becomes a ``quantized_decomposed``
+   quantize_per_tensor / dequantize_per_tensor pair on its frozen scale and zero point (docs/method.md s.14).
 6. `Cleanup`: dead code and unused submodules (observers, SVD factors) are deleted.
 """
 from __future__ import annotations

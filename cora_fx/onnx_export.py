@@ -327,6 +327,11 @@ def encode_initializers(proto: Any, table: dict[str, EncodedWeight]) -> None:
         axis = {"axis": 0} if enc.scale.ndim else {}
         nodes.append(helper.make_node("DequantizeLinear", [f"{name}.codes", f"{name}.scale", f"{name}.zero_point"],
                                       [name], name=f"{name}.dequantize", **axis))
+    _prepend(graph, nodes)
+
+
+def _prepend(graph: Any, nodes: list) -> None:
+    """Put ``nodes`` (reading initializers only) first in ``graph``, which keeps it topologically sorted."""
     rest = list(graph.node)
     del graph.node[:]
     graph.node.extend(nodes + rest)
@@ -375,6 +380,4 @@ def quantize_gemm_biases(proto: Any, table: dict[str, EncodedWeight]) -> None:
         node.input[2] = f"{name}.dequantized"
         if readers.count(name) == 1:
             graph.initializer.remove(next(i for i in graph.initializer if i.name == name))
-    rest = list(graph.node)
-    del graph.node[:]
-    graph.node.extend(added + rest)
+    _prepend(graph, added)
