@@ -101,6 +101,16 @@ def data_paths(data: Optional[str]) -> tuple[Path, Path]:
     return root / "imagenet" / "labels.csv", root / "imagenet" / "tiny64_labels.csv"
 
 
+def mobilenet_v2(labels_csv: Path) -> torch.nn.Module:
+    """torchvision's MobileNetV2 with the shared ImageNet weights (``weights/`` beside the images' folder), in eval."""
+    import torchvision
+
+    model = torchvision.models.mobilenet_v2()
+    model.load_state_dict(torch.load(labels_csv.parents[1] / "weights" / "mobilenet_v2-b0353104.pth",
+                                     weights_only=True))
+    return model.eval()
+
+
 def timed(fn: Callable, *args, **kwargs):
     start = time.perf_counter()
     out = fn(*args, **kwargs)

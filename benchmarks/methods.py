@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from cora_fx import CoRaConfig, convert_cora, prepare_cora, run_pipeline, summary
+from cora_fx.joint_allocation import allocate_jointly
 from cora_fx.mixed_precision import allocate_bits
 from cora_fx.prepare import adapters
 
@@ -60,8 +61,8 @@ def state_dict_bytes(model: nn.Module, deflate: bool = False) -> int:
 
 
 def cora(name: str, model: nn.Module, cfg: CoRaConfig, calib: list, example: torch.Tensor, *,
-         ranks: str, progress: bool = False) -> MethodRun:
-    """CoRa with ``ranks`` = "rtn" (all 0), "heuristic" or "search"."""
+         ranks: str | dict[str, int], progress: bool = False) -> MethodRun:
+    """CoRa with ``ranks`` = "rtn" (all 0), "heuristic", "search" or a ``{layer: rank}`` plan."""
     start = time.perf_counter()
     prepared = prepare_cora(model, cfg, example_inputs=(example[:1],))
     iterations = 0
@@ -72,6 +73,8 @@ def cora(name: str, model: nn.Module, cfg: CoRaConfig, calib: list, example: tor
     if recorded is not None:
         extra["ranks_recorded"] = True
         rank_spec = recorded
+    elif isinstance(ranks, dict):
+        rank_spec = ranks
     elif ranks == "rtn":
         rank_spec = {n: 0 for n, a in adapters(prepared).items() if a.searchable}
     else:
@@ -89,7 +92,7 @@ def cora(name: str, model: nn.Module, cfg: CoRaConfig, calib: list, example: tor
     extra.update({"ranks": {layer.name: layer.rank for layer in conv_layers},
                   "max_ranks": {layer.name: layer.max_rank for layer in conv_layers},
                   "heuristic": {layer.name: int(cfg.search.budget * layer.max_rank) for layer in conv_layers}})
-    return MethodRun(name, "cora" if ranks != "rtn" else "rtn", cfg.quant.bits, converted, seconds, iterations,
+    return MethodRun(name, "rtn" if ranks == "rtn" else "cora", cfg.quant.bits, converted, seconds, iterations,
                      s.equivalent_bits, exported_bytes(converted, example[:1]), s.budget, extra=extra)
 
 
@@ -103,4 +106,17 @@ def cora_mixed(name: str, model: nn.Module, cfg: CoRaConfig, calib: list, exampl
     run = cora(name, model, cfg.replace(layer_bits=plan), calib, example, ranks=ranks)
     run.calib_seconds += seconds
     run.extra.update(layer_bits=plan, allocation_seconds=seconds)
+    return run
+
+
+def cora_joint(name: str, model: nn.Module, cfg: CoRaConfig, calib: list, example: torch.Tensor, *,
+               target_bits: float, **options) -> MethodRun:
+    """CoRa with bits and ranks planned together by `allocate_jointly` (fixed ranks, no search; ``options``
+    go to it); the planning counts as calibration."""
+    start = time.perf_counter()
+    plan = allocate_jointly(model, calib, cfg, target_bits, progress=False, **options)
+    seconds = time.perf_counter() - start
+    run = cora(name, model, cfg.replace(layer_bits=plan.layer_bits), calib, example, ranks=plan.ranks)
+    run.calib_seconds += seconds
+    run.extra.update(layer_bits=plan.layer_bits, allocation_seconds=seconds)
     return run

@@ -67,15 +67,15 @@ def peer_runs(names: list[str], quick: bool) -> list[tuple[str, int, Runner]]:
 
 # --------------------------------------------------------------------------------------------- helpers
 
-def conv_equivalent_bits(model: nn.Module, quantized: Iterable[str], bits: int) -> float:
-    """Average weight bits over the Conv2d weights of ``model`` (float ones counted at 32)."""
-    quantized = set(quantized)
+def conv_equivalent_bits(model: nn.Module, quantized: Iterable[str], bits: int, eight_bit: Iterable[str] = ()) -> float:
+    """Average weight bits over the Conv2d weights of ``model`` (float ones counted at 32, ``eight_bit`` at 8)."""
+    quantized, eight_bit = set(quantized), set(eight_bit)
     total = weighted = 0
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d):
             n = module.weight.numel()
             total += n
-            weighted += n * (bits if name in quantized else 32)
+            weighted += n * (32 if name not in quantized else 8 if name in eight_bit else bits)
     return weighted / total if total else float("nan")
 
 
@@ -96,7 +96,8 @@ def _missing(package: str, err: Exception) -> RuntimeError:
 
 # --------------------------------------------------------------------------------------------- torchao
 
-def torchao_rtn(name: str, float_model: nn.Module, calib: list, example: torch.Tensor, *, bits: int) -> MethodRun:
+def torchao_rtn(name: str, float_model: nn.Module, calib: list, example: torch.Tensor, *, bits: int,
+                eight_bit: Iterable[str] = ()) -> MethodRun:
     """torchao weight-only int{bits} round-to-nearest, symmetric, one scale per output channel.
 
     ``quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int{bits}, granularity=PerAxis(0)))``
@@ -105,7 +106,8 @@ def torchao_rtn(name: str, float_model: nn.Module, calib: list, example: torch.T
     choose_qparams_affine fails on that 4-d block (RuntimeError on the 3x3 stem conv). So KxK convs
     get the same tensor subclass built directly with the per-output-channel block (1, C_in, K, K):
     ``IntxUnpackedToInt8Tensor.from_hp(w, (1, C_in, K, K), torch.int{bits}, mapping_type=SYMMETRIC)``,
-    which is exactly what the config does for 1x1 convs.
+    which is exactly what the config does for 1x1 convs. Layers named in ``eight_bit`` get int8 instead
+    (torchao's per-layer choice: a second ``quantize_`` whose ``filter_fn`` selects them).
     """
     try:
         from torchao.quantization import IntxWeightOnlyConfig, PerAxis, quantize_
@@ -118,29 +120,36 @@ def torchao_rtn(name: str, float_model: nn.Module, calib: list, example: torch.T
     model = copy.deepcopy(float_model).eval()
     convs, linears = _targets(model)
 
-    def pointwise(module: nn.Module, fqn: str) -> bool:
-        return type(module) is nn.Linear or (type(module) is nn.Conv2d and module.kernel_size == (1, 1))
+    eight_bit = set(eight_bit)
 
-    quantize_(model,
-              IntxWeightOnlyConfig(weight_dtype=dtype, granularity=PerAxis(0), mapping_type=MappingType.SYMMETRIC),
-              filter_fn=pointwise)
+    def pointwise(wide: bool) -> Callable[[nn.Module, str], bool]:
+        def chosen(module: nn.Module, fqn: str) -> bool:
+            kind = type(module) is nn.Linear or (type(module) is nn.Conv2d and module.kernel_size == (1, 1))
+            return kind and (fqn in eight_bit) == wide
+        return chosen
+
+    for wide, weight_dtype in ((False, dtype), (True, torch.int8)):
+        quantize_(model, IntxWeightOnlyConfig(weight_dtype=weight_dtype, granularity=PerAxis(0),
+                                              mapping_type=MappingType.SYMMETRIC), filter_fn=pointwise(wide))
     spatial = 0
-    for module in model.modules():
+    for fqn, module in model.named_modules():
         if type(module) is nn.Conv2d and module.kernel_size != (1, 1):
             w = module.weight.detach()
-            qw = IntxUnpackedToInt8Tensor.from_hp(w, (1, *w.shape[1:]), dtype, mapping_type=MappingType.SYMMETRIC)
+            qw = IntxUnpackedToInt8Tensor.from_hp(w, (1, *w.shape[1:]), torch.int8 if fqn in eight_bit else dtype,
+                                                  mapping_type=MappingType.SYMMETRIC)
             module.weight = nn.Parameter(qw, requires_grad=False)
             spatial += 1
     seconds = time.perf_counter() - start
     for n, m in model.named_modules():  # every conv and the Linear really holds torchao int weights
         if n in convs or n in linears:
             assert isinstance(m.weight, IntxUnpackedToInt8Tensor), n
+    wide = f"; {len(eight_bit)} layers at int8" if eight_bit else ""
     note = (f"torchao {_version('torchao')} IntxWeightOnlyConfig(int{bits}, PerAxis(0), SYMMETRIC) via quantize_ on "
             f"{len(convs) - spatial} 1x1 convs + {len(linears)} Linear; {spatial} KxK convs (stem + depthwise) "
             f"quantized to the same IntxUnpackedToInt8Tensor with a per-output-channel block (quantize_ builds "
             f"per-(channel, tap) blocks for KxK and crashes on them); weight-only, BN not folded; "
-            f"artifact = torch.save(state_dict) (int{bits} values stored unpacked in int8 + fp32 scales)")
-    return MethodRun(name, "peer", bits, model, seconds, 0, conv_equivalent_bits(model, convs, bits),
+            f"artifact = torch.save(state_dict) (int{bits} values stored unpacked in int8 + fp32 scales){wide}")
+    return MethodRun(name, "peer", bits, model, seconds, 0, conv_equivalent_bits(float_model, convs, bits, eight_bit),
                      state_dict_bytes(model), note=note,
                      extra=dict(convs=len(convs), kxk_convs_via_from_hp=spatial, linear_quantized=len(linears)))
 

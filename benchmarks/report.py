@@ -430,6 +430,117 @@ def deploy_targets(data: dict) -> list[str]:
                  "a tie, not a win):"), "\n".join(lines)]
 
 
+FRONTIER_ORDER = ("base", "bitsonly", "cora", "joint", "torchao")
+
+
+def frontier_rows(data: dict) -> list[tuple[str, dict]]:
+    """The frontier rows (float left out) by bit-width, then family."""
+    rows = [(k, r) for k, r in data.items() if not k.startswith("_") and r.get("family") != "float"]
+    order = {f: i for i, f in enumerate(FRONTIER_ORDER)}
+    return sorted(rows, key=lambda item: (item[1]["target_bits"], order.get(item[1]["family"], 9), item[0]))
+
+
+def paired(diff: list[float] | None, lower_is_better: bool) -> str:
+    """A paired difference with its interval and verdict: "-0.012 (-0.02 to -0.004) better"."""
+    if not diff:
+        return "-"
+    mean, lo, hi = diff
+    better, worse = (hi < 0, lo > 0) if lower_is_better else (lo > 0, hi < 0)
+    verdict = "**better**" if better else "worse" if worse else "tie"
+    return f"{mean:+.3f} ({lo:+.3f} to {hi:+.3f}) {verdict}"
+
+
+def frontier_table(data: dict) -> str:
+    lines = ["| bits | family | eq. bits | top-1 % (95% CI) | tiny64 agr. % | tiny64 KL | vs base: agr. points | "
+             "vs base: KL | calib s |", "|---|---|---|---|---|---|---|---|---|"]
+    for _, r in frontier_rows(data):
+        vs = r.get("vs_base") or {}
+        lines.append(f"| {r['target_bits']} | {r['family']} | {r['equivalent_bits']:.3f} | {top1_ci(r)} | "
+                     f"{r['tiny_agreement']:.2f} | {r['tiny_kl']:.4f} | {paired(vs.get('agree'), False)} | "
+                     f"{paired(vs.get('kl'), True)} | {r['calib_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def frontier_targets(data: dict) -> list[str]:
+    """Joint above base at every point (KL outside its interval); W3 and W2 top-1 at their bit limits."""
+    rows = frontier_rows(data)
+    float_top1 = data.get("float", {}).get("top1")
+    checks = []
+    points = [r["target_bits"] for _, r in rows if r["family"] == "base"]
+    joint = {r["target_bits"]: r["vs_base"]["kl"] for _, r in rows if r["family"] == "joint" and r.get("vs_base")}
+    if joint:
+        wins = [bits for bits in points if bits in joint and joint[bits][2] < 0]
+        checks.append(("joint below base's KL, outside the interval, at every point",
+                       f"{len(wins)} of {len(points)} points ({len(joint)} measured)", len(wins) == len(points)))
+    for bits, limit, drop in (("W3", 3.5, 2.5), ("W2", 2.5, 10.0)):
+        within = [(k, r) for k, r in rows if r["equivalent_bits"] <= limit + 1e-9]
+        if within and float_top1 is not None:
+            name, r = max(within, key=lambda item: item[1]["top1"])
+            checks.append((f"{bits} at <= {limit} bits: top-1 >= float - {drop} ({float_top1 - drop:.2f})",
+                           f"{r['top1']:.2f} ({name})", r["top1"] >= float_top1 - drop))
+    lines = ["| target | measured | met |", "|---|---|---|"]
+    lines += [f"| {name} | {value} | {'yes' if met else '**no**'} |" for name, value, met in checks]
+    return [wrap("Targets, checked against the rows above by the report (a difference inside its interval is a "
+                 "tie, not a win):"), "\n".join(lines)] if checks else []
+
+
+def frontier_section(folder: Path, plots: str = "results") -> list[str]:
+    """Accuracy against equivalent bits: no adapters, CoRa, joint bits and ranks (frontier.json)."""
+    data = optional(folder, "frontier.json")
+    if not data or not frontier_rows(data):
+        return []
+    meta = data.get("_meta", {})
+    present = {r["family"] for _, r in frontier_rows(data)}
+    families = {k: v for k, v in meta.get("families", {}).items() if k in present}
+    commands = dict.fromkeys(r["command"] for _, r in frontier_rows(data) if r.get("command"))
+    return ["## Frontier: adapters against precision at equal bits", wrap(
+        "MobileNetV2 at equal equivalent bits (conv weights and adapters, depthwise at 8 bits counted), every "
+        "family on `recommended(n)`'s base (GPTQ, per-channel MSE ranges, int8 depthwise) with n the point rounded "
+        "up and some layers at n - 1: " + "; ".join(f"`{k}`: {v}" for k, v in families.items()) + ". "
+        f"Top-1 on the {meta.get('eval_images', 700)} eval images; agreement with the float model's top-1 and mean "
+        f"KL(float || quantized) on the {meta.get('tiny_images', 10000):,} tiny64 images; `vs base`: the paired "
+        "difference to the `base` row at the same point, image by image, with its 95% bootstrap interval "
+        "(outside it: better / worse, inside: a tie). Machine: " + str(meta.get("machine", "?")) + "."),
+        "```bash\n" + "\n".join(commands) + "\n```", frontier_table(data), *frontier_targets(data),
+        f"![top-1 and KL against equivalent bits]({plots}/frontier.png)"]
+
+
+def frontier_plot(data: dict, path: Path) -> None:
+    """Top-1 (with its interval) and mean tiny64 KL against equivalent bits, one line per family."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, kl) = plt.subplots(1, 2, figsize=(12, 4.8))
+    names = data.get("_meta", {}).get("families", {})
+    colors = plt.get_cmap("tab10").colors
+    for index, family in enumerate(FRONTIER_ORDER):
+        pts = sorted(((r["equivalent_bits"], r) for _, r in frontier_rows(data) if r["family"] == family),
+                     key=lambda p: p[0])
+        if not pts:
+            continue
+        style = dict(marker="osD^v"[index], color=colors[index])
+        x = [p[0] for p in pts]
+        err = [[p[1]["top1"] - p[1]["top1_lo"] for p in pts], [p[1]["top1_hi"] - p[1]["top1"] for p in pts]]
+        label = f"{family}: {names.get(family, family)}"
+        top.errorbar(x, [p[1]["top1"] for p in pts], yerr=err, capsize=3, label=label, **style)
+        kl.plot(x, [p[1]["tiny_kl"] for p in pts], label=label, **style)
+    if "float" in data:
+        top.axhline(data["float"]["top1"], color="gray", linestyle="--", label="float")
+    top.set_xlabel("equivalent bits")
+    top.set_ylabel("top-1 on eval (%), 95% interval")
+    kl.set_xlabel("equivalent bits")
+    kl.set_ylabel("mean KL(float || quantized), tiny64 (log)")
+    kl.set_yscale("log")
+    for ax in (top, kl):
+        ax.grid(True, alpha=0.3)
+    top.legend(fontsize=8)
+    fig.suptitle("MobileNetV2: adapters against precision at equal bits")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, metadata={"Software": None})
+    plt.close(fig)
+
+
 def speed_section(folder: Path) -> list[str]:
     """Wall time of recommended(n) step by step, the search step's speed-ups one by one, the profiles,
     prepare_cora's SVDs and the two-process run (calibration_speed.json, search_speed.json,
@@ -633,7 +744,7 @@ def render_results(results: dict, plots: str = "results", folder: Path | None = 
         f"![searched ranks per layer]({plots}/ranks.png)", wrap(
         "The ranks that the search gives `CoRa recommended W4` per layer, against the heuristic floor(b*R) "
         "and the maximum rank R.")]
-    parts += scale_section(folder) + gallery_section(folder)
+    parts += frontier_section(folder, plots) + scale_section(folder) + gallery_section(folder)
     return "\n\n".join(parts) + "\n"
 
 
@@ -864,13 +975,18 @@ def ranks_plot(record: dict, path: Path, title: str) -> None:
 
 
 def write_plots(results: dict, folder: Path) -> list[Path]:
-    """pareto.png and, when the row has searched ranks, ranks.png of `CoRa recommended W4`, in `folder`."""
+    """pareto.png, frontier.png when frontier.json holds rows and, when the row has searched ranks, ranks.png of
+    `CoRa recommended W4`, in `folder`."""
     written = [folder / "pareto.png"]
     pareto_plot(results, written[0])
+    frontier = optional(folder, "frontier.json")
+    if frontier and frontier_rows(frontier):
+        written.append(folder / "frontier.png")
+        frontier_plot(frontier, written[-1])
     record = results.get("CoRa recommended W4") or {}
     if "ranks" in (record.get("extra") or {}):
         written.append(folder / "ranks.png")
-        ranks_plot(record, written[1], "CoRa recommended W4")
+        ranks_plot(record, written[-1], "CoRa recommended W4")
     return written
 
 

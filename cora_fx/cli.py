@@ -10,7 +10,7 @@ import importlib
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, NoReturn, Optional, Sequence
 
 import torch
 from torch import nn
@@ -215,22 +215,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def quantize_config(args: argparse.Namespace) -> "CoRaConfig":
     """``--config`` (recommended by default, or the paper's) with the options given explicitly on top;
-    with ``--target-bits`` and no ``--budget``, recommended takes `mixed_precision.MIXED_BUDGET`."""
+    with ``--target-bits``, ``--allocation bits`` and no ``--budget``, recommended takes
+    `mixed_precision.MIXED_BUDGET` (the joint plan has no adapter budget of its own)."""
     from .config import CoRaConfig
 
     base = CoRaConfig.recommended(args.bits) if args.config == "recommended" else CoRaConfig().replace(bits=args.bits)
     changes: dict[str, Any] = {"seed": args.seed}
     for option in ("adapter_bits", "budget", "clipping", "depthwise", "loss", "iterations", "finetune_iterations",
-                   "adapter_form", "act_bits"):
+                   "adapter_form", "act_bits", "allocation"):
         if getattr(args, option, None) is not None:
             changes[option] = getattr(args, option)
     if args.per_channel or args.per_tensor:
         changes["granularity"] = "per_channel" if args.per_channel else "per_tensor"
-    if args.target_bits is not None and args.budget is None and args.config == "recommended":
+    joint = (getattr(args, "allocation", None) or base.search.allocation) == "joint"
+    if args.target_bits is not None and args.budget is None and args.config == "recommended" and not joint:
         from .mixed_precision import MIXED_BUDGET
 
         changes["budget"] = MIXED_BUDGET  # at a fixed bit-width, 4-bit weights are worth more than adapters
     return base.replace(**changes)
+
+
+def _allocate(model: nn.Module, calibration: Iterable, config: "CoRaConfig", target_bits: float,
+              progress: bool) -> tuple["CoRaConfig", Optional[dict[str, int]]]:
+    """``--target-bits``: the config with the planned ``layer_bits``, and the planned ranks with
+    ``search.allocation="joint"`` (None: the ranks are searched or set as ``--ranks`` says)."""
+    from .joint_allocation import allocate_jointly
+    from .mixed_precision import allocate_bits
+
+    try:
+        if config.search.allocation == "joint":
+            plan = allocate_jointly(model, calibration, config, target_bits, progress=progress)
+            return config.replace(layer_bits=plan.layer_bits), plan.ranks
+        return config.replace(layer_bits=allocate_bits(model, calibration, config, target_bits,
+                                                       progress=progress)), None
+    except ValueError as err:
+        raise UsageError(f"--target-bits: {err}") from None
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -268,21 +287,16 @@ def _quantize(args: argparse.Namespace) -> int:
     image = _first_image(dataset, "--calib")
     example = (torch.stack([image, image]),)  # batch 2: the exported batch dimension stays dynamic
     calibration = _calibration_batches(dataset, args.batch_size, args.quiet, image.numel())
+    ranks = "search" if args.ranks == "search" else "heuristic"
     if args.target_bits is not None:
-        from .mixed_precision import allocate_bits
-
-        try:
-            plan = allocate_bits(model, calibration, config, args.target_bits, progress=not args.quiet)
-        except ValueError as err:
-            raise UsageError(f"--target-bits: {err}") from None
-        config = config.replace(layer_bits=plan)
+        config, planned = _allocate(model, calibration, config, args.target_bits, not args.quiet)
+        ranks = planned or ranks
     prepared = prepare_cora(model, config, example_inputs=example, progress=not args.quiet)
     if not hasattr(prepared, "meta") or "cora_fx" not in prepared.meta:
         raise UsageError(f"--model {args.model}: no nn.Conv2d layer to quantize")
     quiet = args.quiet or not distributed.is_main_process()
     say = (lambda step: None) if quiet else (lambda step: print(f"cora-fx quantize: {step} ...", flush=True))
-    steps = run_pipeline(prepared, calibration, ranks="search" if args.ranks == "search" else "heuristic",
-                         progress=not args.quiet, on_step=say)
+    steps = run_pipeline(prepared, calibration, ranks=ranks, progress=not args.quiet, on_step=say)
     result = steps.search
     say("convert_cora")
     quantized = convert_cora(prepared)
@@ -294,7 +308,8 @@ def _quantize(args: argparse.Namespace) -> int:
     float_bytes = serialized_nbytes(model)
     nbytes = file_nbytes(out)
     extra: dict[str, Any] = {"artifact": str(out), "artifact_bytes": nbytes, "float_state_dict_bytes": float_bytes,
-                             "model": args.model, "ranks_from": args.ranks, "layer_bits": dict(config.quant.layer_bits)}
+                             "model": args.model, "layer_bits": dict(config.quant.layer_bits),
+                             "ranks_from": "joint allocation" if isinstance(ranks, dict) else args.ranks}
     extra["steps"] = steps.steps
     if steps.finetune is not None:
         extra["finetune"] = {"iterations": steps.finetune.iterations, "seconds": steps.finetune.seconds}
@@ -424,9 +439,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lowered adapter: a parallel two-conv branch (paper) or folded into the conv weight "
                         "(recommended)")
     q.add_argument("--target-bits", type=float, metavar="BITS",
-                   help="mixed precision: move the convs with the least summed sensitivity to --bits - 1 so that "
-                        "the equivalent bits, adapter budget included, are at most BITS (e.g. --bits 4 --target-bits "
-                        "4.0); without --budget, the recommended config then takes budget 0.02")
+                   help="mixed precision: the equivalent bits, adapters included, are at most BITS (e.g. --bits 4 "
+                        "--target-bits 4.0), some convs at --bits - 1 (see --allocation)")
+    q.add_argument("--allocation", choices=("bits", "joint"),
+                   help="with --target-bits: plan every conv's bits and rank together, a rank only where it beats a "
+                        "bit of precision (joint, recommended's), or demote the convs the output feels least with "
+                        "the adapter budget spent in full, then search the ranks (bits, the paper's config; "
+                        "recommended then takes budget 0.02 unless --budget is given)")
     q.add_argument("--act-bits", type=_int_in(2, 8),
                    help="quantize activations too (8 for integer runtimes; `cora-fx export` then writes an ONNX "
                         "file onnxruntime runs with integer convolutions); default: float activations")

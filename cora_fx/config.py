@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping, Optional, Union
 
 #: Version of the `to_dict` layout; `from_dict` reads this version and the flat layout before it.
-CONFIG_VERSION = 4
+CONFIG_VERSION = 5
 
 GRANULARITIES = ("per_tensor", "per_channel")
 CLIPPINGS = ("normal", "normal_paper", "minmax", "mse")
@@ -34,6 +34,7 @@ ROUNDING_INPUTS = ("float", "quantized")
 ADAPTER_FORMS = ("parallel", "folded")
 ACTIVATION_OBSERVERS = ("minmax", "moving_average", "histogram")
 ACTIVATION_DTYPES = ("uint8", "int8")
+ALLOCATIONS = ("bits", "joint")
 
 LossFn = Callable[..., Any]
 
@@ -238,6 +239,10 @@ class SearchConfig(_Group):
         loss_dim: the class dimension of ``"kl"`` (1: ``(N, C)`` logits and ``(N, C, H, W)`` maps; -1 for
             ``(N, T, C)`` sequences).
         seed: seed of the search's random state.
+        allocation: how a target equivalent bit-width is met (``cora-fx quantize --target-bits``, section 8):
+            ``"bits"`` (`allocate_bits` demotes layers with ``budget`` spent in full, then this search picks the
+            ranks) or ``"joint"`` (`allocate_jointly` picks every layer's bits and rank together under the one
+            bit budget, buying a rank only where it removes more loss per bit than precision; no search).
     """
 
     GROUP: ClassVar[str] = "search"
@@ -253,6 +258,7 @@ class SearchConfig(_Group):
     seed: int = 0
     micro_batch: Union[int, str, None] = "auto"
     channels_last: bool = True
+    allocation: str = "bits"
 
     @property
     def start_rank(self) -> float:
@@ -275,6 +281,7 @@ class SearchConfig(_Group):
             ("micro_batch", lambda v: v is None or v == "auto" or (_is_int(v) and v >= 1),
              "must be None, 'auto' or an integer >= 1"),
             ("channels_last", lambda v: isinstance(v, bool), "must be True or False"),
+            ("allocation", _one_of(ALLOCATIONS), f"must be one of {ALLOCATIONS}"),
         ]
 
 
@@ -346,7 +353,7 @@ FLAT_NAMES: dict[str, tuple[str, str]] = {
     "rounding_inputs": ("rounding", "inputs"), "max_block": ("rounding", "max_block"),
     **{name: ("search", name) for name in
        ("budget", "nbk_order", "penalty", "lr", "iterations", "grad_clip", "init_rank", "loss", "loss_dim", "seed",
-        "micro_batch", "channels_last")},
+        "micro_batch", "channels_last", "allocation")},
     **{name: ("refine", name) for name in ("bn_correction", "finetune_iterations", "finetune_lr")},
     "act_bits": ("activation", "bits"), "act_observer": ("activation", "observer"),
     "act_dtype": ("activation", "dtype"), "act_batches": ("activation", "batches"),
@@ -439,9 +446,11 @@ class CoRaConfig:
         adapters reclaim, output-aware (activation) adapters, the label-free KL search, adapters lowered in
         the folded form; a budget that keeps MobileNetV2 at or below ``bits + 0.5`` equivalent bits with its
         depthwise convs counted at 8 bits. No BatchNorm correction or fine-tuning: after GPTQ they did not help
-        (`benchmarks/ablation.py` measures them). With ``act_bits`` (an integer runtime) the 8-bit weights
-        are symmetric (``symmetric_int8``). ``changes`` are applied with `replace`. ``CoRaConfig()`` stays the
-        paper's.
+        (`benchmarks/ablation.py` measures them). A target bit-width (``cora-fx quantize --target-bits``) is met by
+        the joint plan of bits and ranks (``allocation="joint"``, `allocate_jointly`): on MobileNetV2 it beat
+        precision alone at every measured bit-width (benchmarks/RESULTS.md, "Frontier"). With ``act_bits`` (an
+        integer runtime) the 8-bit weights are symmetric (``symmetric_int8``). ``changes`` are applied with
+        `replace`. ``CoRaConfig()`` stays the paper's.
         """
         if changes.get("act_bits") is not None:
             changes = {"symmetric_int8": True, **changes}
@@ -449,7 +458,7 @@ class CoRaConfig:
         base = cls(quant=QuantConfig(bits=bits, granularity="per_channel", clipping="mse", depthwise="int8"),
                    adapter=AdapterConfig(svd="activation", form="folded"),
                    rounding=RoundingConfig(method="gptq", batches=8),
-                   search=SearchConfig(budget=budget, loss="kl"))
+                   search=SearchConfig(budget=budget, loss="kl", allocation="joint"))
         return base.replace(**changes) if changes else base
 
     @property

@@ -118,16 +118,7 @@ def allocate_bits(
     low_bits = config.quant.bits - 1 if low_bits is None else low_bits
     if not isinstance(low_bits, int) or not 2 <= low_bits < config.quant.bits:
         raise ValueError(f"allocate_bits: low_bits={low_bits!r} must be an integer in 2..{config.quant.bits - 1}")
-    if not isinstance(batches, int) or batches < 1:
-        raise ValueError(f"allocate_bits: batches={batches!r} must be an integer >= 1")
-    if not isinstance(target_bits, (int, float)) or isinstance(target_bits, bool) or not target_bits > 0:
-        raise ValueError(f"allocate_bits: target_bits={target_bits!r} must be a positive number")
-    if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
-        raise CoRaError(f"allocate_bits: {type(model).__name__} has no nn.Conv2d layer to allocate bits to")
-    unknown = set(capture_options) - CAPTURE_OPTIONS
-    if unknown:
-        raise TypeError(f"allocate_bits: unexpected argument(s) {sorted(unknown)}; "
-                        f"tracing options are {sorted(CAPTURE_OPTIONS)}")
+    check_arguments("allocate_bits", model, target_bits, batches, capture_options)
     prepared = prepare_cora(model, config, progress=progress, **capture_options)
     start = planned_bits(prepared, dict(config.quant.layer_bits), config.search.budget)
     if start <= target_bits:
@@ -141,15 +132,7 @@ def allocate_bits(
                          f"searchable conv at {low_bits} bits and budget {config.search.budget}")
 
     reference_model = copy.deepcopy(model).eval()
-    device, dtype = model_device(reference_model), input_dtype(reference_model)
-    inputs = []
-    for batch in calibration:
-        inputs.append(split_batch(batch, device, dtype)[0])
-        if len(inputs) == batches:
-            break
-    if not distributed.all_reduce_min(len(inputs)):
-        raise CoRaError("allocate_bits: the calibration batches are empty"
-                        + (" on at least one process" if distributed.active() else ""))
+    inputs = first_inputs(reference_model, calibration, batches, "allocate_bits")
     sensitivity = _Sensitivity(config, get_state(prepared).concrete_args)
     reference = sensitivity.outputs(reference_model, inputs)
     per_batch = _batch_sensitivities(reference_model, prepared, candidates, config, low_bits, inputs, reference,
@@ -160,6 +143,35 @@ def allocate_bits(
     need = (start - target_bits) * (1 + 1e-9)
     demoted = _cheapest_demotions(kl_growth, saved, need)
     return {**config.quant.layer_bits, **{name: low_bits for name in demoted}}
+
+
+def check_arguments(caller: str, model: nn.Module, target_bits: Any, batches: Any, capture_options: dict) -> None:
+    """The checks `allocate_bits` and `allocate_jointly` share, each error naming ``caller`` and the argument."""
+    if not isinstance(batches, int) or batches < 1:
+        raise ValueError(f"{caller}: batches={batches!r} must be an integer >= 1")
+    if not isinstance(target_bits, (int, float)) or isinstance(target_bits, bool) or not target_bits > 0:
+        raise ValueError(f"{caller}: target_bits={target_bits!r} must be a positive number")
+    if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        raise CoRaError(f"{caller}: {type(model).__name__} has no nn.Conv2d layer to allocate bits to")
+    unknown = set(capture_options) - CAPTURE_OPTIONS
+    if unknown:
+        raise TypeError(f"{caller}: unexpected argument(s) {sorted(unknown)}; "
+                        f"tracing options are {sorted(CAPTURE_OPTIONS)}")
+
+
+def first_inputs(model: nn.Module, calibration: Iterable, batches: int, caller: str) -> list:
+    """The inputs of the first ``batches`` calibration batches, on the model's device and dtype; a clear
+    error naming ``caller`` when there are none (on any process)."""
+    device, dtype = model_device(model), input_dtype(model)
+    inputs = []
+    for batch in calibration:
+        inputs.append(split_batch(batch, device, dtype)[0])
+        if len(inputs) == batches:
+            break
+    if not distributed.all_reduce_min(len(inputs)):
+        raise CoRaError(f"{caller}: the calibration batches are empty"
+                        + (" on at least one process" if distributed.active() else ""))
+    return inputs
 
 
 def _mean_growth(per_batch: dict[str, tuple[list[float], list[float]]]) -> dict[str, float]:

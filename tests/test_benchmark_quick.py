@@ -65,11 +65,37 @@ def test_report_writes_tables_and_plots_from_results_json(tmp_path, capsys, monk
                "peer W4": row("peer W4", 5.0, 4.0, error="ImportError: no peer"), "_meta": {}}
     path = tmp_path / "results.json"
     path.write_text(json.dumps(results))
+    point = dict(family="base", target_bits=4.0, equivalent_bits=3.99, top1=78.0, top1_lo=75.0, top1_hi=81.0,
+                 tiny_agreement=60.0, tiny_kl=0.1, calib_seconds=1.0)
+    frontier = {"float": {"family": "float", "top1": 79.0}, "base @4.0": point,
+                "joint @4.0": {**point, "family": "joint", "tiny_kl": 0.09, "vs_base": {"kl": [-0.01, -0.02, -0.005]}}}
+    (tmp_path / "frontier.json").write_text(json.dumps(frontier))
     assert report.main([str(path)]) == 0
     out = capsys.readouterr().out
     assert "| CoRa recommended W4 | 79.00 (76.0-82.0) |" in out and "cannot run: ImportError" in out
     assert "| CoRa recommended W4 | eager | 1 | 1.0 | 1.5 | 1.50 |" in out
     assert (tmp_path / "pareto.png").stat().st_size > 0 and (tmp_path / "ranks.png").stat().st_size > 0
+    assert (tmp_path / "frontier.png").stat().st_size > 0
+    assert "| 4.0 | joint | 3.990 |" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_frontier_differences_are_paired_and_called_only_outside_their_interval(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))
+    import torch
+
+    from benchmarks import frontier
+
+    g = torch.Generator().manual_seed(0)
+    base = {"hit": (torch.rand(700, generator=g) < 0.8).float(), "agree": (torch.rand(2000, generator=g) < 0.6).float(),
+            "kl": torch.rand(2000, generator=g)}
+    same = frontier.versus(base, base)
+    assert all(v == [0.0, 0.0, 0.0] for v in same.values())
+    # a uniform 2% KL cut is invisible next to the per-image spread unpaired, but certain paired
+    better = frontier.versus({**base, "kl": base["kl"] * 0.98}, base)
+    assert better["kl"][2] < 0
+    mean, lo, hi = frontier.interval(base["kl"])
+    assert lo < mean < hi and lo < float((base["kl"] * 0.98).mean()) < hi
+    assert frontier.main_bits(3.0) == 3 and frontier.main_bits(3.25) == 4 and frontier.main_bits(2.5) == 3
 
 
 def test_pareto_point_labels_avoid_each_other(monkeypatch):

@@ -117,11 +117,12 @@ def test_quantize_with_heuristic_ranks_on_an_imagefolder(workspace):
     assert out.with_name("heur_ranks.png").is_file() and not out.with_name("heur_search.png").exists()
 
 
-def test_quantize_with_a_target_bit_width_mixes_precision(workspace):
+@pytest.mark.parametrize("allocation", ["bits", "joint"])
+def test_quantize_with_a_target_bit_width_mixes_precision(workspace, allocation):
     out = workspace / "mixed.pt2"
     proc = run("quantize", "--model", "tinymodel:make", "--calib", "labels.csv", "--split", "calib", "--bits", "4",
                "--budget", "0.05", "--target-bits", "4.2", "--iterations", "2", "--batch-size", "4",
-               "--image-size", "16", "--resize", "16", "--out", str(out), "--quiet",
+               "--allocation", allocation, "--image-size", "16", "--resize", "16", "--out", str(out), "--quiet",
                cwd=workspace, extra_path=workspace)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.with_suffix(".json").read_text())
@@ -129,6 +130,8 @@ def test_quantize_with_a_target_bit_width_mixes_precision(workspace):
     assert {layer["name"]: layer["bits"] for layer in report["layers"]
             if layer["name"] in report["layer_bits"]} == report["layer_bits"]
     assert report["equivalent_bits"] <= 4.2 + 1e-9
+    assert report["config"]["search"]["allocation"] == allocation
+    assert report["ranks_from"] == ("joint allocation" if allocation == "joint" else "search")
 
 
 QUANTIZE = ["quantize", "--calib", "labels.csv", "--image-size", "16", "--resize", "16", "--iterations", "1",
@@ -167,7 +170,7 @@ def test_quantize_defaults_to_the_recommended_config_and_options_override_it():
     def args(**kw):
         base = dict(config="recommended", bits=4, seed=0, adapter_bits=None, budget=None, clipping=None, depthwise=None,
                     loss=None, iterations=None, per_channel=False, per_tensor=False,
-                    finetune_iterations=None, adapter_form=None, target_bits=None)
+                    finetune_iterations=None, adapter_form=None, target_bits=None, allocation=None)
         return argparse.Namespace(**{**base, **kw})
 
     assert quantize_config(args()) == CoRaConfig.recommended(4)
@@ -176,7 +179,9 @@ def test_quantize_defaults_to_the_recommended_config_and_options_override_it():
     assert (tuned.search.budget, tuned.quant.granularity, tuned.quant.clipping, tuned.search.iterations) == (
         0.1, "per_tensor", "normal", 7)
     assert tuned.rounding.method == "gptq"  # the rest stays recommended
-    assert quantize_config(args(target_bits=4.0)) == CoRaConfig.recommended(4, budget=MIXED_BUDGET)
+    assert quantize_config(args(target_bits=4.0)) == CoRaConfig.recommended(4)  # joint: one bit budget, no b to set
+    separate = quantize_config(args(target_bits=4.0, allocation="bits"))
+    assert separate == CoRaConfig.recommended(4, budget=MIXED_BUDGET, allocation="bits")
     assert quantize_config(args(target_bits=4.0, budget=0.05)).search.budget == 0.05  # an explicit --budget wins
     assert quantize_config(args(config="paper", target_bits=4.0)) == CoRaConfig()  # the paper's settings stay
     plain = quantize_config(args(finetune_iterations=0, adapter_form="parallel"))

@@ -1,0 +1,228 @@
+"""The equal-bits frontier: accuracy against equivalent bits, adapters against precision (RESULTS.md "Frontier").
+
+Every family lands on the same equivalent bit-widths (conv weights and adapters, depthwise convs at 8 bits
+counted; docs/method.md section 3) with `allocate_bits`, on cora_fx's strong base (`recommended(n)`:
+GPTQ, per-channel MSE ranges, depthwise at int8):
+
+- ``base``: that base with no adapter at all (every rank 0): the bits go to precision only;
+- ``cora``: CoRa as `cora-fx quantize --target-bits` runs it: `allocate_bits` with the adapter budget
+  ``MIXED_BUDGET`` spent in full, then the rank search;
+- ``joint``: bits and ranks chosen together under one budget (``search.allocation="joint"``, section 8);
+- ``bitsonly``: the joint plan offered rank 0 only (its loss model without adapters: what the adapters add);
+- ``torchao``: a peer, torchao's round-to-nearest at W3 / W4 with the depthwise convs, the first conv and the
+  classifier at int8, at the integer points only.
+
+Each point is scored on the eval split (top-1 with its interval) and on the 10,000 tiny64 images against
+the float model (top-1 agreement and the mean KL(float || quantized) per image). Rows at the same point are
+compared image by image with the ``base`` row (paired bootstrap intervals of the differences), so a
+difference is called a win only outside its interval.
+
+    python benchmarks/frontier.py                                  # every family at every point
+    python benchmarks/frontier.py --families base,cora --points 3.5,4.0
+    python benchmarks/report.py --no-plots                         # the table (and frontier.png without --no-plots)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (CACHE, batches, data_paths, load_split, mobilenet_v2, normalize,  # noqa: E402
+                               topk_with_ci)
+from benchmarks.methods import MethodRun, cora_joint, cora_mixed  # noqa: E402
+from cora_fx import CoRaConfig  # noqa: E402
+from cora_fx.mixed_precision import MIXED_BUDGET  # noqa: E402
+
+POINTS = (3.0, 3.25, 3.5, 4.0, 4.25, 4.5)
+RESULTS = Path(__file__).resolve().parent / "results" / "frontier.json"
+SAMPLES = CACHE / "frontier"
+#: an adapter budget so small that no layer gets a rank: the `base` family's plan ignores adapters
+NO_ADAPTERS = 1e-9
+ROUNDS = 1000
+
+
+def main_bits(target: float) -> int:
+    """The base bit-width n of a point: layers at n, some demoted to n - 1 (depthwise at 8 adds ~0.12-0.15)."""
+    return max(3, math.ceil(target - 1e-9))
+
+
+def base_family(model, calib, example, target: float) -> MethodRun:
+    n = main_bits(target)
+    cfg = CoRaConfig.recommended(n, budget=NO_ADAPTERS)
+    return cora_mixed(f"base @{target}", model, cfg, calib, example, target_bits=target, ranks="rtn")
+
+
+def cora_family(model, calib, example, target: float) -> MethodRun:
+    n = main_bits(target)
+    cfg = CoRaConfig.recommended(n, budget=MIXED_BUDGET, allocation="bits")
+    return cora_mixed(f"cora @{target}", model, cfg, calib, example, target_bits=target, ranks="search")
+
+
+def joint_family(model, calib, example, target: float) -> MethodRun:
+    n = main_bits(target)
+    cfg = CoRaConfig.recommended(n, allocation="joint")
+    return cora_joint(f"joint @{target}", model, cfg, calib, example, target_bits=target)
+
+
+def bitsonly_family(model, calib, example, target: float) -> MethodRun:
+    n = main_bits(target)
+    cfg = CoRaConfig.recommended(n, allocation="joint")
+    return cora_joint(f"bitsonly @{target}", model, cfg, calib, example, target_bits=target, ranks=(0,))
+
+
+def eight_bit_layers(model) -> list[str]:
+    """What a peer's docs keep at 8 bits in a depthwise net: the depthwise convs, the first conv, the last layer."""
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    last = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))][-1]
+    depthwise = [n for n, m in convs if m.groups > 1 and m.groups == m.in_channels]
+    return sorted({convs[0][0], last, *depthwise})
+
+
+def torchao_family(model, calib, example, target: float) -> MethodRun:
+    from benchmarks.peers import torchao_rtn
+
+    bits = round(target)
+    return torchao_rtn(f"torchao @{target}", model, calib, example, bits=bits, eight_bit=eight_bit_layers(model))
+
+
+FAMILIES: dict[str, tuple[str, Callable]] = {
+    "base": ("GPTQ base, no adapters", base_family),
+    "cora": (f"CoRa b={MIXED_BUDGET}, searched ranks", cora_family),
+    "joint": ("CoRa, bits and ranks planned jointly", joint_family),
+    "bitsonly": ("the joint plan offered rank 0 only: its loss model, no adapters", bitsonly_family),
+    "torchao": ("torchao IntxWeightOnly RTN W{n}, depthwise, first and last layer int8 (integer points only)",
+                torchao_family),
+}
+
+
+@torch.no_grad()
+def outputs(model, images: torch.Tensor, batch_size: int = 100) -> torch.Tensor:
+    """Log-probabilities of ``model`` on uint8 ``images``."""
+    return torch.cat([torch.log_softmax(model(normalize(images[i:i + batch_size])).float(), dim=1)
+                      for i in range(0, len(images), batch_size)])
+
+
+def samples(model, eval_images: torch.Tensor, eval_labels: torch.Tensor, tiny: torch.Tensor,
+            float_tiny: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per image: eval top-1 hit, eval top-5, tiny64 agreement with float and KL(float || model)."""
+    logp = outputs(model, tiny)
+    kl = (float_tiny.exp() * (float_tiny - logp)).sum(dim=1)
+    top5 = outputs(model, eval_images).topk(5, dim=1).indices
+    return {"top5": top5, "hit": (top5[:, 0] == eval_labels).float(),
+            "agree": (logp.argmax(1) == float_tiny.argmax(1)).float(), "kl": kl}
+
+
+def interval(values: torch.Tensor, seed: int = 0) -> tuple[float, float, float]:
+    """Mean and 95% bootstrap interval of the mean of ``values`` (per-image numbers or paired differences)."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.stack([values[torch.randint(0, len(values), (len(values),), generator=g)].mean()
+                         for _ in range(ROUNDS)]).sort().values
+    return float(values.mean()), float(means[int(0.025 * ROUNDS)]), float(means[int(0.975 * ROUNDS) - 1])
+
+
+def scores(s: dict[str, torch.Tensor], labels: torch.Tensor) -> dict:
+    """The row's own numbers: top-1 (interval), tiny64 agreement and mean KL (intervals)."""
+    agree, kl = interval(s["agree"]), interval(s["kl"])
+    return {**topk_with_ci(s["top5"], labels), "tiny_agreement": 100 * agree[0],
+            "tiny_agreement_ci": [100 * agree[1], 100 * agree[2]], "tiny_kl": kl[0], "tiny_kl_ci": [kl[1], kl[2]]}
+
+
+def versus(s: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict:
+    """Paired differences to the base row at the same point (row minus base), each with its 95% interval."""
+    out = {}
+    for key, scale in (("hit", 100.0), ("agree", 100.0), ("kl", 1.0)):
+        mean, lo, hi = interval(s[key] - base[key])
+        out[key] = [scale * mean, scale * lo, scale * hi]
+    return out
+
+
+def sample_path(key: str) -> Path:
+    return SAMPLES / f"{key.replace(' ', '_').replace('@', 'at')}.pt"
+
+
+def compare_all(results: dict) -> None:
+    """Every non-base row gets ``vs_base`` against the base row at its point, when both sample files exist."""
+    for key, row in results.items():
+        if key.startswith("_") or row.get("family") in ("base", "torchao"):  # a peer lands on its own bits
+            continue
+        base_key = f"base @{row['target_bits']}"
+        if sample_path(key).is_file() and sample_path(base_key).is_file():
+            row["vs_base"] = versus(torch.load(sample_path(key)), torch.load(sample_path(base_key)))
+
+
+def run_point(family: str, target: float, model, calib, example, data: dict, argv: list[str]) -> dict:
+    """One family at one point: quantize, score, keep the per-image samples for the paired comparisons."""
+    _, build = FAMILIES[family]
+    run = build(model, calib, example, target)
+    s = samples(run.model, data["eval_images"], data["eval_labels"], data["tiny"], data["float_tiny"])
+    SAMPLES.mkdir(parents=True, exist_ok=True)
+    key = f"{family} @{target}"
+    torch.save(s, sample_path(key))
+    record = {k: v for k, v in asdict(run).items() if k not in ("model", "name", "family")}
+    record.update(family=family, target_bits=target, main_bits=run.bits, **scores(s, data["eval_labels"]),
+                  command="python benchmarks/frontier.py " + " ".join(argv))
+    return record
+
+
+def load_data(args) -> tuple:
+    labels_csv, tiny_csv = data_paths(args.data)
+    model = mobilenet_v2(labels_csv)
+    calib_images, calib_labels = load_split(labels_csv, "calib")
+    eval_images, eval_labels = load_split(labels_csv, "eval")
+    tiny = load_split(tiny_csv, None, image_size=64, resize=64, limit=args.tiny_limit)[0]
+    data = dict(eval_images=eval_images, eval_labels=eval_labels, tiny=tiny, float_tiny=outputs(model, tiny))
+    return model, batches(calib_images, calib_labels, 32), normalize(eval_images[:2]), data
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated (default: %(default)s)")
+    parser.add_argument("--points", default=",".join(map(str, POINTS)), help="equivalent bits (default: %(default)s)")
+    parser.add_argument("--data", default=None, help="data folder (default: $CORA_FX_DATA or ../shared/data)")
+    parser.add_argument("--tiny-limit", type=int, default=None, help="use only the first N tiny64 images")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    families = [f for f in args.families.split(",") if f]
+    unknown = set(families) - set(FAMILIES)
+    if unknown:
+        parser.error(f"--families: unknown {sorted(unknown)}; choose from {list(FAMILIES)}")
+    points = [float(p) for p in args.points.split(",") if p]
+    torch.manual_seed(0)
+    model, calib, example, data = load_data(args)
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    float_s = samples(model, data["eval_images"], data["eval_labels"], data["tiny"], data["float_tiny"])
+    results["float"] = dict(family="float", equivalent_bits=32.0, target_bits=32.0,
+                            **scores(float_s, data["eval_labels"]))
+    for target in points:
+        for family in families:
+            print(f"== {family} @{target}", flush=True)
+            results[f"{family} @{target}"] = run_point(family, target, model, calib, example, data, argv)
+            compare_all(results)
+            row = results[f"{family} @{target}"]
+            print(f"   top1 {row['top1']:.2f} agree {row['tiny_agreement']:.2f} kl {row['tiny_kl']:.4f} "
+                  f"bits {row['equivalent_bits']:.3f} {row['calib_seconds']:.0f}s {row.get('vs_base', '')}", flush=True)
+            results["_meta"] = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                    machine=f"{platform.machine()}, {torch.get_num_threads()} threads",
+                                    torch=torch.__version__, calib_images=sum(len(b[0]) for b in calib),
+                                    eval_images=len(data["eval_labels"]), tiny_images=len(data["tiny"]),
+                                    families={k: v[0] for k, v in FAMILIES.items()})
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
