@@ -447,8 +447,9 @@ class CoRaConfig:
         the folded form; a budget that keeps MobileNetV2 at or below ``bits + 0.5`` equivalent bits with its
         depthwise convs counted at 8 bits. No BatchNorm correction or fine-tuning: after GPTQ they did not help
         (`benchmarks/ablation.py` measures them). A target bit-width (``cora-fx quantize --target-bits``) is met by
-        the joint plan of bits and ranks (``allocation="joint"``, `allocate_jointly`): on MobileNetV2 it beat
-        precision alone at every measured bit-width (benchmarks/RESULTS.md, "Frontier"). With ``act_bits`` (an
+        the joint plan of bits and ranks (``allocation="joint"``, `allocate_jointly`): on MobileNetV2, at every
+        measured bit-width, its output is closer to the float model's than precision alone (GPTQ, no adapters) or
+        the budget-first plan (benchmarks/RESULTS.md, "Frontier"). With ``act_bits`` (an
         integer runtime) the 8-bit weights are symmetric (``symmetric_int8``). ``changes`` are applied with
         `replace`. ``CoRaConfig()`` stays the paper's.
         """

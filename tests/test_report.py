@@ -154,7 +154,7 @@ def test_frontier_rows_compare_with_the_base_and_check_the_targets(tmp_path):
     def row(family, bits, eq, top1, kl=None):
         r = {"family": family, "target_bits": bits, "equivalent_bits": eq, "top1": top1, "top1_lo": top1 - 3,
              "top1_hi": top1 + 3, "tiny_agreement": 60.0, "tiny_kl": 0.2, "calib_seconds": 10.0, "command": "cmd"}
-        return {**r, "vs_base": {"agree": [1.0, 0.5, 1.5], "kl": kl}} if kl else r
+        return {**r, "vs_base": {"hit": [1.0, -0.5, 1.5], "agree": [1.0, 0.5, 1.5], "kl": kl}} if kl else r
     data = {"float": {"family": "float", "top1": 79.4},
             "joint @3.5": row("joint", 3.5, 3.49, 77.0, [-0.02, -0.03, -0.01]),
             "base @3.5": row("base", 3.5, 3.5, 75.0),
@@ -162,9 +162,11 @@ def test_frontier_rows_compare_with_the_base_and_check_the_targets(tmp_path):
             "_meta": {"families": {"base": "no adapters", "joint": "planned jointly"}}}
     assert [k for k, _ in report.frontier_rows(data)] == ["joint @2.5", "base @3.5", "joint @3.5"]
     table = report.frontier_table(data)
-    assert "| -0.020 (-0.030 to -0.010) **better** |" in table and "| -0.020 (-0.050 to +0.010) tie |" in table
+    assert "| 3.5 | joint | +1.00 (-0.50, +1.50) | **+1.00 (+0.50, +1.50)** | **-0.020 (-0.030, -0.010)** |" in table
+    assert "| 2.5 | joint | +1.00 (-0.50, +1.50) | **+1.00 (+0.50, +1.50)** | -0.020 (-0.050, +0.010) |" in table
     targets = "\n".join(report.frontier_targets(data))
-    assert "| joint below base's KL, outside the interval, at every point | 1 of 1 points (2 measured) | yes |" in targets
+    met = "| joint below base's KL, outside the interval, at every point | 1 of 1 points (2 measured) | yes |"
+    assert met in targets
     assert "| W3 at <= 3.5 bits: top-1 >= float - 2.5 (76.90) | 77.00 (joint @3.5) | yes |" in targets
     tie = {**data, "joint @3.5": row("joint", 3.5, 3.49, 77.0, [-0.02, -0.03, 0.001])}
     assert "| 0 of 1 points (2 measured) | **no** |" in "\n".join(report.frontier_targets(tie))
