@@ -1,12 +1,12 @@
 """The equal-bits frontier: accuracy against equivalent bits, adapters against precision (RESULTS.md "Frontier").
 
-Every family lands on the same equivalent bit-widths (conv weights and adapters, depthwise convs at 8 bits
-counted; docs/method.md section 3) with `allocate_bits`, on cora_fx's strong base (`recommended(n)`:
-GPTQ, per-channel MSE ranges, depthwise at int8):
+cora_fx's families land on the same equivalent bit-widths (conv weights and adapters, depthwise convs at 8 bits
+counted; docs/method.md section 3), on its strong base (`recommended(n)`: GPTQ, per-channel MSE ranges, depthwise
+at int8, n the point rounded up, some convs at n - 1):
 
-- ``base``: that base with no adapter at all (every rank 0): the bits go to precision only;
-- ``cora``: CoRa as `cora-fx quantize --target-bits` runs it: `allocate_bits` with the adapter budget
-  ``MIXED_BUDGET`` spent in full, then the rank search;
+- ``base``: that base with no adapter at all (`allocate_bits`, every rank 0): the bits go to precision only;
+- ``cora``: CoRa budget first (``--allocation bits``): `allocate_bits` with the adapter budget ``MIXED_BUDGET``
+  spent in full, then the rank search;
 - ``joint``: bits and ranks chosen together under one budget (``search.allocation="joint"``, section 8);
 - ``bitsonly``: the joint plan offered rank 0 only (its loss model without adapters: what the adapters add);
 - ``torchao``: a peer, torchao's round-to-nearest at W3 / W4 with the depthwise convs, the first conv and the
