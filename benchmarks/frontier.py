@@ -9,13 +9,19 @@ at int8, n the point rounded up, some convs at n - 1):
   spent in full, then the rank search;
 - ``joint``: bits and ranks chosen together under one budget (``search.allocation="joint"``, section 8);
 - ``bitsonly``: the joint plan offered rank 0 only (its loss model without adapters: what the adapters add);
-- ``torchao``: a peer, torchao's round-to-nearest at W3 / W4 with the depthwise convs, the first conv and the
-  classifier at int8, at the integer points only.
+- ``uniform``: every searchable conv at n = the point rounded down, on the same base, ranks searched under the
+  adapter budget ``UNIFORM_BUDGETS[n]`` (`recommended(3)` and `recommended(4)` as they ship; it lands where its
+  budget puts it). ``joint @2.5`` is `recommended(2)`;
+- peers at W3 / W4 (the integer points only), with the depthwise convs, the first conv and the classifier at 8
+  bits as their docs advise for a depthwise net: ``torchao`` (round-to-nearest), ``brevitas`` (GPTQ) and
+  ``aimet`` (AdaRound), the last two on ``PEER_CALIB_BATCHES`` of the calibration batches and AdaRound with
+  ``ADAROUND_STEPS`` steps per layer (their full schedules take hours on two cores; the family's description in
+  the results says so).
 
 Each point is scored on the eval split (top-1 with its interval) and on the 10,000 tiny64 images against
 the float model (top-1 agreement and the mean KL(float || quantized) per image). Rows at the same point are
-compared image by image with the ``base`` row (paired bootstrap intervals of the differences), so a
-difference is called a win only outside its interval.
+compared image by image with the ``base`` row, and each peer with the ``joint`` row at no more equivalent bits
+(paired bootstrap intervals of the differences), so a difference is called a win only outside its interval.
 
     python benchmarks/frontier.py                                  # every family at every point
     python benchmarks/frontier.py --families base,cora --points 3.5,4.0
@@ -24,6 +30,7 @@ difference is called a win only outside its interval.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import platform
@@ -40,7 +47,7 @@ if __package__ in (None, ""):
 
 from benchmarks.common import (CACHE, batches, data_paths, load_split, mobilenet_v2, normalize,  # noqa: E402
                                topk_with_ci)
-from benchmarks.methods import MethodRun, cora_joint, cora_mixed  # noqa: E402
+from benchmarks.methods import MethodRun, cora, cora_joint, cora_mixed  # noqa: E402
 from cora_fx import CoRaConfig  # noqa: E402
 from cora_fx.mixed_precision import MIXED_BUDGET  # noqa: E402
 
@@ -50,6 +57,13 @@ SAMPLES = CACHE / "frontier"
 #: an adapter budget so small that no layer gets a rank: the `base` family's plan ignores adapters
 NO_ADAPTERS = 1e-9
 ROUNDS = 1000
+#: calibration batches of 32 images the GPTQ and AdaRound peers see (64 of the 1,600 images)
+PEER_CALIB_BATCHES = 2
+#: AdaRound optimization steps per layer (AIMET's default below 8 bits is 15,000)
+ADAROUND_STEPS = 80
+PEERS = ("torchao", "brevitas", "aimet")
+#: the uniform family's adapter budget at n bits (recommended's at 3 and 4; 0.03 keeps n = 2 within 2.5 bits)
+UNIFORM_BUDGETS = {2: 0.03, 3: 0.044, 4: 0.045}
 
 
 def main_bits(target: float) -> int:
@@ -81,6 +95,12 @@ def bitsonly_family(model, calib, example, target: float) -> MethodRun:
     return cora_joint(f"bitsonly @{target}", model, cfg, calib, example, target_bits=target, ranks=(0,))
 
 
+def uniform_family(model, calib, example, target: float) -> MethodRun:
+    n = math.floor(target)
+    cfg = CoRaConfig.recommended(3).replace(bits=n, budget=UNIFORM_BUDGETS[n])
+    return cora(f"uniform @{target}", model, cfg, calib, example, ranks="search")
+
+
 def eight_bit_layers(model) -> list[str]:
     """What a peer's docs keep at 8 bits in a depthwise net: the depthwise convs, the first conv, the last layer."""
     convs = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
@@ -96,13 +116,33 @@ def torchao_family(model, calib, example, target: float) -> MethodRun:
     return torchao_rtn(f"torchao @{target}", model, calib, example, bits=bits, eight_bit=eight_bit_layers(model))
 
 
+def brevitas_family(model, calib, example, target: float) -> MethodRun:
+    from benchmarks.peers import brevitas_gptq
+
+    return brevitas_gptq(f"brevitas @{target}", model, calib[:PEER_CALIB_BATCHES], example, bits=round(target),
+                         eight_bit=eight_bit_layers(model))
+
+
+def aimet_family(model, calib, example, target: float) -> MethodRun:
+    from benchmarks.peers import aimet_adaround
+
+    return aimet_adaround(f"aimet @{target}", model, calib[:PEER_CALIB_BATCHES], example, bits=round(target),
+                          iterations=ADAROUND_STEPS, eight_bit=eight_bit_layers(model))
+
+
 FAMILIES: dict[str, tuple[str, Callable]] = {
     "base": ("GPTQ base, no adapters", base_family),
     "cora": (f"CoRa b={MIXED_BUDGET}, searched ranks", cora_family),
     "joint": ("CoRa, bits and ranks planned jointly", joint_family),
     "bitsonly": ("the joint plan offered rank 0 only: its loss model, no adapters", bitsonly_family),
+    "uniform": ("every conv at n bits (the point rounded down), ranks searched under an adapter budget",
+                uniform_family),
     "torchao": ("torchao IntxWeightOnly RTN W{n}, depthwise, first and last layer int8 (integer points only)",
                 torchao_family),
+    "brevitas": (f"brevitas GPTQ W{{n}} on {32 * PEER_CALIB_BATCHES} calibration images, depthwise, first and last "
+                 "layer W8", brevitas_family),
+    "aimet": (f"AIMET AdaRound W{{n}}, {ADAROUND_STEPS} steps per layer (default 15,000) on "
+              f"{32 * PEER_CALIB_BATCHES} calibration images, depthwise, first and last layer W8", aimet_family),
 }
 
 
@@ -152,13 +192,28 @@ def sample_path(key: str) -> Path:
 
 
 def compare_all(results: dict) -> None:
-    """Every non-base row gets ``vs_base`` against the base row at its point, when both sample files exist."""
+    """Paired differences, when both sample files exist: every cora_fx row gets ``vs_base`` (row minus the base
+    row at its point); every peer row gets ``vs_joint`` (peer minus the joint row with the most equivalent bits
+    that are not more than the peer's; a peer lands on its own bits), with that row's key."""
     for key, row in results.items():
-        if key.startswith("_") or row.get("family") in ("base", "torchao"):  # a peer lands on its own bits
+        if key.startswith("_") or row.get("family") in ("base", "float"):
+            continue
+        if row.get("family") in PEERS:
+            reference = fewer_bits(results, "joint", row["equivalent_bits"])
+            if reference and sample_path(key).is_file() and sample_path(reference).is_file():
+                row["vs_joint"] = {"row": reference, **versus(torch.load(sample_path(key)),
+                                                              torch.load(sample_path(reference)))}
             continue
         base_key = f"base @{row['target_bits']}"
         if sample_path(key).is_file() and sample_path(base_key).is_file():
             row["vs_base"] = versus(torch.load(sample_path(key)), torch.load(sample_path(base_key)))
+
+
+def fewer_bits(results: dict, family: str, bits: float) -> str | None:
+    """The key of ``family``'s row with the most equivalent bits at or below ``bits`` (None if it has none)."""
+    rows = [(r["equivalent_bits"], k) for k, r in results.items()
+            if not k.startswith("_") and r.get("family") == family and r["equivalent_bits"] <= bits + 1e-9]
+    return max(rows)[1] if rows else None
 
 
 def run_point(family: str, target: float, model, calib, example, data: dict, argv: list[str]) -> dict:
@@ -170,7 +225,8 @@ def run_point(family: str, target: float, model, calib, example, data: dict, arg
     key = f"{family} @{target}"
     torch.save(s, sample_path(key))
     record = {k: v for k, v in asdict(run).items() if k not in ("model", "name", "family")}
-    record.update(family=family, target_bits=target, main_bits=run.bits, **scores(s, data["eval_labels"]),
+    record.update(family=family, target_bits=target, main_bits=run.bits, threads=torch.get_num_threads(),
+                  **scores(s, data["eval_labels"]),
                   command="python benchmarks/frontier.py " + " ".join(argv))
     return record
 
@@ -193,7 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=None, help="data folder (default: $CORA_FX_DATA or ../shared/data)")
     parser.add_argument("--tiny-limit", type=int, default=None, help="use only the first N tiny64 images")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's); two 1-thread runs can share the results file")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     families = [f for f in args.families.split(",") if f]
     unknown = set(families) - set(FAMILIES)
     if unknown:
@@ -202,26 +262,35 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     model, calib, example, data = load_data(args)
     out = Path(args.out)
-    results = json.loads(out.read_text()) if out.is_file() else {}
     float_s = samples(model, data["eval_images"], data["eval_labels"], data["tiny"], data["float_tiny"])
-    results["float"] = dict(family="float", equivalent_bits=32.0, target_bits=32.0,
-                            **scores(float_s, data["eval_labels"]))
+    rows = {"float": dict(family="float", equivalent_bits=32.0, target_bits=32.0,
+                          **scores(float_s, data["eval_labels"]))}
     for target in points:
         for family in families:
             print(f"== {family} @{target}", flush=True)
-            results[f"{family} @{target}"] = run_point(family, target, model, calib, example, data, argv)
-            compare_all(results)
-            row = results[f"{family} @{target}"]
+            rows[f"{family} @{target}"] = run_point(family, target, model, calib, example, data, argv)
+            rows["_meta"] = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                 machine=f"{platform.machine()}, {torch.get_num_threads()} threads",
+                                 torch=torch.__version__, calib_images=sum(len(b[0]) for b in calib),
+                                 eval_images=len(data["eval_labels"]), tiny_images=len(data["tiny"]),
+                                 families={k: v[0] for k, v in FAMILIES.items()})
+            row = merge(out, rows)[f"{family} @{target}"]
             print(f"   top1 {row['top1']:.2f} agree {row['tiny_agreement']:.2f} kl {row['tiny_kl']:.4f} "
                   f"bits {row['equivalent_bits']:.3f} {row['calib_seconds']:.0f}s {row.get('vs_base', '')}", flush=True)
-            results["_meta"] = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                                    machine=f"{platform.machine()}, {torch.get_num_threads()} threads",
-                                    torch=torch.__version__, calib_images=sum(len(b[0]) for b in calib),
-                                    eval_images=len(data["eval_labels"]), tiny_images=len(data["tiny"]),
-                                    families={k: v[0] for k, v in FAMILIES.items()})
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(results, indent=1))
     return 0
+
+
+def merge(out: Path, rows: dict) -> dict:
+    """Write ``rows`` into the results file ``out``, keeping its other rows; several runs may share the file
+    (each holds a lock while it reads, compares and writes). Returns the merged results."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = json.loads(out.read_text()) if out.is_file() else {}
+        results.update(rows)
+        compare_all(results)
+        out.write_text(json.dumps(results, indent=1))
+    return results
 
 
 if __name__ == "__main__":

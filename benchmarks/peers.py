@@ -89,6 +89,13 @@ def _float_conv_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if type(m) is nn.Conv2d]
 
 
+def _widths(convs: int, bits: int, eight_bit: Iterable[str]) -> str:
+    """The bit widths a peer's note states: "all 52 convs + Linear at W4" or the W8 layers named first."""
+    if not eight_bit:
+        return f"all {convs} convs + Linear at W{bits}"
+    return f"{len(set(eight_bit))} layers (depthwise convs, first conv, last layer) at W8, the other convs at W{bits}"
+
+
 def _missing(package: str, err: Exception) -> RuntimeError:
     return RuntimeError(f"{package} is not installed in the benchmark environment "
                         f"(pip install -r benchmarks/requirements-peers.txt): {err}")
@@ -157,31 +164,45 @@ def torchao_rtn(name: str, float_model: nn.Module, calib: list, example: torch.T
 # --------------------------------------------------------------------------------------------- brevitas
 
 def brevitas_gptq(name: str, float_model: nn.Module, calib: list, example: torch.Tensor, *, bits: int,
-                  act_order: bool = False) -> MethodRun:
+                  act_order: bool = False, eight_bit: Iterable[str] = ()) -> MethodRun:
     """brevitas GPTQ: weight-only Int{bits} per-channel (abs-max float scale, full range), float activations.
 
     Follows brevitas_examples/imagenet_classification/ptq (``apply_gptq``): ``layerwise_quantize`` with
     QuantConv2d / QuantLinear (input/output/bias quant off), then ``gptq_mode`` with one pass over
-    the calibration batches per layer and ``gptq.update()``, in eval mode under ``torch.no_grad``.
+    the calibration batches per layer and ``gptq.update()``, in eval mode under ``torch.no_grad``. As in that
+    example, the weight scales are ``ParameterFromStatsFromParameterScaling``: set from the weights' abs-max by a
+    first forward, then held, so GPTQ's updates of the weights do not move the grid its rounding decisions were
+    made on (with the default runtime-stats scales they do, and GPTQ W4 scores below round-to-nearest). Layers named in
+    ``eight_bit`` get Int8 weights: a first ``layerwise_quantize`` at {bits} bits skips them (``name_blacklist``),
+    a second one at 8 bits quantizes what is still float; GPTQ then runs on all.
     """
     try:
         import brevitas.nn as qnn
         from brevitas.graph.gptq import gptq_mode
         from brevitas.graph.quantize import layerwise_quantize
+        from brevitas.core.scaling.standalone import ParameterFromStatsFromParameterScaling
         from brevitas.quant import Int8WeightPerChannelFloat
     except ImportError as err:
         raise _missing("brevitas", err) from err
-    weight_quant = Int8WeightPerChannelFloat.let(bit_width=bits, narrow_range=False)
-    common = dict(weight_quant=weight_quant, input_quant=None, output_quant=None, bias_quant=None,
-                  return_quant_tensor=False)
-    layer_map = {nn.Conv2d: (qnn.QuantConv2d, dict(common)), nn.Linear: (qnn.QuantLinear, dict(common))}
+
+    def layer_map(width: int) -> dict:
+        weight = Int8WeightPerChannelFloat.let(bit_width=width, narrow_range=False,
+                                               scaling_impl=ParameterFromStatsFromParameterScaling)
+        common = dict(weight_quant=weight,
+                      input_quant=None, output_quant=None, bias_quant=None, return_quant_tensor=False)
+        return {nn.Conv2d: (qnn.QuantConv2d, dict(common)), nn.Linear: (qnn.QuantLinear, dict(common))}
+
+    eight_bit = sorted(set(eight_bit))
     start = time.perf_counter()
     model = copy.deepcopy(float_model).eval()
     convs, linears = _targets(model)
-    model = layerwise_quantize(model, compute_layer_map=layer_map)
+    model = layerwise_quantize(model, compute_layer_map=layer_map(bits), name_blacklist=eight_bit or None)
+    if eight_bit:
+        model = layerwise_quantize(model, compute_layer_map=layer_map(8))
     model.eval()
     passes = 0
     with torch.no_grad():
+        model(example[:1])  # sets every weight scale from its weights' statistics, once
         with gptq_mode(model, use_quant_activations=False, create_weight_orig=False, act_order=act_order) as gptq:
             gptq_model = gptq.model
             layers = gptq.num_layers
@@ -195,14 +216,21 @@ def brevitas_gptq(name: str, float_model: nn.Module, calib: list, example: torch
     missing = [n for n in convs + linears if n not in quant]
     if missing:
         raise RuntimeError(f"brevitas left {len(missing)} layers unquantized: {missing[:3]}")
+    widths = {n: m.quant_weight().bit_width for n, m in model.named_modules()
+              if isinstance(m, (qnn.QuantConv2d, qnn.QuantLinear))}
+    wrong = [n for n, w in widths.items() if int(w) != (8 if n in eight_bit else bits)]
+    if wrong:
+        raise RuntimeError(f"brevitas gave {len(wrong)} layers the wrong bit width: {wrong[:3]}")
     artifact = _brevitas_int_state_bytes(model)
     note = (f"brevitas {_version('brevitas')} layerwise_quantize(QuantConv2d/QuantLinear, "
-            f"Int8WeightPerChannelFloat.let(bit_width={bits}, narrow_range=False), no act/bias quant) + "
-            f"gptq_mode(act_order={act_order}) over {len(calib)} batches x {layers} layers; all {len(convs)} convs "
-            f"+ Linear at W{bits}, weight-only, BN not folded; artifact = torch.save of brevitas's int weights "
-            f"(quant_weight().int() as int8) + fp32 scales + other float params (the fake-quant state dict itself "
-            f"stores fp32 weights)")
-    return MethodRun(name, "peer", bits, model, seconds, passes, conv_equivalent_bits(float_model, convs, bits),
+            f"Int8WeightPerChannelFloat.let(bit_width={bits}, narrow_range=False, "
+            f"scaling_impl=ParameterFromStatsFromParameterScaling), no act/bias quant) + "
+            f"gptq_mode(act_order={act_order}) over {len(calib)} batches x {layers} layers; "
+            f"{_widths(len(convs), bits, eight_bit)}, weight-only, BN not folded; artifact = torch.save of brevitas's "
+            f"int weights (quant_weight().int() as int8) + fp32 scales + other float params (the fake-quant state "
+            f"dict itself stores fp32 weights)")
+    return MethodRun(name, "peer", bits, model, seconds, passes,
+                     conv_equivalent_bits(float_model, convs, bits, eight_bit),
                      artifact, note=note, extra=dict(gptq_layers=layers, calib_batches=len(calib),
                                                      fake_quant_state_dict_bytes=state_dict_bytes(model)))
 
@@ -232,7 +260,7 @@ def _brevitas_int_state_bytes(model: nn.Module) -> int:
 # --------------------------------------------------------------------------------------------- AIMET
 
 def aimet_adaround(name: str, float_model: nn.Module, calib: list, example: torch.Tensor, *, bits: int,
-                   iterations: int) -> MethodRun:
+                   iterations: int, eight_bit: Iterable[str] = ()) -> MethodRun:
     """AIMET AdaRound, weight-only W{bits} per-channel (AIMET's default_config_per_channel.json), float activations.
 
     ``Adaround.apply_adaround(model, dummy, AdaroundParameters(calib, num_batches, iterations), path, prefix,
@@ -241,7 +269,8 @@ def aimet_adaround(name: str, float_model: nn.Module, calib: list, example: torc
     ``QuantizationSimModel`` of the AdaRounded model with its input/output (activation) quantizers
     removed gets the AdaRound parameter encodings frozen in (``set_and_freeze_param_encodings``).
     AIMET's default is 15,000 steps per layer below 8 bits, which takes hours on a 2-core CPU, so
-    ``iterations`` (CORA_FX_BENCH_ADAROUND_ITERS) is smaller; the note records the value.
+    ``iterations`` (CORA_FX_BENCH_ADAROUND_ITERS) is smaller; the note records the value. Layers named in
+    ``eight_bit`` are rounded at 8 bits (``param_bw_override_list``) and their sim weight quantizers set to 8.
     """
     try:
         from aimet_torch.adaround.adaround_weight import Adaround, AdaroundParameters
@@ -261,10 +290,12 @@ def aimet_adaround(name: str, float_model: nn.Module, calib: list, example: torc
     start = time.perf_counter()
     model = copy.deepcopy(float_model).eval()
     convs, linears = _targets(model)
+    eight_bit = set(eight_bit)
+    overrides = [(m, 8) for n, m in model.named_modules() if n in eight_bit]
     with tempfile.TemporaryDirectory() as tmp:
         params = AdaroundParameters(data_loader=calib, num_batches=num_batches, default_num_iterations=iterations)
         ada_model = Adaround.apply_adaround(model, dummy, params, path=tmp, filename_prefix="adaround",
-                                            default_param_bw=bits,
+                                            default_param_bw=bits, param_bw_override_list=overrides or None,
                                             default_quant_scheme=QuantScheme.post_training_tf_enhanced,
                                             default_config_file=config)
         sim = QuantizationSimModel(ada_model, dummy_input=dummy, quant_scheme=QuantScheme.post_training_tf_enhanced,
@@ -273,9 +304,12 @@ def aimet_adaround(name: str, float_model: nn.Module, calib: list, example: torc
             if isinstance(module, BaseQuantizationMixin):
                 module.input_quantizers = nn.ModuleList([None for _ in module.input_quantizers])
                 module.output_quantizers = nn.ModuleList([None for _ in module.output_quantizers])
+        for layer, module in sim.model.named_modules():
+            if layer in eight_bit and isinstance(module, BaseQuantizationMixin):
+                module.param_quantizers["weight"].bitwidth = 8
         sim.set_and_freeze_param_encodings(encoding_path=os.path.join(tmp, "adaround.encodings"))
         seconds = time.perf_counter() - start
-        quant = _aimet_weight_quantized(sim.model, BaseQuantizationMixin, bits)
+        quant = _aimet_weight_quantized(sim.model, BaseQuantizationMixin, bits, eight_bit)
         missing = [n for n in convs + linears if n not in quant]
         if [n for n in missing if n in convs]:
             raise RuntimeError(f"AIMET left {len(missing)} layers without {bits}-bit weight quantizers: {missing[:3]}")
@@ -284,21 +318,22 @@ def aimet_adaround(name: str, float_model: nn.Module, calib: list, example: torc
     note = (f"aimet-torch {_version('aimet-torch')} Adaround.apply_adaround(default_param_bw={bits}, "
             f"post_training_tf_enhanced, default_config_per_channel.json) with {num_batches} batches and {iterations} "
             f"iterations per layer (AIMET default 15000), then QuantizationSimModel with activation quantizers removed "
-            f"+ set_and_freeze_param_encodings; all {len(convs)} convs"
-            f"{' + Linear' if not missing else ''} at W{bits} per-channel, weight-only, BN not folded; "
+            f"+ set_and_freeze_param_encodings; {_widths(len(convs), bits, eight_bit)}"
+            f"{'' if not missing else ' (Linear float)'}, per-channel, weight-only, BN not folded; "
             f"artifact = {how}")
     return MethodRun(name, "peer", bits, model, seconds, iterations * (len(convs) + len(linears) - len(missing)),
-                     conv_equivalent_bits(float_model, [n for n in convs if n in quant], bits), artifact, note=note,
+                     conv_equivalent_bits(float_model, [n for n in convs if n in quant], bits, eight_bit), artifact,
+                     note=note,
                      extra=dict(adaround_iterations_per_layer=iterations, adaround_batches=num_batches,
                                 layers=len(quant)))
 
 
-def _aimet_weight_quantized(model: nn.Module, mixin: type, bits: int) -> set[str]:
+def _aimet_weight_quantized(model: nn.Module, mixin: type, bits: int, eight_bit: set[str] = frozenset()) -> set[str]:
     out = set()
     for name, module in model.named_modules():
         if isinstance(module, mixin):
             q = module.param_quantizers["weight"] if "weight" in module.param_quantizers else None
-            if q is not None and getattr(q, "bitwidth", None) == bits:
+            if q is not None and getattr(q, "bitwidth", None) == (8 if name in eight_bit else bits):
                 out.add(name)
     return out
 

@@ -11,7 +11,7 @@ from .config import (ActivationConfig, AdapterConfig, CoRaConfig, CoRaDeprecatio
                      RoundingConfig, SearchConfig)
 from .convert import convert_cora, quantize_cora
 from .finetune import FinetuneResult, finetune
-from .joint_allocation import JointPlan, allocate_jointly
+from .joint_allocation import JointPlan, allocate_jointly, plan_target
 from .mixed_precision import allocate_bits
 from .observers import NormalObserver
 from .onnx_export import export_onnx
@@ -25,14 +25,14 @@ from .tracer import CoRaTraceError
 from .serialization import CoRaLoadError, load, read_summary, save
 from .plots import plot_ranks, plot_search
 
-__version__ = "0.5.1"
+__version__ = "0.6.0"
 
 __all__ = [
     "CoRaConfig", "QuantConfig", "AdapterConfig", "RoundingConfig", "SearchConfig", "RefineConfig", "ActivationConfig",
     "calibrate_activations", "export_onnx",
     "CoRaDeprecationWarning", "prepare_cora", "calibrate_rounding", "search_ranks", "set_ranks", "correct_batchnorm",
     "finetune", "convert_cora", "run_pipeline", "quantize_cora", "STEPS", "PipelineResult", "summary", "allocate_bits",
-    "allocate_jointly", "JointPlan",
+    "allocate_jointly", "JointPlan", "plan_target",
     "CoRaSummary", "LayerInfo", "RankSearchResult", "SearchHistory", "FinetuneResult", "NormalObserver", "CoRaError",
     "CoRaTraceError", "save", "load", "read_summary", "CoRaLoadError", "plot_ranks", "plot_search",
 ]

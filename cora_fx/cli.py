@@ -222,34 +222,30 @@ def quantize_config(args: argparse.Namespace) -> "CoRaConfig":
     base = CoRaConfig.recommended(args.bits) if args.config == "recommended" else CoRaConfig().replace(bits=args.bits)
     changes: dict[str, Any] = {"seed": args.seed}
     for option in ("adapter_bits", "budget", "clipping", "depthwise", "loss", "iterations", "finetune_iterations",
-                   "adapter_form", "act_bits", "allocation"):
+                   "adapter_form", "act_bits", "allocation", "target_bits"):
         if getattr(args, option, None) is not None:
             changes[option] = getattr(args, option)
     if args.per_channel or args.per_tensor:
         changes["granularity"] = "per_channel" if args.per_channel else "per_tensor"
     joint = (getattr(args, "allocation", None) or base.search.allocation) == "joint"
-    if args.target_bits is not None and args.budget is None and args.config == "recommended" and not joint:
+    targeted = args.target_bits is not None or base.search.target_bits is not None
+    if targeted and args.budget is None and args.config == "recommended" and not joint:
         from .mixed_precision import MIXED_BUDGET
 
         changes["budget"] = MIXED_BUDGET  # at a fixed bit-width, 4-bit weights are worth more than adapters
     return base.replace(**changes)
 
 
-def _allocate(model: nn.Module, calibration: Iterable, config: "CoRaConfig", target_bits: float,
-              progress: bool) -> tuple["CoRaConfig", Optional[dict[str, int]]]:
-    """``--target-bits``: the config with the planned ``layer_bits``, and the planned ranks with
-    ``search.allocation="joint"`` (None: the ranks are searched or set as ``--ranks`` says)."""
-    from .joint_allocation import allocate_jointly
-    from .mixed_precision import allocate_bits
+def _plan(model: nn.Module, calibration: Iterable, config: "CoRaConfig",
+          progress: bool) -> tuple["CoRaConfig", Optional[dict[str, int]]]:
+    """``search.target_bits`` (``--target-bits`` or the recommended W2 config): `plan_target`'s config with the
+    planned ``layer_bits``, and the planned ranks with ``allocation="joint"`` (None: searched or ``--ranks``)."""
+    from .joint_allocation import plan_target
 
     try:
-        if config.search.allocation == "joint":
-            plan = allocate_jointly(model, calibration, config, target_bits, progress=progress)
-            return config.replace(layer_bits=plan.layer_bits), plan.ranks
-        return config.replace(layer_bits=allocate_bits(model, calibration, config, target_bits,
-                                                       progress=progress)), None
+        return plan_target(model, calibration, config, progress=progress)
     except ValueError as err:
-        raise UsageError(f"--target-bits: {err}") from None
+        raise UsageError(f"--target-bits {config.search.target_bits}: {err}") from None
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -288,8 +284,8 @@ def _quantize(args: argparse.Namespace) -> int:
     example = (torch.stack([image, image]),)  # batch 2: the exported batch dimension stays dynamic
     calibration = _calibration_batches(dataset, args.batch_size, args.quiet, image.numel())
     ranks = "search" if args.ranks == "search" else "heuristic"
-    if args.target_bits is not None:
-        config, planned = _allocate(model, calibration, config, args.target_bits, not args.quiet)
+    if config.search.target_bits is not None:
+        config, planned = _plan(model, calibration, config, not args.quiet)
         ranks = planned or ranks
     prepared = prepare_cora(model, config, example_inputs=example, progress=not args.quiet)
     if not hasattr(prepared, "meta") or "cora_fx" not in prepared.meta:
@@ -440,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(recommended)")
     q.add_argument("--target-bits", type=float, metavar="BITS",
                    help="mixed precision: the equivalent bits, adapters included, are at most BITS (e.g. --bits 4 "
-                        "--target-bits 4.0), some convs at --bits - 1 (see --allocation)")
+                        "--target-bits 4.0), some convs at --bits - 1 (see --allocation); the recommended config "
+                        "at --bits 2 plans 2.5 on a 3-bit base by itself")
     q.add_argument("--allocation", choices=("bits", "joint"),
                    help="with --target-bits: plan every conv's bits and rank together, a rank only where it beats a "
                         "bit of precision (joint, recommended's), or demote the convs the output feels least with "

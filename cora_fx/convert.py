@@ -12,6 +12,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from .config import ADAPTER_FORMS, CoRaConfig
 from .lowering import (Cleanup, ConversionPlan, FoldBatchNorm, FoldRanks, LowerActivationQuantizers, LowerToOps,
                        QuantizeAdapters)
+from .joint_allocation import plan_target
 from .passes import run_passes
 from .prepare import RankSpec, prepare_cora
 from .pipeline import run_pipeline
@@ -83,10 +84,15 @@ def quantize_cora(
     ``ranks`` and ``skip`` are `run_pipeline`'s; ``leaf_modules``, ``example_kwargs``, ``concrete_args``
     and ``capture`` are `prepare_cora`'s. The steps' results are kept in
     ``result.meta["cora_fx"].pipeline`` (a `PipelineResult`) and the search's in ``.search_result``.
+    With ``config.search.target_bits`` the bits (and with ``allocation="joint"`` the ranks, unless ``ranks``
+    names other ones) are planned first (`plan_target`).
     """
-    prepared = prepare_cora(model, config, example_inputs=example_inputs, leaf_modules=leaf_modules,
-                            example_kwargs=example_kwargs, concrete_args=concrete_args, capture=capture,
-                            progress=progress)
+    capture_options = dict(example_inputs=example_inputs, leaf_modules=leaf_modules, example_kwargs=example_kwargs,
+                           concrete_args=concrete_args, capture=capture)
+    if isinstance(config, CoRaConfig) and config.search.target_bits is not None:
+        config, planned = plan_target(model, calib_batches, config, progress=progress, **capture_options)
+        ranks = planned if planned is not None and ranks == "search" else ranks
+    prepared = prepare_cora(model, config, progress=progress, **capture_options)
     if not isinstance(prepared, fx.GraphModule):
         return prepared  # no Conv2d: prepare_cora warned and returned the model unchanged
     state = get_state(prepared, PREPARED)

@@ -28,11 +28,11 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import distributed
 from .config import CoRaConfig
-from .mixed_precision import ALLOCATION_BATCHES, _Sensitivity, check_arguments, first_inputs, planned_bits
+from .mixed_precision import (ALLOCATION_BATCHES, _Sensitivity, allocate_bits, check_arguments, first_inputs,
+                              planned_bits, swapped_losses)
 from .prepare import adapters, prepare_cora
 from .rounding import calibrate_rounding
 from .state import CoRaError, get_state
@@ -86,17 +86,14 @@ def _demotion_losses(model: nn.Module, high: torch.fx.GraphModule, low: torch.fx
     reference_model = copy.deepcopy(model).eval()
     sensitivity = _Sensitivity(config, get_state(high).concrete_args)
     reference = sensitivity.outputs(reference_model, inputs)
-    sums = []
-    for name in tqdm(names, desc="joint allocation", disable=not progress, leave=False):
-        conv = reference_model.get_submodule(name)
-        original = conv.weight.data
-        losses = []
-        for prepared in (high, low):
-            conv.weight.data = prepared.get_submodule(name).quantized.weight.to(original.dtype)
-            losses.append(sum(sensitivity(reference_model, inputs, reference)))
-        conv.weight.data = original
-        sums.append([losses[0], losses[1], len(inputs)])
-    totals = torch.tensor(sums, dtype=torch.float64).reshape(-1, 3)
+
+    def weights(name: str, conv: nn.Conv2d) -> list[torch.Tensor]:
+        return [prepared.get_submodule(name).quantized.weight for prepared in (high, low)]
+
+    losses = swapped_losses(reference_model, names, weights, inputs, reference, sensitivity, progress,
+                            "joint allocation")
+    totals = torch.tensor([[sum(v[0]), sum(v[1]), len(inputs)] for v in losses.values()],
+                          dtype=torch.float64).reshape(-1, 3)
     distributed.all_reduce_sum(totals)
     return {name: float((row[1] - row[0]) / row[2]) for name, row in zip(names, totals)}
 
@@ -132,21 +129,22 @@ def cheapest_options(options: dict[str, list[Option]], budget: float, resolution
         raise ValueError(f"the cheapest plan needs {floor:.0f} bits, more than the budget {budget:.0f}")
     unit = max(spare, 1e-12) / resolution
     best = torch.zeros(resolution + 1, dtype=torch.float64)  # best[j]: least loss within j units
-    choices = []
+    steps = []
     for opts in options.values():
         cheapest = min(o.cost for o in opts)
+        units = [math.ceil((o.cost - cheapest) / unit - 1e-9) for o in opts]
         candidates = torch.full((len(opts), resolution + 1), math.inf, dtype=torch.float64)
-        for i, option in enumerate(opts):
-            units = math.ceil((option.cost - cheapest) / unit - 1e-9)
-            if units <= resolution:
-                candidates[i, units:] = best[:resolution + 1 - units] + option.loss
+        for i, (option, size) in enumerate(zip(opts, units)):
+            if size <= resolution:
+                candidates[i, size:] = best[:resolution + 1 - size] + option.loss
         best, choice = candidates.min(dim=0)
-        choices.append(choice)
+        steps.append((choice, units))
     plan, j = {}, resolution
-    for name, opts, choice in zip(reversed(list(options)), reversed(list(options.values())), reversed(choices)):
-        option = opts[int(choice[j])]
-        plan[name] = option
-        j -= math.ceil((option.cost - min(o.cost for o in opts)) / unit - 1e-9)
+    for name, opts, (choice, units) in zip(reversed(list(options)), reversed(list(options.values())),
+                                           reversed(steps)):
+        index = int(choice[j])
+        plan[name] = opts[index]
+        j -= units[index]
     return plan
 
 
@@ -163,6 +161,7 @@ def allocate_jointly(model: nn.Module, calibration: Iterable, config: CoRaConfig
     if not isinstance(low, int) or not 2 <= low < high:
         raise ValueError(f"allocate_jointly: low_bits={low!r} must be an integer in 2..{high - 1}")
     check_arguments("allocate_jointly", model, target_bits, batches, capture_options)
+    config = config.replace(target_bits=None)  # this is the plan; its own preparations are plain
     show = distributed.shows_progress(progress)
     rounded = {high: _rounded(model, config, dict(config.quant.layer_bits), calibration, show, capture_options)}
     names = [n for n, a in adapters(rounded[high]).items() if a.searchable and config.quant.bits_for(n) == high]
@@ -189,3 +188,18 @@ def allocate_jointly(model: nn.Module, calibration: Iterable, config: CoRaConfig
     spent = fixed + sum(o.cost for o in plan.values())
     return JointPlan({**config.quant.layer_bits, **{n: o.bits for n, o in plan.items() if o.bits != high}},
                      {n: o.rank for n, o in plan.items()}, spent / total)
+
+
+def plan_target(model: nn.Module, calibration: Iterable, config: CoRaConfig, *, progress: bool = True,
+                **capture_options: Any) -> tuple[CoRaConfig, Optional[dict[str, int]]]:
+    """Meet ``config.search.target_bits``: the config with the planned ``layer_bits`` (and no target left), and
+    the planned ranks with ``allocation="joint"`` (None with ``"bits"``: the search picks them). What
+    `quantize_cora` and ``cora-fx quantize`` run first (docs/method.md section 8)."""
+    target = config.search.target_bits
+    if target is None:
+        return config, None
+    if config.search.allocation == "joint":
+        plan = allocate_jointly(model, calibration, config, target, progress=progress, **capture_options)
+        return config.replace(layer_bits=plan.layer_bits, target_bits=None), plan.ranks
+    layer_bits = allocate_bits(model, calibration, config, target, progress=progress, **capture_options)
+    return config.replace(layer_bits=layer_bits, target_bits=None), None

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -119,6 +119,7 @@ def allocate_bits(
     if not isinstance(low_bits, int) or not 2 <= low_bits < config.quant.bits:
         raise ValueError(f"allocate_bits: low_bits={low_bits!r} must be an integer in 2..{config.quant.bits - 1}")
     check_arguments("allocate_bits", model, target_bits, batches, capture_options)
+    config = config.replace(target_bits=None)  # this is the plan; its own preparations are plain
     prepared = prepare_cora(model, config, progress=progress, **capture_options)
     start = planned_bits(prepared, dict(config.quant.layer_bits), config.search.budget)
     if start <= target_bits:
@@ -202,20 +203,33 @@ def _batch_sensitivities(reference_model: nn.Module, prepared: torch.fx.GraphMod
     ``reference_model`` is the float model whose weights are swapped one layer at a time (and put
     back); ``candidates`` maps layer names to their adapters in ``prepared``.
     """
-    out = {}
-    for name in tqdm(candidates, desc="bit allocation", disable=not progress, leave=False):
-        conv = reference_model.get_submodule(name)
-        original = conv.weight.data
+    def weights(name: str, conv: nn.Conv2d) -> list[torch.Tensor]:
         adapter = candidates[name]
         rank = heuristic_rank(adapter, config.search.budget)
-        kls = []
         # at its own bits the prepared layer already holds [W]_n and its residual's SVD; only the demotion is new
-        for weight in (_restored(prepared.get_submodule(name).quantized.weight, adapter.factors, rank),
-                       _demoted(original, conv.groups, config, low_bits, rank)):
+        return [_restored(prepared.get_submodule(name).quantized.weight, adapter.factors, rank),
+                _demoted(conv.weight.data, conv.groups, config, low_bits, rank)]
+
+    losses = swapped_losses(reference_model, list(candidates), weights, inputs, reference, sensitivity,
+                            progress, "bit allocation")
+    return {name: (values[0], values[1]) for name, values in losses.items()}
+
+
+def swapped_losses(reference_model: nn.Module, names: Iterable[str],
+                   weights: Callable[[str, nn.Conv2d], list[torch.Tensor]], inputs: list, reference: list[Any],
+                   sensitivity: _Sensitivity, progress: bool, desc: str) -> dict[str, list[list[float]]]:
+    """Per layer, the objective on each batch with each of ``weights(name, conv)`` in place of the conv's weight
+    of ``reference_model`` (the weights are built first, from the float weight; it is put back after)."""
+    out = {}
+    for name in tqdm(names, desc=desc, disable=not progress, leave=False):
+        conv = reference_model.get_submodule(name)
+        original = conv.weight.data
+        values = []
+        for weight in weights(name, conv):
             conv.weight.data = weight.to(original.dtype)
-            kls.append(sensitivity(reference_model, inputs, reference))
+            values.append(sensitivity(reference_model, inputs, reference))
         conv.weight.data = original
-        out[name] = (kls[0], kls[1])
+        out[name] = values
     return out
 
 

@@ -60,6 +60,10 @@ def prepare_cora(
     config = CoRaConfig() if config is None else config
     if not isinstance(config, CoRaConfig):
         raise TypeError(f"prepare_cora: config must be a CoRaConfig, got {type(config).__name__}")
+    if config.search.target_bits is not None:
+        raise ValueError(f"prepare_cora: config.search.target_bits={config.search.target_bits} needs calibration "
+                         "data to plan each conv's bits; call quantize_cora(model, calib, config), or plan first "
+                         "(config, ranks = plan_target(model, calib, config)) and prepare with that config")
     if example_inputs is not None and not isinstance(example_inputs, tuple):
         raise TypeError("prepare_cora: example_inputs must be a tuple of inputs, e.g. (x,)")
     _refuse_cora_models(model)

@@ -199,3 +199,33 @@ def test_search_speed_measures_every_speed_up_in_turn(tmp_path):
     assert [r["variant"] for r in rows] == [v[0] for v in search_speed.VARIANTS]
     assert all(r["search_step_seconds"] > 0 and r["float_step_seconds"] > 0 for r in rows)
     assert rank_search.search_copy.__name__ == "search_copy"  # the BatchNorm switch was put back
+
+
+def test_frontier_runs_merge_into_one_results_file_and_peers_are_not_paired(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))
+    import torch
+
+    from benchmarks import frontier
+
+    monkeypatch.setattr(frontier, "SAMPLES", tmp_path / "samples")
+    frontier.SAMPLES.mkdir()
+    g = torch.Generator().manual_seed(0)
+    base = {"hit": (torch.rand(50, generator=g) < 0.8).float(), "agree": torch.ones(80),
+            "kl": torch.rand(80, generator=g)}
+    better = {**base, "kl": base["kl"] * 0.5}
+    for key, s in (("base @4.0", base), ("joint @4.0", better), ("brevitas @4.0", base)):
+        torch.save(s, frontier.sample_path(key))
+    out = tmp_path / "frontier.json"
+    frontier.merge(out, {"base @4.0": {"family": "base", "target_bits": 4.0, "equivalent_bits": 3.99}})
+    frontier.merge(out, {"brevitas @4.0": {"family": "brevitas", "target_bits": 4.0, "equivalent_bits": 4.12}})
+    merged = frontier.merge(out, {"joint @4.0": {"family": "joint", "target_bits": 4.0, "equivalent_bits": 4.0},
+                                  "joint @4.25": {"family": "joint", "target_bits": 4.25, "equivalent_bits": 4.25}})
+    assert set(merged) == {"base @4.0", "brevitas @4.0", "joint @4.0", "joint @4.25"}
+    assert json.loads(out.read_text()) == merged
+    assert merged["joint @4.0"]["vs_base"]["kl"][2] < 0 and "vs_base" not in merged["brevitas @4.0"]
+    # a peer is compared with the joint row at no more bits than its own: here joint @4.0, whose KL is half
+    peer = merged["brevitas @4.0"]["vs_joint"]
+    assert peer["row"] == "joint @4.0" and peer["kl"][1] > 0 and peer["hit"] == [0.0, 0.0, 0.0]
+    assert frontier.eight_bit_layers(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 4, 3, groups=4),
+                                                         torch.nn.Conv2d(4, 8, 1), torch.nn.Conv2d(8, 2, 1))) \
+        == ["0", "1", "3"]

@@ -179,10 +179,16 @@ def test_quantize_defaults_to_the_recommended_config_and_options_override_it():
     assert (tuned.search.budget, tuned.quant.granularity, tuned.quant.clipping, tuned.search.iterations) == (
         0.1, "per_tensor", "normal", 7)
     assert tuned.rounding.method == "gptq"  # the rest stays recommended
-    assert quantize_config(args(target_bits=4.0)) == CoRaConfig.recommended(4)  # joint: one bit budget, no b to set
+    # joint: one bit budget, no b to set
+    assert quantize_config(args(target_bits=4.0)) == CoRaConfig.recommended(4, target_bits=4.0)
     separate = quantize_config(args(target_bits=4.0, allocation="bits"))
-    assert separate == CoRaConfig.recommended(4, budget=MIXED_BUDGET, allocation="bits")
+    assert separate == CoRaConfig.recommended(4, budget=MIXED_BUDGET, allocation="bits", target_bits=4.0)
     assert quantize_config(args(target_bits=4.0, budget=0.05)).search.budget == 0.05  # an explicit --budget wins
-    assert quantize_config(args(config="paper", target_bits=4.0)) == CoRaConfig()  # the paper's settings stay
+    # the paper's settings stay
+    assert quantize_config(args(config="paper", target_bits=4.0)) == CoRaConfig().replace(target_bits=4.0)
+    # --bits 2: recommended's W2 is a planned target; --target-bits replaces it, --allocation bits takes b = 0.02
+    assert quantize_config(args(bits=2)) == CoRaConfig.recommended(2)
+    assert quantize_config(args(bits=2, target_bits=2.25)).search.target_bits == 2.25
+    assert quantize_config(args(bits=2, allocation="bits")).search.budget == MIXED_BUDGET
     plain = quantize_config(args(finetune_iterations=0, adapter_form="parallel"))
     assert (plain.refine.finetune_iterations, plain.adapter.form) == (0, "parallel")

@@ -53,9 +53,13 @@ def test_flat_keywords_and_reads_of_earlier_releases_still_work_with_a_deprecati
 
 
 def test_to_dict_is_json_and_round_trips_with_a_version():
-    cfg = CoRaConfig.recommended(3, layer_bits={"features.1": 4}, loss=module_level_loss, clipping=MinMaxObserver)
+    cfg = CoRaConfig.recommended(3, layer_bits={"features.1": 4}, loss=module_level_loss, clipping=MinMaxObserver,
+                                 target_bits=3.25)
     data = json.loads(json.dumps(cfg.to_dict()))
     assert data["version"] == CONFIG_VERSION and data["quant"]["layer_bits"] == {"features.1": 4}
+    assert data["search"]["target_bits"] == 3.25
+    with pytest.raises(ValueError, match="search.target_bits=0: must be None or a positive number"):
+        cfg.replace(target_bits=0)
     assert data["search"]["loss"] == {"callable": f"{__name__}:module_level_loss"}
     assert CoRaConfig.from_dict(data) == cfg
     flat = {"bits": 3, "budget": 0.04, "rounding": "gptq"}  # the flat layout, no version

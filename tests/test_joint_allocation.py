@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cora_fx import CoRaConfig, CoRaError, convert_cora, prepare_cora, run_pipeline, summary
-from cora_fx.joint_allocation import Option, allocate_jointly, cheapest_options, layer_options
+from cora_fx import CoRaConfig, CoRaError, convert_cora, prepare_cora, quantize_cora, run_pipeline, summary
+from cora_fx.joint_allocation import Option, allocate_jointly, cheapest_options, layer_options, plan_target
 from cora_fx.mixed_precision import planned_bits
 
 from .conftest import SmallNet, random_batches
@@ -89,3 +89,23 @@ def test_joint_allocation_errors_name_the_argument():
         allocate_jointly(net, [], cfg, 4.0, progress=False)
     with pytest.raises(ValueError, match="allocation"):
         cfg.replace(allocation="greedy")
+
+
+@pytest.mark.parametrize("allocation", ["joint", "bits"])
+def test_a_config_target_is_planned_by_quantize_cora_and_refused_by_prepare_cora(allocation):
+    net = SmallNet().eval()
+    batches = random_batches(3)
+    cfg = CoRaConfig.recommended(4, rounding_batches=1, allocation=allocation, iterations=2)
+    full = planned_bits(prepare_cora(net, cfg, progress=False), {}, 0.0)
+    targeted = cfg.replace(target_bits=full - 0.25)
+    with pytest.raises(ValueError, match="target_bits=.*quantize_cora"):
+        prepare_cora(net, targeted, progress=False)
+    planned, ranks = plan_target(net, batches, targeted, progress=False)
+    assert planned.search.target_bits is None and set(planned.quant.layer_bits.values()) == {3}
+    assert (ranks is not None) == (allocation == "joint")
+    quantized = quantize_cora(net, batches, targeted, progress=False)
+    s = summary(quantized)
+    assert s.equivalent_bits <= full - 0.25 + 1e-9
+    if allocation == "joint":
+        assert {layer.name: layer.rank for layer in s.layers if layer.name in ranks} == ranks
+    assert plan_target(net, batches, cfg, progress=False) == (cfg, None)  # no target: nothing planned

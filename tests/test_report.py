@@ -38,7 +38,7 @@ def test_committed_page_is_generated_from_results_json(page):
 def test_page_is_deterministic_short_and_narrow(results, page):
     assert report.render_results(json.loads(json.dumps(results))) == page
     lines = page.splitlines()
-    assert len(lines) < 500
+    assert len(lines) < 520
     assert [line for line in lines if len(line) > 120] == []
 
 
@@ -171,6 +171,11 @@ def test_frontier_rows_compare_with_the_base_and_check_the_targets(tmp_path):
     tie = {**data, "joint @3.5": row("joint", 3.5, 3.49, 77.0, [-0.02, -0.03, 0.001])}
     assert "| 0 of 1 points (2 measured) | **no** |" in "\n".join(report.frontier_targets(tie))
     assert "| W2 at <= 2.5 bits: top-1 >= float - 10.0 (69.40) | 60.00 (joint @2.5) | **no** |" in targets
+    peer = {**row("brevitas", 3.0, 3.6, 70.0), "vs_joint": {"row": "joint @3.5", "hit": [-7.0, -9.0, -5.0],
+                                                            "agree": [-1.0, -2.0, 0.5], "kl": [0.1, 0.05, 0.2]}}
+    with_peer = report.frontier_table({**data, "brevitas @3.0": peer})
+    assert ("| brevitas @3.0 | joint @3.5 | **-7.0 (-9.0, -5.0)** | -1.0 (-2.0, +0.5) | **+0.10 (+0.05, +0.20)** |"
+            in with_peer)
     (tmp_path / "frontier.json").write_text(json.dumps(data))
     section = "\n\n".join(report.frontier_section(tmp_path))
     assert "`joint`: planned jointly" in section and "frontier.png" in section

@@ -14,7 +14,7 @@ from cora_fx.rounding import collect_input_moments, im2col
 from tests.conftest import random_batches
 
 # the recommended search settings, without data-aware rounding (not what is tested here)
-CFG = CoRaConfig.recommended(2).replace(rounding="nearest", svd="weight", budget=0.05)
+CFG = CoRaConfig.recommended(3).replace(bits=2, rounding="nearest", svd="weight", budget=0.05)
 
 
 def _search(model: nn.Module, batches: list, **overrides) -> tuple[dict, list]:
