@@ -742,9 +742,10 @@ def leaf_modules(model: nn.Module) -> list[type]:
     cora_fx re-traces a GraphModule through its submodules, and some onnx2torch ops branch on tensor properties
     (the float-division test of ``OnnxBinaryMathOperation``, the scales of ``OnnxResize``) that torch.fx cannot
     trace. The Conv2d layers are plain ``nn.Conv2d`` modules outside these ops, so keeping the ops opaque loses
-    nothing. Empty for CREPE."""
-    return sorted({type(m) for m in model.modules() if type(m).__module__.startswith("onnx2torch.node_converters")},
-                  key=lambda t: t.__name__)
+    nothing; ``OnnxMatMul`` (a plain ``torch.matmul``) is traced through, so the Linear layers that ONNX writes as
+    MatMul with a constant weight are quantized. Empty for CREPE."""
+    return sorted({type(m) for m in model.modules() if type(m).__module__.startswith("onnx2torch.node_converters")
+                   and type(m).__name__ != "OnnxMatMul"}, key=lambda t: t.__name__)
 
 
 def available() -> list[str]:

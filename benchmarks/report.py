@@ -364,6 +364,42 @@ def scale_section(folder: Path) -> list[str]:
         "```bash\n" + meta.get("command", "python benchmarks/rounding_scale.py") + "\n```", "\n".join(lines)]
 
 
+def linear_section(folder: Path) -> list[str]:
+    """Round-to-nearest, GPTQ and GPTQ + adapters on the Linear layers, side by side (linear_layers.json)."""
+    data = optional(folder, "linear_layers.json")
+    if data is None:
+        return []
+    parts = ["## Linear layers: rounding and adapters", wrap(
+        "`recommended(4)` with the Linear layers rounded to nearest (`linear rtn`), by GPTQ like the convs "
+        "(`linear gptq`, the default) and with adapters searched under the same budget (`adapter.linear=True`). "
+        "The convs are the same in every row. Paired differences against `linear rtn`, image by image, with 95% "
+        "bootstrap intervals.")]
+    for model, run in data.items():
+        rows = run["rows"]
+        if model == "mobilenet_v2":
+            lines = ["| row | eq. bits | linear bits | top-1 (95% CI) | tiny64 agr. | tiny64 KL "
+                     "| vs rtn: top-1; agr.; KL |", "|---|---|---|---|---|---|---|"]
+            for name, r in rows.items():
+                if name == "float":
+                    lines.append(f"| float | 32 | 32 | {top1_ci(r)} | 100 | 0 | |")
+                    continue
+                vs = r.get("vs_rtn")
+                versus = (f"{paired(vs['hit'], 2)}; {paired(vs['agree'], 2)}; {paired(vs['kl'], 4)}" if vs else "")
+                lines.append(f"| {name} | {r['equivalent_bits']:.3f} | {r['linear_equivalent_bits']:.3f} | "
+                             f"{top1_ci(r)} | {r['tiny_agreement']:.2f} | {r['tiny_kl']:.4f} | {versus} |")
+        else:
+            metrics = list(rows["float"]["scores"])
+            lines = ["| row | eq. bits | linear bits | " + " | ".join(metrics) + " |", "|---|---|---|"
+                     + "---|" * len(metrics)]
+            for name, r in rows.items():
+                bits = ("32 | 32" if name == "float" else
+                        f"{r['equivalent_bits']:.3f} | {r['linear_equivalent_bits']:.3f}")
+                lines.append(f"| {name} | {bits} | " + " | ".join(fmt(r["scores"][m], 3) for m in metrics) + " |")
+        parts += [f"**{model}** ({run['machine']}, torch {run['torch']}, {run['date']})",
+                  "```bash\n" + run["command"] + "\n```", "\n".join(lines)]
+    return parts
+
+
 def deploy_section(folder: Path) -> list[str]:
     """MobileNetV2 as ONNX files in onnxruntime: accuracy, size, integer convolutions, latency (onnx_deploy.json)."""
     data = optional(folder, "onnx_deploy.json")
@@ -763,7 +799,7 @@ def render_results(results: dict, plots: str = "results", folder: Path | None = 
         f"![searched ranks per layer]({plots}/ranks.png)", wrap(
         "The ranks that the search gives `CoRa recommended W4` per layer, against the heuristic floor(b*R) "
         "and the maximum rank R.")]
-    parts += frontier_section(folder, plots) + scale_section(folder) + gallery_section(folder)
+    parts += frontier_section(folder, plots) + linear_section(folder) + scale_section(folder) + gallery_section(folder)
     return "\n\n".join(parts) + "\n"
 
 

@@ -10,6 +10,7 @@ from .batchnorm import correct_batchnorm
 from .config import (ActivationConfig, AdapterConfig, CoRaConfig, CoRaDeprecationWarning, QuantConfig, RefineConfig,
                      RoundingConfig, SearchConfig)
 from .convert import convert_cora, quantize_cora
+from .coverage import CoRaFloatWeightsWarning
 from .finetune import FinetuneResult, finetune
 from .joint_allocation import JointPlan, allocate_jointly, plan_target
 from .mixed_precision import allocate_bits
@@ -25,7 +26,7 @@ from .tracer import CoRaTraceError
 from .serialization import CoRaLoadError, load, read_summary, save
 from .plots import plot_ranks, plot_search
 
-__version__ = "0.6.0"
+__version__ = "0.7.0"
 
 __all__ = [
     "CoRaConfig", "QuantConfig", "AdapterConfig", "RoundingConfig", "SearchConfig", "RefineConfig", "ActivationConfig",
@@ -35,4 +36,5 @@ __all__ = [
     "allocate_jointly", "JointPlan", "plan_target",
     "CoRaSummary", "LayerInfo", "RankSearchResult", "SearchHistory", "FinetuneResult", "NormalObserver", "CoRaError",
     "CoRaTraceError", "save", "load", "read_summary", "CoRaLoadError", "plot_ranks", "plot_search",
+    "CoRaFloatWeightsWarning",
 ]

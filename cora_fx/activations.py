@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .batches import model_device, split_batch
 from .config import ActivationConfig
-from .modules import FLOAT, CoRaConv2d, QuantLinear, folded_modes
+from .modules import FLOAT, CoRaConv2d, folded_modes
 from .observers import quant_range as signed_range
 from .passes import folded_copy
 from .state import PREPARED, CoRaError, get_state
@@ -177,10 +177,9 @@ class InsertActivationQuantizers:
         inputs: list[fx.Node] = []
         for node in gm.graph.nodes:
             role = node.meta.get("cora_role")
-            is_linear = node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), QuantLinear)
-            if role == "merge" or is_linear:
+            if role == "merge":
                 outputs.add(node)
-            if (role == "main" or is_linear) and isinstance(node.args[0], fx.Node):
+            if role == "main" and isinstance(node.args[0], fx.Node):
                 inputs.append(node.args[0])
         return outputs, inputs
 
@@ -201,7 +200,6 @@ def calibrate_activations(prepared: fx.GraphModule, batches: Iterable, *, max_ba
     count = state.config.activation.batches if max_batches is None else max_batches
     folded = folded_copy(prepared)
     wrappers = [m for m in folded.modules() if isinstance(m, CoRaConv2d)]
-    linears = [m for m in prepared.modules() if isinstance(m, QuantLinear)]
     device = model_device(prepared)
     was_training = prepared.training
     folded.eval()
@@ -210,7 +208,7 @@ def calibrate_activations(prepared: fx.GraphModule, batches: Iterable, *, max_ba
         q.restart()
         q.state = OBSERVE
     try:
-        with folded_modes(wrappers, linears, FLOAT), torch.no_grad():
+        with folded_modes(wrappers, FLOAT), torch.no_grad():
             for batch in tqdm(batches, total=count, desc="cora activation ranges", leave=False,
                               disable=not distributed.shows_progress(progress)):
                 if seen >= count:

@@ -22,7 +22,7 @@ from torch import nn
 from . import distributed
 from .batches import model_device, split_batch
 from .activations import float_activations
-from .modules import FLOAT, HARD, CoRaConv2d, QuantLinear, folded_modes
+from .modules import FLOAT, HARD, CoRaConv2d, folded_modes
 from .passes import folded_copy
 from .state import PREPARED, CoRaError, get_state
 
@@ -60,7 +60,6 @@ def correct_batchnorm(prepared: fx.GraphModule, batches: Iterable, *, max_batche
         return 0
     folded = folded_copy(prepared)
     wrappers = [m for m in folded.modules() if isinstance(m, CoRaConv2d)]
-    linears = [m for m in prepared.modules() if isinstance(m, QuantLinear)]
     original = {n: bn.running_mean.detach().clone() for n, bn in bns.items()}
     shift = {n: torch.zeros_like(bn.running_mean, dtype=torch.float64) for n, bn in bns.items()}
     float_means: dict[str, torch.Tensor] = {}
@@ -90,7 +89,7 @@ def correct_batchnorm(prepared: fx.GraphModule, batches: Iterable, *, max_batche
                 try:
                     for n, bn in bns.items():  # the float reference runs with the float statistics
                         bn.running_mean.copy_(original[n])
-                    with folded_modes(wrappers, linears, FLOAT), float_activations(folded):
+                    with folded_modes(wrappers, FLOAT), float_activations(folded):
                         folded(*args)
                 finally:
                     for h in handles:
@@ -99,7 +98,7 @@ def correct_batchnorm(prepared: fx.GraphModule, batches: Iterable, *, max_batche
                         bn.running_mean.copy_(corrected[n])
                 handles = [bn.register_forward_pre_hook(correct(n)) for n, bn in bns.items() if n in float_means]
                 try:
-                    with folded_modes(wrappers, linears, HARD):
+                    with folded_modes(wrappers, HARD):
                         folded(*args)
                 finally:
                     for h in handles:

@@ -6,9 +6,9 @@ Two paths, chosen by ``capture=``:
   inputs: every ``forward`` argument the example inputs do not give is fixed to its default value
   (``concrete_args``, as in ``torch.fx.symbolic_trace``), so ``forward(x, embed=False)`` traces.
 - ``"export"``: ``torch.export`` (non-strict) on the example inputs, which specialises static shapes
-  (``if x.shape[-1] > 64:``) and Python control flow; the aten-level calls of the model's own
-  Conv2d / BatchNorm / Linear layers are turned back into modules (`ModulesFromCalls`) so the rest
-  of cora_fx sees the same layers, under the same names, as after symbolic tracing.
+  (``if x.shape[-1] > 64:``) and Python control flow; the aten-level BatchNorm calls of the model's own
+  layers are turned back into modules (`ModulesFromCalls`), and `lifting` does the same for conv and linear
+  calls on either path, so the rest of cora_fx sees the same layers, under the same names.
 - ``"auto"`` (default): symbolic, and export when symbolic tracing fails and example inputs exist.
 """
 from __future__ import annotations
@@ -147,12 +147,12 @@ def _leaf_prefixes(model: nn.Module, leaf_modules: Any) -> set[str]:
 
 
 class ModulesFromCalls:
-    """Turn aten conv2d / batch_norm / linear calls on a module's own parameters back into
-    nn.Conv2d / nn.BatchNorm2d / nn.Linear modules named after that module (export capture).
+    """Turn aten batch_norm calls on a module's own tensors back into nn.BatchNorm2d modules named after that
+    module (export capture); conv and linear calls become modules in `lifting.LiftFunctionalLayers`, for both
+    capture paths.
 
     A call is converted only when its weight is the ``weight`` of a module that holds nothing but
-    that layer's tensors (what unlifting an nn.Conv2d / BatchNorm2d / Linear leaves); calls inside
-    ``leaves`` and functional calls on other tensors stay as they are (float).
+    that layer's tensors (what unlifting an nn.BatchNorm2d leaves); calls inside ``leaves`` stay as they are.
     """
 
     def __init__(self, leaves: set[str]) -> None:
@@ -210,34 +210,6 @@ def _get(gm: fx.GraphModule, target: str) -> torch.Tensor:
     return getattr(gm.get_submodule(path) if path else gm, name)
 
 
-def _conv(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Module]:
-    args = list(node.args) + [None] * (7 - len(node.args))
-    weight, bias = _attr(gm, args[1]), _attr(gm, args[2])
-    if weight is None or weight.dim() != 4 or (args[2] is not None and bias is None):
-        return None
-    stride, padding, dilation, groups = (args[3] or [1, 1], args[4] if args[4] is not None else [0, 0],
-                                         args[5] or [1, 1], args[6] or 1)
-    conv = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride=tuple(stride),
-                     padding=padding if isinstance(padding, str) else tuple(padding), dilation=tuple(dilation),
-                     groups=groups, bias=bias is not None, device="meta")
-    conv.weight = weight
-    if bias is not None:
-        conv.bias = bias
-    return conv
-
-
-def _linear(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Module]:
-    weight = _attr(gm, node.args[1])
-    bias = _attr(gm, node.args[2]) if len(node.args) > 2 else None
-    if weight is None or weight.dim() != 2 or (len(node.args) > 2 and node.args[2] is not None and bias is None):
-        return None
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    linear.weight = weight
-    if bias is not None:
-        linear.bias = bias
-    return linear
-
-
 def _batch_norm(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Module]:
     x, weight, bias, mean, var, training, momentum, eps = list(node.args[:8])
     shape = getattr(x, "meta", {}).get("val")
@@ -254,8 +226,7 @@ def _batch_norm(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Module]:
     return bn
 
 
-_BUILDERS = {_ATEN.conv2d.default: _conv, _ATEN.conv2d.padding: _conv, _ATEN.linear.default: _linear,
-             _ATEN.batch_norm.default: _batch_norm}
+_BUILDERS = {_ATEN.batch_norm.default: _batch_norm}
 
 
 def _replace_submodule(gm: fx.GraphModule, path: str, module: nn.Module) -> None:

@@ -289,7 +289,7 @@ def _quantize(args: argparse.Namespace) -> int:
         ranks = planned or ranks
     prepared = prepare_cora(model, config, example_inputs=example, progress=not args.quiet)
     if not hasattr(prepared, "meta") or "cora_fx" not in prepared.meta:
-        raise UsageError(f"--model {args.model}: no nn.Conv2d layer to quantize")
+        raise UsageError(f"--model {args.model}: no conv or linear layer to quantize")
     quiet = args.quiet or not distributed.is_main_process()
     say = (lambda step: None) if quiet else (lambda step: print(f"cora-fx quantize: {step} ...", flush=True))
     steps = run_pipeline(prepared, calibration, ranks=ranks, progress=not args.quiet, on_step=say)

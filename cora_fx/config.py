@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping, Optional, Union
 
 #: Version of the `to_dict` layout; `from_dict` reads this version and the flat layout before it.
-CONFIG_VERSION = 6
+CONFIG_VERSION = 7
 
 GRANULARITIES = ("per_tensor", "per_channel")
 CLIPPINGS = ("normal", "normal_paper", "minmax", "mse")
@@ -164,18 +164,23 @@ class AdapterConfig(_Group):
         form: how `convert_cora` lowers an adapter: ``"parallel"`` (paper: conv(x, [W]_n) + B(A(x))) or
             ``"folded"`` (one conv whose weight dequant([W]_n) + fold(B o A) is computed from the stored
             codes in the graph: same bytes, the float model's conv FLOPs).
+        linear: adapters on Linear layers too (a Linear is a 1x1 conv, docs/method.md s.12), searched under
+            the same budget; ``False`` (default) gives Linear layers the base rounding (GPTQ with
+            ``rounding.method="gptq"``) without adapter.
     """
 
     GROUP: ClassVar[str] = "adapter"
     bits: Optional[int] = 8
     svd: str = "weight"
     form: str = "parallel"
+    linear: bool = False
 
     def _rules(self) -> list:
         return [
             ("bits", lambda v: v is None or _int_in(2, 8)(v), "must be an integer in 2..8 or None (float adapters)"),
             ("svd", _one_of(SVDS), f"must be one of {SVDS}"),
             ("form", _one_of(ADAPTER_FORMS), f"must be one of {ADAPTER_FORMS}"),
+            ("linear", lambda v: isinstance(v, bool), "must be True or False"),
         ]
 
 
@@ -355,6 +360,7 @@ FLAT_NAMES: dict[str, tuple[str, str]] = {
     **{name: ("quant", name) for name in
        ("bits", "granularity", "clipping", "k", "quantize_linear", "depthwise", "layer_bits", "symmetric_int8")},
     "adapter_bits": ("adapter", "bits"), "svd": ("adapter", "svd"), "adapter_form": ("adapter", "form"),
+    "adapter_linear": ("adapter", "linear"),
     "rounding": ("rounding", "method"), "rounding_batches": ("rounding", "batches"),
     "rounding_inputs": ("rounding", "inputs"), "max_block": ("rounding", "max_block"),
     **{name: ("search", name) for name in

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .batches import BatchCycle, input_dtype, model_device, split_batch
-from .modules import TUNE, CoRaConv2d, QuantLinear, folded_modes
+from .modules import TUNE, CoRaConv2d, folded_modes
 from .objective import batch_loss, frozen_weights, task_loss
 from .passes import folded_copy
 from .state import PREPARED, get_state
@@ -64,7 +64,6 @@ def finetune(
         raise ValueError(f"finetune: lr={lr!r} must be > 0")
     gm = folded_copy(prepared)
     wrappers = [m for m in gm.modules() if isinstance(m, CoRaConv2d)]
-    linears = [m for m in gm.modules() if isinstance(m, QuantLinear)]
     tuned: dict[CoRaConv2d, tuple[nn.Parameter, nn.Parameter]] = {}
     for w in wrappers:
         if int(w.adapter.hard_rank) > 0:
@@ -72,7 +71,7 @@ def finetune(
             tuned[w] = (nn.Parameter(a.detach().clone()), nn.Parameter(b.detach().clone()))
     factors: dict[nn.Module, nn.Parameter] = {}
     if cfg.quant.per_channel:
-        for q in [w.quantized for w in wrappers] + linears:
+        for q in [w.quantized for w in wrappers]:
             factors[q] = nn.Parameter(torch.ones(q.weight.shape[0], device=q.weight.device))
     params = [p for pair in tuned.values() for p in pair] + list(factors.values())
     result = FinetuneResult(0, 0.0, sum(p.numel() for p in params))
@@ -89,14 +88,14 @@ def finetune(
             w.tuned = pair
         for q, factor in factors.items():
             object.__setattr__(q, "tuning_factor", factor)  # not registered: the model gains no parameter
-        with frozen_weights(prepared), folded_modes(wrappers, [], TUNE):
+        with frozen_weights(prepared), folded_modes(wrappers, TUNE):
             gm.eval()
             while result.iterations < iterations:
                 batch = data.next()
                 if not distributed.all_reduce_min(int(batch is not None)):
                     break
                 inputs, labels = split_batch(batch, device, dtype)
-                loss = batch_loss(gm, wrappers, linears, cfg, loss_fn, inputs, labels, caller="finetune",
+                loss = batch_loss(gm, wrappers, cfg, loss_fn, inputs, labels, caller="finetune",
                                   index=data.seen - 1)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

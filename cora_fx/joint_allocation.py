@@ -33,6 +33,8 @@ from . import distributed
 from .config import CoRaConfig
 from .mixed_precision import (ALLOCATION_BATCHES, _Sensitivity, allocate_bits, check_arguments, first_inputs,
                               planned_bits, swapped_losses)
+from .calibration_check import check_batches
+from .lifting import CONV_KINDS
 from .prepare import adapters, prepare_cora
 from .rounding import calibrate_rounding
 from .state import CoRaError, get_state
@@ -65,6 +67,7 @@ def _rounded(model: nn.Module, config: CoRaConfig, bits: dict[str, int], calibra
              progress: bool, capture_options: dict) -> torch.fx.GraphModule:
     """``model`` prepared with ``bits`` per layer and rounded as the config asks (GPTQ, activation SVD)."""
     prepared = prepare_cora(model, config.replace(layer_bits=bits), progress=progress, **capture_options)
+    check_batches(prepared, calibration, "allocate_jointly")
     if config.needs_rounding_data:
         calibrate_rounding(prepared, calibration, progress=progress)
     return prepared
@@ -164,7 +167,8 @@ def allocate_jointly(model: nn.Module, calibration: Iterable, config: CoRaConfig
     config = config.replace(target_bits=None)  # this is the plan; its own preparations are plain
     show = distributed.shows_progress(progress)
     rounded = {high: _rounded(model, config, dict(config.quant.layer_bits), calibration, show, capture_options)}
-    names = [n for n, a in adapters(rounded[high]).items() if a.searchable and config.quant.bits_for(n) == high]
+    convs = adapters(rounded[high], CONV_KINDS)
+    names = [n for n, a in convs.items() if a.searchable and config.quant.bits_for(n) == high]
     if not names:
         raise CoRaError(f"allocate_jointly: {type(model).__name__} has no searchable conv at {high} bits")
     rounded[low] = _rounded(model, config, {**config.quant.layer_bits, **{n: low for n in names}}, calibration,

@@ -67,12 +67,20 @@ def softmax_kl(dim: int) -> Objective:
                             "Set search.loss_dim to the class dimension, or use loss='bce' (sigmoid "
                             "probabilities), 'bce_logits' or 'mse' (raw values)")
         out, ref = out.movedim(dim, -1).flatten(0, -2), ref.movedim(dim, -1).flatten(0, -2)
+        if _is_probability(ref) and not _is_distribution(ref):
+            raise CoRaError(f"loss='kl' over dim {dim} of {path}: its values lie in [0, 1] but do not sum to 1 along "
+                            "that dimension (independent sigmoid probabilities?); use loss='bce' for those, or set "
+                            "search.loss_dim to the dimension that holds the distribution")
         if _is_distribution(ref):
             log_q, log_p = out.clamp_min(_EPS).log(), ref.clamp_min(_EPS).log()
         else:
             log_q, log_p = F.log_softmax(out, -1), F.log_softmax(ref, -1)
         return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
     return kl
+
+
+def _is_probability(ref: torch.Tensor) -> bool:
+    return bool(ref.min() >= 0) and bool(ref.max() <= 1)
 
 
 def _is_distribution(ref: torch.Tensor) -> bool:

@@ -7,9 +7,9 @@ Run in this order by torch.fx's PassManager (`convert_cora`):
 2. `QuantizeAdapters`: min-max quantization of A_r and B_r at ``adapter_bits``.
 3. `FoldBatchNorm` (optional): an eval-mode BatchNorm2d right after a CoRa conv is folded into
    the per-channel scales of [W]_n and of B, and into the bias (exact: scales stay per channel).
-4. `LowerToOps`: every CoRa branch and QuantLinear becomes a slice of the model's packed
-   words (`packing`; one buffer, ``cora_packed_words``), unpack + dequantize ops, and F.conv2d /
-   F.linear calls; the modules are removed. The adapter is either a parallel two-conv branch
+4. `LowerToOps`: every CoRa branch becomes a slice of the model's packed
+   words (`packing`; one buffer, ``cora_packed_words``), unpack + dequantize ops, and F.conv2d
+   calls; the modules are removed. The adapter is either a parallel two-conv branch
    (docs/method.md s.2) or, with ``adapter_form="folded"``, added to the dequantized main weight
    as fold(B o A) (s.4), so the model runs one conv per layer.
 5. `LowerActivationQuantizers`: each calibrated activation quantizer becomes a ``quantized_decomposed``
@@ -29,10 +29,11 @@ from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .activations import QUANTIZE, ActivationQuantizer, quantized_decomposed
-from .modules import ConvSpec, QuantLinear
+from .modules import ConvSpec
 from .observers import QuantizedWeight, minmax_quantize
 from .packing import field_bits, pack_codes, unpack_words, word_shifts
-from .passes import merge_nodes, module_calls, set_submodule
+from .graph_edits import module_calls, set_submodule
+from .passes import merge_nodes
 from .state import CoRaError
 
 Weight = Union[QuantizedWeight, torch.Tensor]
@@ -211,7 +212,7 @@ def _shape(weight: Weight) -> torch.Size:
 
 
 class LowerToOps:
-    """Replace CoRa branches and QuantLinear calls by plain tensor ops on stored codes."""
+    """Replace CoRa branches by plain tensor ops on stored codes."""
 
     def __init__(self, plan: ConversionPlan) -> None:
         self.plan = plan
@@ -250,19 +251,6 @@ class LowerToOps:
             merged.replace_all_uses_with(out)
             for node in (merged, adapter, main):
                 g.erase_node(node)
-        for node, linear in module_calls(gm, QuantLinear):
-            owner = nn.Module()
-            name = str(node.target)
-            set_submodule(gm, name, owner)
-            with g.inserting_before(node):
-                (x,) = node.args
-                w = g.call_method("type_as", (emit.weight(owner, name, "weight", linear.deployed_weight()), x))
-                bias = None
-                if linear.bias is not None:
-                    bias = g.call_method("type_as", (emit.attr(owner, name, "bias", linear.bias.detach().clone()), x))
-                out = g.call_function(F.linear, (x, w, bias))
-            node.replace_all_uses_with(out)
-            g.erase_node(node)
         emit.finish()
         return PassResult(gm, True)
 

@@ -27,10 +27,12 @@ from .batches import input_dtype, model_device, split_batch
 from .config import CoRaConfig
 from .losses import distillation_loss
 from .observers import main_observer, quantize_weight
+from .calibration_check import check_batches
+from .lifting import CONV_KINDS
 from .prepare import adapters, heuristic_rank, prepare_cora
 from .residual import ResidualFactors
 from .state import CoRaError, get_state
-from .summary import layer_infos
+from .summary import is_conv, layer_infos
 
 #: The adapter budget to pair with `allocate_bits`, e.g. ``CoRaConfig.recommended(4, budget=MIXED_BUDGET)``
 #: (what ``cora-fx quantize --target-bits`` takes without ``--budget``). At a fixed equivalent bit-width
@@ -50,11 +52,11 @@ def planned_bits(prepared: torch.fx.GraphModule, layer_bits: dict[str, int], bud
     state = get_state(prepared)
     cfg = state.config
     adapter_bits = 32 if cfg.adapter.bits is None else cfg.adapter.bits
-    convs = [layer for layer in layer_infos(prepared) if layer.kind == "conv"]
+    convs = [layer for layer in layer_infos(prepared) if is_conv(layer.kind)]
     weight_bits = sum(layer_bits.get(layer.name, layer.bits) * layer.params for layer in convs)
     fixed_adapters = sum(layer.adapter_params for layer in convs if layer.policy != "search")
     total = max(state.conv_params, 1)
-    return (weight_bits + 32 * state.float_conv_params + adapter_bits * (budget * total + fixed_adapters)) / total
+    return (weight_bits + state.float_conv_bits + adapter_bits * (budget * total + fixed_adapters)) / total
 
 
 class _Sensitivity:
@@ -121,6 +123,7 @@ def allocate_bits(
     check_arguments("allocate_bits", model, target_bits, batches, capture_options)
     config = config.replace(target_bits=None)  # this is the plan; its own preparations are plain
     prepared = prepare_cora(model, config, progress=progress, **capture_options)
+    check_batches(prepared, calibration, "allocate_bits")
     start = planned_bits(prepared, dict(config.quant.layer_bits), config.search.budget)
     if start <= target_bits:
         return dict(config.quant.layer_bits)
@@ -187,7 +190,8 @@ def _demotion_candidates(prepared: torch.fx.GraphModule, config: CoRaConfig, low
                          start: float) -> tuple[dict, dict[str, float]]:
     """The searchable convs above ``low_bits`` (name -> adapter) and the equivalent bits that demoting
     each one saves from ``start`` (equivalent bits are linear in the layers' bits, so savings add up)."""
-    candidates = {n: a for n, a in adapters(prepared).items() if a.searchable and config.quant.bits_for(n) > low_bits}
+    convs = adapters(prepared, CONV_KINDS)
+    candidates = {n: a for n, a in convs.items() if a.searchable and config.quant.bits_for(n) > low_bits}
     saved = {name: start - planned_bits(prepared, {**config.quant.layer_bits, name: low_bits}, config.search.budget)
              for name in candidates}
     return candidates, saved

@@ -8,8 +8,8 @@ prepared graph calls its two children in parallel and adds them (docs/method.md 
     out     = main + adapter
 
 Calling the container itself runs the folded single-conv form of docs/method.md section 4,
-conv(x, [W]_n + fold(B o A)), which the rank search uses. `QuantLinear` is the weight-only
-quantized nn.Linear (no adapter).
+conv(x, [W]_n + fold(B o A)), which the rank search uses. nn.Conv1d and nn.Linear layers reach
+here as nn.Conv2d layers (`lifting`); ``CoRaConv2d.kind`` remembers which they were.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .lifting import CONV
 from .observers import QuantizedWeight, minmax_quantize
 from .residual import ResidualFactors, fold_two_conv, nbk_mask
 
@@ -118,22 +119,6 @@ class QuantConv2d(QuantizedWeightMixin, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias
         return self.spec.conv(x, self.effective_weight().to(x.dtype), None if bias is None else bias.to(x.dtype))
-
-
-class QuantLinear(QuantizedWeightMixin, nn.Module):
-    """Weight-only quantized nn.Linear; ``use_float`` switches to the kept float weight."""
-
-    def __init__(self, linear: nn.Linear, qw: QuantizedWeight, observer: nn.Module) -> None:
-        super().__init__()
-        self._init_quantized(qw, linear.bias)
-        self.register_buffer("float_weight", linear.weight.detach().to(torch.float32).clone())
-        self.weight_observer = observer
-        self.use_float = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.float_weight if self.use_float else self.effective_weight()
-        bias = self.bias
-        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
 #: Adapter policies: searched rank, fixed full rank (depthwise "residual"), or no adapter.
@@ -273,10 +258,11 @@ class CoRaConv2d(nn.Module):
     ``"tune"`` (`finetune`: trainable ``tuned`` = (A, B) fake-quantized, scaled [W]_n).
     """
 
-    def __init__(self, quantized: QuantConv2d, adapter: LowRankAdapter) -> None:
+    def __init__(self, quantized: QuantConv2d, adapter: LowRankAdapter, kind: str = CONV) -> None:
         super().__init__()
         self.quantized = quantized
         self.adapter = adapter
+        self.kind = kind
         self.mode = SOFT
         self.tuned: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
@@ -334,19 +320,13 @@ class ConvBatchNorm(nn.Module):
 
 
 @contextmanager
-def folded_modes(wrappers: Sequence[CoRaConv2d], linears: Sequence[QuantLinear], mode: str) -> Iterator[None]:
-    """Run folded wrappers in ``mode`` (FLOAT also switches QuantLinear to its float weight);
-    the previous modes come back on exit."""
+def folded_modes(wrappers: Sequence[CoRaConv2d], mode: str) -> Iterator[None]:
+    """Run folded wrappers in ``mode``; the previous modes come back on exit."""
     modes = [w.mode for w in wrappers]
-    use_float = [lin.use_float for lin in linears]
     try:
         for w in wrappers:
             w.mode = mode
-        for lin in linears:
-            lin.use_float = mode == FLOAT
         yield
     finally:
         for w, previous in zip(wrappers, modes):
             w.mode = previous
-        for lin, flag in zip(linears, use_float):
-            lin.use_float = flag

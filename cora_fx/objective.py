@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from .config import CoRaConfig
 from .losses import distillation_loss, output_tensors
 from .activations import float_activations
-from .modules import FLOAT, CoRaConv2d, QuantLinear, folded_modes
+from .modules import FLOAT, CoRaConv2d, folded_modes
 from .state import CoRaError
 
 
@@ -38,14 +38,14 @@ def task_loss(cfg: CoRaConfig) -> Callable[[Any, Optional[Any], Any], torch.Tens
     return ce
 
 
-def teacher_output(search_gm: fx.GraphModule, wrappers: Sequence[CoRaConv2d], linears: Sequence[QuantLinear],
+def teacher_output(search_gm: fx.GraphModule, wrappers: Sequence[CoRaConv2d],
                    inputs: tuple[torch.Tensor, ...]) -> Any:
     """The float model's output: full-rank float residuals give back W exactly (Theorem 1)."""
-    with folded_modes(wrappers, linears, FLOAT), float_activations(search_gm), torch.no_grad():
+    with folded_modes(wrappers, FLOAT), float_activations(search_gm), torch.no_grad():
         return search_gm(*inputs)
 
 
-def batch_loss(gm: fx.GraphModule, wrappers: Sequence[CoRaConv2d], linears: Sequence[QuantLinear], cfg: CoRaConfig,
+def batch_loss(gm: fx.GraphModule, wrappers: Sequence[CoRaConv2d], cfg: CoRaConfig,
                loss_fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...], labels: Any, *, caller: str,
                index: int, teachers: Optional["TeacherCache"] = None, key: Any = None) -> torch.Tensor:
     """The task loss of ``gm`` on one batch; a model failure names the caller and the batch, not a conv.
@@ -54,7 +54,7 @@ def batch_loss(gm: fx.GraphModule, wrappers: Sequence[CoRaConv2d], linears: Sequ
     try:
         teacher = None
         if cfg.search.loss != "ce":
-            compute = lambda: teacher_output(gm, wrappers, linears, inputs)  # noqa: E731
+            compute = lambda: teacher_output(gm, wrappers, inputs)  # noqa: E731
             teacher = compute() if teachers is None else teachers.get(key, compute)
         output = gm(*inputs)
     except Exception as err:  # e.g. a batch of the wrong shape

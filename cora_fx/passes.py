@@ -1,7 +1,8 @@
 """Graph rewrites of the prepare side, each a small pass returning `PassResult`.
 
 - `RewriteConvs`: every traced nn.Conv2d call -> quantized conv + parallel adapter + add.
-- `QuantizeLinears`: every nn.Linear -> `QuantLinear` (weight-only, no adapter).
+  (nn.Conv1d and nn.Linear arrive here as nn.Conv2d calls, `lifting`; their adapters follow
+  ``adapter.linear`` for Linear layers).
 - `FoldAdaptersForSearch`: (main, adapter, add) -> one call of the `CoRaConv2d` container,
   the folded single-conv form of docs/method.md section 4 used by the rank search.
 They are composed by `torch.fx.passes.infra.pass_manager.PassManager` (see `run_passes`).
@@ -20,13 +21,15 @@ from torch.fx.passes.infra.pass_manager import PassManager
 from tqdm.auto import tqdm
 
 from .config import CoRaConfig
-from .modules import (FIXED, OFF, SEARCH, ConvBatchNorm, CoRaConv2d, ConvSpec, LowRankAdapter, QuantConv2d,
-                      QuantLinear)
+from .graph_edits import module_calls, plain, set_submodule
+from .lifting import CONV, KIND_META, LINEAR
+from .modules import FIXED, OFF, SEARCH, ConvBatchNorm, CoRaConv2d, ConvSpec, LowRankAdapter, QuantConv2d
 from .observers import main_observer, make_observer, quantize_weight
 from .residual import ResidualFactors
 from .state import CoRaError
 
-UNSUPPORTED_CONVS = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+UNSUPPORTED_CONVS = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+DEPTHWISE_FLOAT = "depthwise conv kept float (depthwise='float')"
 
 
 def run_passes(gm: fx.GraphModule, passes: Sequence[Callable[[fx.GraphModule], PassResult]]) -> fx.GraphModule:
@@ -39,25 +42,6 @@ def run_passes(gm: fx.GraphModule, passes: Sequence[Callable[[fx.GraphModule], P
         if isinstance(cause, (CoRaError, ValueError, TypeError, KeyboardInterrupt)):
             raise cause from None
         raise
-
-
-def set_submodule(root: nn.Module, qualname: str, module: nn.Module) -> None:
-    parent_name, _, leaf = qualname.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, leaf, module)
-
-
-def module_calls(gm: fx.GraphModule, kind: type) -> Iterator[tuple[fx.Node, nn.Module]]:
-    for node in list(gm.graph.nodes):
-        if node.op == "call_module":
-            module = gm.get_submodule(node.target)
-            if isinstance(module, kind):
-                yield node, module
-
-
-def _plain(module: nn.Module, base: type, method: str) -> bool:
-    """True when ``module`` computes exactly what ``base`` does (no overridden forward)."""
-    cls = type(module)
-    return cls.forward is base.forward and getattr(cls, method) is getattr(base, method)
 
 
 def check_finite(name: str, weight: torch.Tensor) -> None:
@@ -80,7 +64,8 @@ class RewriteConvs:
         self.skipped: dict[str, str] = {}
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
-        read_directly = {n.target.rpartition(".")[0] for n in gm.graph.nodes if n.op == "get_attr"}
+        read_directly = {str(n.target).rpartition(".")[0] for n in gm.graph.nodes
+                         if n.op == "get_attr" and str(n.target).endswith((".weight", ".bias"))}
         done: dict[str, CoRaConv2d] = {}
         modified = False
         calls = list(module_calls(gm, nn.Module))
@@ -89,7 +74,7 @@ class RewriteConvs:
             if name in done:
                 pass
             elif (isinstance(conv, UNSUPPORTED_CONVS)
-                  or (isinstance(conv, nn.Conv2d) and not _plain(conv, nn.Conv2d, "_conv_forward"))):
+                  or (isinstance(conv, nn.Conv2d) and not plain(conv, nn.Conv2d, "_conv_forward"))):
                 self.skipped[name] = f"{type(conv).__name__} is not supported; left float"
                 continue
             elif not isinstance(conv, nn.Conv2d):
@@ -99,9 +84,9 @@ class RewriteConvs:
                 continue
             else:
                 check_finite(name, conv.weight)
-                container = self._build(name, conv)
+                container = self._build(name, conv, node.meta.get(KIND_META, CONV))
                 if container is None:
-                    self.skipped[name] = "depthwise conv kept float (depthwise='float')"
+                    self.skipped[name] = DEPTHWISE_FLOAT
                     continue
                 done[name] = container
                 set_submodule(gm, name, container)
@@ -118,11 +103,11 @@ class RewriteConvs:
             modified = True
         return PassResult(gm, modified)
 
-    def _build(self, name: str, conv: nn.Conv2d) -> Optional[CoRaConv2d]:
+    def _build(self, name: str, conv: nn.Conv2d, kind: str) -> Optional[CoRaConv2d]:
         cfg = self.config
         m, n_per_group, k1, k2 = conv.weight.shape
         depthwise = min(m // conv.groups, n_per_group * k1 * k2) == 1  # rank 1 per group, docs/method.md s.2
-        policy = SEARCH
+        policy = SEARCH if kind != LINEAR or cfg.adapter.linear else OFF
         bits, observer = cfg.quant.bits_for(name), None
         if depthwise:
             if cfg.quant.depthwise == "float":
@@ -134,34 +119,12 @@ class RewriteConvs:
         observer = observer or main_observer(cfg.quant, bits)
         qw = quantize_weight(conv.weight, observer, bits)
         residual = conv.weight.detach().to(torch.float32) - qw.dequantize()
-        factors = ResidualFactors(residual, conv.groups)
+        factors = ResidualFactors(residual, conv.groups, factored=policy != OFF)
         spec = ConvSpec.of(conv)
         adapter = LowRankAdapter(factors, spec, cfg.adapter.bits, policy, cfg.search.start_rank)
         adapter.nbk_order = cfg.search.nbk_order
-        container = CoRaConv2d(QuantConv2d(conv, qw, observer), adapter)
+        container = CoRaConv2d(QuantConv2d(conv, qw, observer), adapter, kind)
         return container.to(conv.weight.device)
-
-
-class QuantizeLinears:
-    """Swap nn.Linear modules for weight-only `QuantLinear` at ``config.quant.bits_for(name)``."""
-
-    def __init__(self, config: CoRaConfig) -> None:
-        self.config = config
-
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
-        cfg = self.config
-        swapped: set[str] = set()
-        for node, linear in module_calls(gm, nn.Linear):
-            name = str(node.target)
-            if name in swapped or not _plain(linear, nn.Linear, "forward"):
-                continue
-            check_finite(name, linear.weight)
-            bits = cfg.quant.bits_for(name)
-            observer = main_observer(cfg.quant, bits)
-            qw = quantize_weight(linear.weight, observer, bits)
-            set_submodule(gm, name, QuantLinear(linear, qw, observer).to(linear.weight.device))
-            swapped.add(name)
-        return PassResult(gm, bool(swapped))
 
 
 def merge_nodes(gm: fx.GraphModule) -> Iterator[tuple[str, fx.Node, fx.Node, fx.Node]]:

@@ -13,6 +13,7 @@ from typing import Callable, Iterable, Optional
 import torch.fx as fx
 
 from .activations import calibrate_activations
+from .calibration_check import check_batches
 from .batchnorm import correct_batchnorm
 from .config import CoRaConfig
 from .finetune import FinetuneResult, finetune
@@ -70,7 +71,10 @@ def run_pipeline(prepared: fx.GraphModule, batches: Iterable, *, ranks: RankSpec
     """
     config = get_state(prepared, PREPARED, "prepared").config
     result = PipelineResult()
-    for name in wanted_steps(config, ranks, skip):
+    steps = wanted_steps(config, ranks, skip)
+    if steps:
+        check_batches(prepared, batches, "run_pipeline", objective=bool({"search_ranks", "finetune"} & set(steps)))
+    for name in steps:
         if on_step is not None:
             on_step(name)
         _run_step(name, prepared, batches, ranks, progress, config, result)

@@ -14,11 +14,17 @@ from . import distributed
 from .activations import InsertActivationQuantizers
 from .capture import capture as capture_model
 from .capture import example_tensors
+from .calibration_check import example_shapes
 from .config import CoRaConfig
-from .modules import CoRaConv2d, LowRankAdapter, QuantLinear
-from .passes import QuantizeLinears, RewriteConvs, run_passes
+from .coverage import FloatWeight, float_weights, is_weight, warn_float
+from .lifting import CONV_KINDS, LINEAR, Conv1dAsConv2d, LiftFunctionalLayers, LinearAsConv2d
+from .modules import CoRaConv2d, LowRankAdapter
+from .passes import RewriteConvs, run_passes
 from .state import META_KEY, PREPARED, CoRaError, CoRaState, get_state
 from .tracer import LeafSpec
+
+#: the layer modules cora_fx quantizes (with their subclasses and functional forms, `lifting`)
+LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
 
 def prepare_cora(
@@ -33,7 +39,12 @@ def prepare_cora(
     capture: str = "auto",
     progress: bool = True,
 ) -> fx.GraphModule:
-    """Trace ``model`` and rewrite every nn.Conv2d into quantized conv + low-rank adapter.
+    """Trace ``model`` and rewrite every conv and linear layer into quantized conv + low-rank adapter.
+
+    Conv2d, Conv1d and Linear layers, subclasses with their own ``forward`` and functional calls on the
+    model's parameters are all quantized (docs/method.md s.12); every weight that stays float is listed in
+    ``summary(prepared).skipped`` with the reason, and a `CoRaFloatWeightsWarning` names those the config
+    did not ask to keep float.
 
     Args:
         model: the float model (left untouched unless ``inplace=True``, in which case the
@@ -68,31 +79,19 @@ def prepare_cora(
         raise TypeError("prepare_cora: example_inputs must be a tuple of inputs, e.g. (x,)")
     _refuse_cora_models(model)
     _refuse_meta_tensors(model)
-    if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
-        warnings.warn(f"prepare_cora: {type(model).__name__} has no nn.Conv2d layer; "
+    if not any(isinstance(m, LAYERS) for m in model.modules()) and not any(is_weight(p) for p in model.parameters()):
+        warnings.warn(f"prepare_cora: {type(model).__name__} has no weight matrix (conv or linear layer); "
                       "nothing to do, model returned unchanged")
         return model  # type: ignore[return-value]
 
     _check_layer_names(model, config)
     source = model if inplace else copy.deepcopy(model)
     captured = capture_model(source, leaf_modules, example_inputs, example_kwargs, concrete_args, capture)
-    gm, leaves = captured.gm, captured.leaves
-    conv_params = sum(m.weight.numel() for m in source.modules() if isinstance(m, nn.Conv2d))
-    rewrite = RewriteConvs(config, distributed.shows_progress(progress))
-    passes = [rewrite] + ([QuantizeLinears(config)] if config.quant.quantize_linear else [])
-    if config.activation.bits is not None:
-        passes.append(InsertActivationQuantizers(config.activation))
-    gm = run_passes(gm, passes)
-    skipped = dict(rewrite.skipped)
-    for leaf in sorted(leaves):
-        for name, m in source.get_submodule(leaf).named_modules():
-            if isinstance(m, nn.Conv2d):
-                skipped[f"{leaf}.{name}" if name else leaf] = f"inside leaf module '{leaf}'; left float"
+    gm, skipped = _rewrite(captured.gm, captured.leaves, source, config, progress)
+    skipped, floats = float_weights(gm, skipped, config.quant.quantize_linear)
     _check_layer_bits(gm, config, skipped)
-    float_params = sum(source.get_submodule(n).weight.numel() for n in skipped
-                       if isinstance(source.get_submodule(n), nn.Conv2d))
-    gm.meta[META_KEY] = CoRaState(config, PREPARED, conv_params, skipped, float_params,
-                                  capture=captured.method, concrete_args=captured.concrete_args)
+    gm.meta[META_KEY] = _state(gm, config, skipped, floats, captured, example_shapes(example_inputs))
+    warn_float(type(model).__name__, skipped)
     gm.train(source.training)
     if example_inputs is not None:
         # Checked in eval mode: a train-mode run would update BatchNorm running statistics
@@ -110,20 +109,55 @@ def prepare_cora(
     return gm
 
 
+def _rewrite(gm: fx.GraphModule, leaves: set[str], source: nn.Module, config: CoRaConfig,
+             progress: bool) -> tuple[fx.GraphModule, dict[str, str]]:
+    """The prepare passes (docs/method.md s.12, s.1-2, s.14) and the layers they left float, with the reason."""
+    lift = LiftFunctionalLayers(leaves)
+    rewrite = RewriteConvs(config, distributed.shows_progress(progress))
+    passes = [lift, Conv1dAsConv2d(leaves)] + ([LinearAsConv2d(leaves)] if config.quant.quantize_linear else [])
+    passes.append(rewrite)
+    if config.activation.bits is not None:
+        passes.append(InsertActivationQuantizers(config.activation))
+    gm = run_passes(gm, passes)
+    skipped = {**lift.skipped, **rewrite.skipped}
+    for leaf in sorted(leaves):
+        for name, m in source.get_submodule(leaf).named_modules():
+            if isinstance(m, LAYERS):
+                skipped[f"{leaf}.{name}" if name else leaf] = f"inside leaf module '{leaf}'; left float"
+    return gm, skipped
+
+
+def _state(gm: fx.GraphModule, config: CoRaConfig, skipped: dict[str, str], floats: Mapping[str, FloatWeight],
+           captured: Any, shapes: list[tuple[int, ...]]) -> CoRaState:
+    """The prepared model's `CoRaState`: every conv and linear weight counted, quantized or float."""
+    layers = [m for m in gm.modules() if isinstance(m, CoRaConv2d)]
+
+    def total(kinds: tuple[str, ...]) -> tuple[int, int]:
+        quantized = sum(m.quantized.weight.numel() for m in layers if m.kind in kinds)
+        kept = [w for w in floats.values() if w.kind in kinds]
+        return quantized + sum(w.params for w in kept), sum(w.params * w.bits for w in kept)
+
+    conv_params, float_conv_bits = total(CONV_KINDS)
+    linear_params, float_linear_bits = total((LINEAR,))
+    return CoRaState(config, PREPARED, conv_params, skipped, float_conv_bits, linear_params, float_linear_bits,
+                     capture=captured.method, concrete_args=captured.concrete_args, example_shapes=shapes)
+
+
 def _check_layer_names(model: nn.Module, config: CoRaConfig) -> None:
-    """Before anything is rewritten: every `CoRaConfig.layer_bits` key names a Conv2d or Linear."""
-    layers = {n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    for name in sorted(set(config.quant.layer_bits) - layers):
-        raise CoRaError(f"prepare_cora: config.quant.layer_bits names '{name}', which is not an nn.Conv2d or nn.Linear "
+    """Before anything is rewritten: every `CoRaConfig.layer_bits` key names a conv or linear layer, or a weight."""
+    layers = {n for n, m in model.named_modules() if isinstance(m, LAYERS)}
+    weights = {n for n, p in model.named_parameters() if is_weight(p)}
+    known = layers | weights | {n.rpartition(".")[0] for n in weights}
+    for name in sorted(set(config.quant.layer_bits) - known):
+        raise CoRaError(f"prepare_cora: config.quant.layer_bits names '{name}', which is not a conv or linear layer "
                         f"of {type(model).__name__}; e.g. {sorted(layers)[:4]}")
 
 
 def _check_layer_bits(gm: fx.GraphModule, config: CoRaConfig, skipped: Mapping[str, str]) -> None:
     """After the rewrite: every `CoRaConfig.layer_bits` entry names a layer that was quantized."""
-    quantized = {n for n, m in gm.named_modules() if isinstance(m, (CoRaConv2d, QuantLinear))}
+    quantized = {n for n, m in gm.named_modules() if isinstance(m, CoRaConv2d)}
     for name in sorted(set(config.quant.layer_bits) - quantized):
-        why = skipped.get(name, "left float (quantize_linear=False)" if not config.quant.quantize_linear
-                          else "left float (an nn.Linear subclass with its own forward)")
+        why = skipped.get(name, "it is not rewritten as a layer (see summary(prepared).skipped and the layer names)")
         raise CoRaError(f"prepare_cora: config.quant.layer_bits names '{name}', which is not quantized: {why}")
 
 
@@ -143,13 +177,15 @@ def _refuse_cora_models(model: nn.Module) -> None:
             f"model is already {model.meta[META_KEY].stage} by cora_fx; prepare the original float model instead"
         )
     for name, m in model.named_modules():
-        if isinstance(m, (CoRaConv2d, QuantLinear, LowRankAdapter)):
+        if isinstance(m, (CoRaConv2d, LowRankAdapter)):
             raise CoRaError(f"module '{name}' is already a cora_fx module; prepare the original float model instead")
 
 
-def adapters(gm: fx.GraphModule) -> dict[str, LowRankAdapter]:
-    """Adapters of a prepared model keyed by the original conv's qualified name."""
-    return {name: m.adapter for name, m in gm.named_modules() if isinstance(m, CoRaConv2d)}
+def adapters(gm: fx.GraphModule, kinds: Optional[tuple[str, ...]] = None) -> dict[str, LowRankAdapter]:
+    """Adapters of a prepared model keyed by the original layer's qualified name (of ``kinds`` only, if given:
+    the bit allocators plan convs, `lifting.CONV_KINDS`)."""
+    return {name: m.adapter for name, m in gm.named_modules()
+            if isinstance(m, CoRaConv2d) and (kinds is None or m.kind in kinds)}
 
 
 RankSpec = Union[str, Mapping[str, int]]

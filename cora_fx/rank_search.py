@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .config import SEARCH_FIELDS, CoRaConfig
-from .modules import CoRaConv2d, LowRankAdapter, QuantLinear
+from .modules import CoRaConv2d, LowRankAdapter
 from .objective import TeacherCache, batch_loss, channels_last, frozen_weights, micro_batches, task_loss
 from .batches import BatchCycle, input_dtype, model_device, split_batch
 from .passes import search_copy
@@ -160,7 +160,6 @@ class _RankSearch:
         self.saved = {n: (int(a.hard_rank), float(a.rank)) for n, a in self.layers.items()}
         self.search_gm = search_copy(prepared)
         self.wrappers = [m for m in self.search_gm.modules() if isinstance(m, CoRaConv2d)]
-        self.linears = [m for m in prepared.modules() if isinstance(m, QuantLinear)]
         self.loss_fn = task_loss(cfg)
         self.device = model_device(prepared)
         self.dtype = input_dtype(prepared)
@@ -253,7 +252,7 @@ class _RankSearch:
         g_task = torch.zeros(len(self.names), device=self.device)
         task_value = torch.zeros(1, device=self.device)
         for k, (part, part_labels, weight) in enumerate(micro_batches(inputs, labels, cfg.micro_batch, cfg.loss)):
-            task = weight * batch_loss(self.search_gm, self.wrappers, self.linears, self.cfg, self.loss_fn, part,
+            task = weight * batch_loss(self.search_gm, self.wrappers, self.cfg, self.loss_fn, part,
                                        part_labels, caller="search_ranks", index=index, teachers=self.teachers,
                                        key=(position, k))
             if self.ranks and task.requires_grad:

@@ -22,6 +22,9 @@ class ResidualFactors(torch.nn.Module):
     search's constants; `convert_cora` drops them. With ``whitening`` L (g, d, d), the
     factorization minimizes the output error instead (``svd="activation"``, rounding.py):
     ``Vh`` is then V^T L^-1, no longer orthonormal, and U diag(S) Vh is still exactly dW.
+    ``factored=False`` (a layer without adapter: nothing ever truncates it) skips the SVD and keeps dW as
+    U = I, S = the row norms, Vh = the normalized rows: still exactly dW for the float teacher and the rounding,
+    at a fraction of the cost on a wide Linear layer.
     """
 
     U: torch.Tensor
@@ -29,7 +32,7 @@ class ResidualFactors(torch.nn.Module):
     Vh: torch.Tensor
 
     def __init__(self, residual: torch.Tensor, groups: int,
-                 whitening: torch.Tensor | list[torch.Tensor] | None = None) -> None:
+                 whitening: torch.Tensor | list[torch.Tensor] | None = None, factored: bool = True) -> None:
         super().__init__()
         m, n_per_group, k1, k2 = residual.shape
         if m % groups:
@@ -38,7 +41,9 @@ class ResidualFactors(torch.nn.Module):
         self.weight_shape = tuple(residual.shape)
         self.whitened = whitening is not None
         blocks = residual.detach().to(torch.float64, copy=True).reshape(groups, m // groups, n_per_group * k1 * k2)
-        if whitening is None:
+        if not factored:
+            U, S, Vh = _rows(blocks)
+        elif whitening is None:
             U, S, Vh = thin_svd(blocks)
         else:  # output-aware: SVD of dW L with H = L L^T, then V^T L^-1 (rounding.py)
             factors = [whitening] if isinstance(whitening, torch.Tensor) else list(whitening)
@@ -83,6 +88,13 @@ class ResidualFactors(torch.nn.Module):
         """fold(B o A) = U diag(mask^2 S) V^T reshaped to W's shape (docs/method.md section 4)."""
         scaled = self.U * (mask * mask * self.S).unsqueeze(1)
         return torch.bmm(scaled, self.Vh).reshape(self.weight_shape)
+
+
+def _rows(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dW = I diag(row norms) (rows / norms): an exact factorization without an SVD (``factored=False``)."""
+    S = blocks.norm(dim=-1)
+    eye = torch.eye(blocks.shape[1], dtype=blocks.dtype, device=blocks.device).expand(blocks.shape[0], -1, -1)
+    return eye.contiguous(), S, blocks / S.clamp_min(1e-300).unsqueeze(-1)
 
 
 def _block_apply(x: torch.Tensor, factors: list[torch.Tensor], op) -> torch.Tensor:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .batches import model_device, split_batch
 from .config import CoRaConfig
-from .modules import FLOAT, HARD, ConvSpec, CoRaConv2d, QuantLinear, folded_modes
+from .modules import FLOAT, HARD, OFF, ConvSpec, CoRaConv2d, folded_modes
 from .observers import QuantizedWeight, quant_range
 from .passes import folded_copy
 from .prepare import adapters, set_ranks
@@ -128,7 +128,6 @@ def collect_input_moments(prepared: fx.GraphModule, batches: Iterable, max_batch
     max_block = get_state(prepared).config.rounding.max_block
     folded = folded_copy(prepared)
     wrappers = {n: m for n, m in folded.named_modules() if isinstance(m, CoRaConv2d)}
-    linears = [m for m in prepared.modules() if isinstance(m, QuantLinear)]
     moments = {n: _InputMoments(m, max_block) for n, m in wrappers.items()}
     handles = [m.register_forward_pre_hook(moments[n]) for n, m in wrappers.items()]
     device = model_device(prepared)
@@ -137,7 +136,7 @@ def collect_input_moments(prepared: fx.GraphModule, batches: Iterable, max_batch
     bar = tqdm(total=max_batches, desc=f"cora input moments ({mode})", disable=not distributed.shows_progress(progress),
                leave=False)
     try:
-        with folded_modes(list(wrappers.values()), linears, mode), torch.no_grad():
+        with folded_modes(list(wrappers.values()), mode), torch.no_grad():
             for batch in batches:
                 if seen >= max_batches:
                     break
@@ -273,11 +272,13 @@ def _reround(prepared: fx.GraphModule, cfg: CoRaConfig, moments: dict[str, Secon
         if cfg.rounding.method == "gptq":
             qw = gptq_quantize(weight, moment, qw)
         exact, blocks, fan_in = moment.exact, len(moment.blocks), moment.bounds[-1][1]
-        white = whitening(moment, release=True) if cfg.adapter.svd == "activation" else None
+        factored = layer.adapter.policy != OFF
+        white = whitening(moment, release=True) if cfg.adapter.svd == "activation" and factored else None
         del moment
         layer.quantized.set_quantized(qw)
         residual = weight - qw.dequantize()
-        layer.adapter.set_factors(ResidualFactors(residual.to(torch.float32), layer.quantized.spec.groups, white))
+        layer.adapter.set_factors(ResidualFactors(residual.to(torch.float32), layer.quantized.spec.groups, white,
+                                                  factored))
         if not exact:
             notes[name] = (f"second moment kept as {blocks} diagonal blocks of at most "
                            f"{cfg.rounding.max_block} columns (fan-in {fan_in})")

@@ -20,8 +20,10 @@ class CoRaError(RuntimeError):
 class CoRaState:
     """Workflow state of one model.
 
-    ``skipped`` maps qualified names of conv layers that stay float to the reason;
-    ``float_conv_params`` counts their parameters (they cost 32 bits in the accounting);
+    ``skipped`` maps the qualified names of the layers (or parameters) whose weights stay float to the reason;
+    ``conv_params`` / ``linear_params`` count every conv / linear weight of the model, quantized or float, and
+    ``float_conv_bits`` / ``float_linear_bits`` the bits the float ones are stored in (32 per float32 value,
+    16 per half) for the accounting (`summary`);
     ``layers`` is filled at conversion with the per-layer records `summary` reports;
     ``pipeline`` holds the `PipelineResult` when `quantize_cora` ran the steps;
     ``capture`` is how the model was captured and ``concrete_args`` the arguments fixed then;
@@ -32,7 +34,9 @@ class CoRaState:
     stage: str
     conv_params: int
     skipped: dict[str, str] = field(default_factory=dict)
-    float_conv_params: int = 0
+    float_conv_bits: int = 0
+    linear_params: int = 0
+    float_linear_bits: int = 0
     search_result: Optional[Any] = None
     layers: list[Any] = field(default_factory=list)
     rounding_calibrated: bool = False
@@ -40,6 +44,7 @@ class CoRaState:
     capture: str = "symbolic"
     concrete_args: dict[str, Any] = field(default_factory=dict)
     rounding_notes: dict[str, str] = field(default_factory=dict)
+    example_shapes: list[tuple[int, ...]] = field(default_factory=list)
 
 
 def get_state(gm: Any, expected: Optional[str] = None, argument: str = "model") -> CoRaState:

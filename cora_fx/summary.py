@@ -8,7 +8,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .modules import CoRaConv2d, QuantLinear
+from .lifting import CONV_KINDS, LINEAR
+from .modules import CoRaConv2d
 from .state import CoRaState, get_state, CONVERTED
 
 
@@ -16,8 +17,9 @@ from .state import CoRaState, get_state, CONVERTED
 class LayerInfo:
     """One quantized layer: ``bits`` of the main weight, ``max_rank`` R, chosen ``rank``.
 
-    ``kind`` is ``"conv"`` or ``"linear"``; ``policy`` is the adapter policy
-    (``search``, ``fixed`` for depthwise residuals, ``off``, or ``-`` for linear layers).
+    ``kind`` is ``"conv"`` (Conv2d), ``"conv1d"`` or ``"linear"`` (both run as a Conv2d, docs/method.md s.12;
+    ``weight_shape`` is that conv's); ``policy`` is the adapter policy (``search``, ``fixed`` for depthwise
+    residuals, ``off``).
     """
 
     name: str
@@ -43,10 +45,8 @@ def layer_infos(prepared: fx.GraphModule) -> list[LayerInfo]:
     for name, m in prepared.named_modules():
         if isinstance(m, CoRaConv2d):
             a = m.adapter
-            out.append(LayerInfo(name, "conv", tuple(m.quantized.weight.shape), m.quantized.bits, a.max_rank,
+            out.append(LayerInfo(name, m.kind, tuple(m.quantized.weight.shape), m.quantized.bits, a.max_rank,
                                  int(a.hard_rank), a.parameter_count(), a.policy))
-        elif isinstance(m, QuantLinear):
-            out.append(LayerInfo(name, "linear", tuple(m.weight.shape), m.bits, 0, 0, 0, "-"))
     return out
 
 
@@ -56,24 +56,38 @@ class Accounting:
     adapter_params: int
     budget: float
     equivalent_bits: float
+    linear_params: int = 0
+    linear_equivalent_bits: float = 0.0
+
+
+def is_conv(kind: str) -> bool:
+    """Whether a `LayerInfo.kind` counts in the conv accounting (Conv2d and Conv1d)."""
+    return kind in CONV_KINDS
 
 
 def accounting(layers: list[LayerInfo], state: CoRaState) -> Accounting:
     """Budget b = adapter params / conv params; equivalent bits = weight bits per conv param.
 
-    Equivalent bits = (n * quantized conv params + adapter_bits * adapter params
-    + 32 * float conv params) / conv params, which is n + m*b when every conv is quantized
-    (docs/method.md section 3). Float adapters and convs left float (leaves, depthwise='float',
-    unsupported) count 32 bits. Linear layers are outside the accounting, as in the paper.
+    Equivalent bits = (n * quantized conv params + adapter_bits * conv adapter params + float conv bits)
+    / conv params, which is n + m*b when every conv is quantized (docs/method.md section 3). Every conv weight
+    of the model is counted: one left float (leaves, depthwise='float', unsupported) at the bits it is stored
+    in (32, or 16 for half types), so the figure never claims fewer bits than the file holds. Linear layers
+    get the same figure of their own (``linear_equivalent_bits``); the budget b counts every adapter,
+    Linear ones included (they are searched under the same budget).
     """
     cfg = state.config
-    convs = [layer for layer in layers if layer.kind == "conv"]
-    adapter_params = sum(layer.adapter_params for layer in convs)
-    total = max(state.conv_params, 1)
     adapter_bits = 32 if cfg.adapter.bits is None else cfg.adapter.bits
-    bits = (sum(layer.bits * layer.params for layer in convs) + adapter_bits * adapter_params
-            + 32 * state.float_conv_params)
-    return Accounting(state.conv_params, adapter_params, adapter_params / total, bits / total)
+    adapter_params = sum(layer.adapter_params for layer in layers)
+
+    def bits_per_param(group: list[LayerInfo], total: int, float_bits: int) -> float:
+        bits = sum(layer.bits * layer.params + adapter_bits * layer.adapter_params for layer in group) + float_bits
+        return bits / max(total, 1)
+
+    convs = [layer for layer in layers if is_conv(layer.kind)]
+    linears = [layer for layer in layers if layer.kind == LINEAR]
+    return Accounting(state.conv_params, adapter_params, adapter_params / max(state.conv_params, 1),
+                      bits_per_param(convs, state.conv_params, state.float_conv_bits), state.linear_params,
+                      bits_per_param(linears, state.linear_params, state.float_linear_bits))
 
 
 @dataclass
@@ -95,6 +109,8 @@ class CoRaSummary:
     equivalent_bits: float
     nbytes: int
     skipped: dict[str, str] = field(default_factory=dict)
+    linear_params: int = 0
+    linear_equivalent_bits: float = 0.0
     stage: str = "prepared"
     target_budget: float = 0.05
     config: dict = field(default_factory=dict)
@@ -119,9 +135,8 @@ class CoRaSummary:
         rows = [head, "-" * len(head)]
         for layer in self.layers:
             shape = "x".join(map(str, layer.weight_shape))
-            r = f"{layer.max_rank}" if layer.kind == "conv" else "-"
-            rank = f"{layer.rank}" if layer.kind == "conv" else "-"
-            rows.append(f"{layer.name:<{width}}  {layer.kind:<6} {shape:<18} {layer.bits:>4} {r:>5} {rank:>5} "
+            rows.append(f"{layer.name:<{width}}  {layer.kind:<6} {shape:<18} {layer.bits:>4} {layer.max_rank:>5} "
+                        f"{layer.rank:>5} "
                         f"{layer.adapter_params:>14,}  {layer.policy}")
         for name, why in self.skipped.items():
             rows.append(f"{name:<{width}}  skipped: {why}")
@@ -132,6 +147,9 @@ class CoRaSummary:
             f"conv params {self.conv_params:,} | adapter params {self.adapter_params:,} | budget {self.budget:.4f}"
             f" | equivalent bits {self.equivalent_bits:.3f} | serialized {self.nbytes:,} bytes ({self.stage})",
         ]
+        if self.linear_params:
+            rows.append(f"linear params {self.linear_params:,} | linear equivalent bits "
+                        f"{self.linear_equivalent_bits:.3f}")
         fixed = ", ".join(f"{k}={v!r}" for k, v in self.concrete_args.items())
         rows.append(f"captured by {'torch.export' if self.capture == 'export' else 'symbolic tracing'}"
                     + (f" with {fixed}" if fixed else ""))
@@ -153,7 +171,8 @@ def summary(model: fx.GraphModule) -> CoRaSummary:
     layers = state.layers if state.stage == CONVERTED else layer_infos(model)
     acc = accounting(layers, state)
     return CoRaSummary(layers, acc.conv_params, acc.adapter_params, acc.budget, acc.equivalent_bits,
-                       serialized_nbytes(model), dict(state.skipped), state.stage, state.config.search.budget,
+                       serialized_nbytes(model), dict(state.skipped), acc.linear_params, acc.linear_equivalent_bits,
+                       state.stage, state.config.search.budget,
                        state.config.to_dict(strict=False), state.capture, _json_values(state.concrete_args),
                        dict(state.rounding_notes))
 

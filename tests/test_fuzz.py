@@ -1,7 +1,8 @@
 """Property-based fuzzing: random small ConvNets through prepare -> set_ranks -> convert -> export.
 
 Networks are stacks of blocks: plain / strided / dilated / grouped / depthwise convs (any padding
-mode, bias on or off), residual adds, two-branch concatenations, max / avg pooling, BatchNorm and
+mode, bias on or off; nn.Conv2d, a subclass with its own forward, or a functional call on a registered
+parameter), residual adds, two-branch concatenations, max / avg pooling, BatchNorm and
 ReLU / ReLU6 / SiLU, ending in global pooling and a Linear head. On every example:
 
 - conversion succeeds, or raises the documented CoRaError (none is expected for these nets);
@@ -19,18 +20,20 @@ import os
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from cora_fx import CoRaConfig, CoRaError, convert_cora, prepare_cora, set_ranks
+from cora_fx.coverage import unreported_weights
 from cora_fx.modules import CoRaConv2d
 
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 FUZZ_EXAMPLES = int(os.environ.get("CORA_FUZZ_EXAMPLES",
                                    12 if PROFILE == "ci" else settings.get_profile(PROFILE).max_examples))
 ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU}
-EXACT = CoRaConfig().replace(adapter_bits=None, depthwise="residual", quantize_linear=False)
+EXACT = CoRaConfig().replace(adapter_bits=None, depthwise="residual", adapter_linear=True)
 
 
 @st.composite
@@ -50,9 +53,42 @@ def conv_layer(draw: Any, cin: int, size: int, same: bool = False) -> tuple[nn.C
     stride = 1 if same or size < 8 else draw(st.sampled_from([1, 1, 2]))
     mode = (draw(st.sampled_from(["zeros", "zeros", "reflect", "replicate", "circular"])) if pad and pad < size
             else "zeros")
-    conv = nn.Conv2d(cin, cout, k, stride=stride, padding=pad, dilation=dilation, groups=groups,
-                     bias=draw(st.booleans()), padding_mode=mode)
+    styles = [nn.Conv2d, nn.Conv2d, OwnForwardConv] + ([FunctionalConv] if mode == "zeros" else [])
+    style = draw(st.sampled_from(styles))
+    conv = style(cin, cout, k, stride=stride, padding=pad, dilation=dilation, groups=groups,
+                 bias=draw(st.booleans()), padding_mode=mode)
     return conv, (size + 2 * pad - dilation * (k - 1) - 1) // stride + 1
+
+
+class OwnForwardConv(nn.Conv2d):
+    """A Conv2d subclass with its own forward (traced through to its F.conv2d call)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight, self.bias)
+
+
+class FunctionalConv(nn.Conv2d):
+    """A module that calls F.conv2d on a registered parameter ``w`` (no ``weight`` of its own)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.w = nn.Parameter(self.weight.detach().clone())
+        del self.weight
+
+    def reset_parameters(self) -> None:
+        if hasattr(self, "w"):
+            nn.init.kaiming_uniform_(self.w, a=5 ** 0.5)
+        if getattr(self, "bias", None) is not None:
+            nn.init.uniform_(self.bias, -0.1, 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def conv_layers(net: nn.Module) -> set[str]:
+    """The names cora_fx gives the convs of ``net``: a module's name, or ``<module>.w`` for a functional one."""
+    return {f"{n}.w" if isinstance(m, FunctionalConv) else n for n, m in net.named_modules()
+            if isinstance(m, nn.Conv2d)}
 
 
 class FuzzNet(nn.Module):
@@ -134,7 +170,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def test_random_convnets_convert_exactly_or_refuse_clearly(case):
     net, x = case
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    convs = {n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)}
+    convs = conv_layers(net)
     with torch.no_grad():
         reference = net(x)
     try:
@@ -142,13 +178,14 @@ def test_random_convnets_convert_exactly_or_refuse_clearly(case):
     except CoRaError:  # the documented refusal; none is expected for these nets
         raise AssertionError("a traceable ConvNet of supported layers was refused")
     rewritten = {n for n, m in exact.named_modules() if isinstance(m, CoRaConv2d)}
-    assert rewritten == convs and not exact.meta["cora_fx"].skipped
+    assert rewritten == convs | {"head"} and not exact.meta["cora_fx"].skipped
     set_ranks(exact, "full")
     with torch.no_grad():
         assert rel_err(exact(x), reference) <= 1e-4
     prepared = prepare_cora(net, CoRaConfig().replace(budget=0.2))
-    assert ({n for n, m in prepared.named_modules() if isinstance(m, CoRaConv2d)}
+    assert ({n for n, m in prepared.named_modules() if isinstance(m, CoRaConv2d) and m.kind == "conv"}
             | set(prepared.meta["cora_fx"].skipped)) == convs
+    assert not unreported_weights(prepared, net)
     set_ranks(prepared, "heuristic")
     converted = convert_cora(prepared)
     with torch.no_grad():
@@ -157,3 +194,42 @@ def test_random_convnets_convert_exactly_or_refuse_clearly(case):
         assert rel_err(torch.export.export(converted, (x,)).module()(x), eager) <= 1e-5
     after = net.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@st.composite
+def conv1d_net(draw: Any) -> tuple[nn.Sequential, torch.Tensor]:
+    """A random Conv1d stack over (N, C, L) with a Linear head (audio and time-series models)."""
+    length = input_length = draw(st.integers(8, 32))
+    channels = draw(st.integers(1, 6))
+    layers: list[nn.Module] = []
+    for _ in range(draw(st.integers(1, 4))):
+        k = draw(st.sampled_from([1, 3, 5]))
+        cout = draw(st.integers(2, 10))
+        groups = draw(st.sampled_from([g for g in (1, 2) if channels % g == 0 and cout % g == 0]))
+        stride = draw(st.sampled_from([1, 2])) if length >= 8 else 1
+        mode = draw(st.sampled_from(["zeros", "reflect"])) if k // 2 < length else "zeros"
+        layers += [nn.Conv1d(channels, cout, k, stride=stride, padding=k // 2, groups=groups, padding_mode=mode,
+                             bias=draw(st.booleans())), nn.ReLU()]
+        channels, length = cout, (length + 2 * (k // 2) - k) // stride + 1
+    torch.manual_seed(draw(st.integers(0, 2**16)))
+    net = nn.Sequential(*layers, nn.Flatten(), nn.Linear(channels * length, 3)).eval()
+    return net, torch.randn(2, layers[0].in_channels, input_length)
+
+
+@settings(max_examples=max(FUZZ_EXAMPLES // 2, 4), deadline=None)
+@given(conv1d_net())
+def test_random_conv1d_stacks_are_quantized_exactly_and_convert(case):
+    net, x = case
+    with torch.no_grad():
+        reference = net(x)
+    exact = prepare_cora(net, EXACT, example_inputs=(x,))
+    assert {m.kind for m in exact.modules() if isinstance(m, CoRaConv2d)} == {"conv1d", "linear"}
+    assert not exact.meta["cora_fx"].skipped and not unreported_weights(exact, net)
+    set_ranks(exact, "full")
+    with torch.no_grad():
+        assert rel_err(exact(x), reference) <= 1e-4
+    prepared = prepare_cora(net, CoRaConfig().replace(budget=0.2), example_inputs=(x,))
+    set_ranks(prepared, "heuristic")
+    converted = convert_cora(prepared)
+    with torch.no_grad():
+        assert rel_err(converted(x), prepared(x)) <= 1e-5

@@ -10,10 +10,10 @@ from torch import nn
 from torch.ao.quantization.observer import HistogramObserver, MinMaxObserver
 
 import cora_fx
-from cora_fx import (CoRaConfig, CoRaError, CoRaSummary, CoRaTraceError, RankSearchResult, convert_cora,
-                     prepare_cora, quantize_cora, search_ranks, set_ranks, summary)
+from cora_fx import (CoRaConfig, CoRaError, CoRaFloatWeightsWarning, CoRaSummary, CoRaTraceError, RankSearchResult,
+                     convert_cora, prepare_cora, quantize_cora, search_ranks, set_ranks, summary)
 from cora_fx.config import FLAT_NAMES
-from cora_fx.modules import CoRaConv2d, LowRankAdapter, QuantLinear
+from cora_fx.modules import CoRaConv2d, LowRankAdapter
 
 from .conftest import random_batches
 
@@ -67,11 +67,12 @@ def test_prepare_rewrites_every_conv_into_parallel_branches(small_net):
     assert_same_state(before, small_net)  # the user's model is not mutated
     convs = [n for n, m in small_net.named_modules() if isinstance(m, nn.Conv2d)]
     rewritten = {n for n, m in prepared.named_modules() if isinstance(m, CoRaConv2d)}
-    assert rewritten == set(convs)
+    assert rewritten == set(convs) | {"head"}
     targets = [n.target for n in prepared.graph.nodes if n.op == "call_module"]
     for name in convs:
         assert f"{name}.quantized" in targets and f"{name}.adapter" in targets
-    assert isinstance(prepared.get_submodule("head"), QuantLinear)
+    head = prepared.get_submodule("head")  # the Linear as a 1x1 conv, GPTQ-ready, no adapter by default
+    assert head.kind == "linear" and head.adapter.policy == "off"
     # initial rank ceil(init_rank * R) on searchable layers; depthwise skipped by default
     adapter = prepared.get_submodule("stem.0").adapter
     assert int(adapter.hard_rank) == math.ceil(0.9 * adapter.max_rank)
@@ -117,10 +118,12 @@ def test_prepare_refuses_prepared_and_converted_models(small_net):
         convert_cora(convert_cora(prepared))
 
 
-def test_model_without_conv_warns_and_is_returned_unchanged():
-    model = nn.Sequential(nn.Linear(4, 4))
-    with pytest.warns(UserWarning, match="no nn.Conv2d"):
+def test_model_without_weights_warns_and_is_returned_unchanged():
+    model = nn.Sequential(nn.BatchNorm1d(4), nn.ReLU())
+    with pytest.warns(UserWarning, match="no weight matrix"):
         assert prepare_cora(model) is model
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))  # Linear layers alone are quantized
+    assert {layer.kind for layer in summary(prepare_cora(mlp, progress=False)).layers} == {"linear"}
 
 
 class Untraceable(nn.Module):
@@ -150,7 +153,8 @@ def test_untraceable_module_is_named_and_works_as_a_leaf():
         prepare_cora(model)
     assert info.value.module == "branch"
     for leaf in (["branch"], [Untraceable]):
-        prepared = prepare_cora(model, leaf_modules=leaf, example_inputs=(X[:, :3],))
+        with pytest.warns(CoRaFloatWeightsWarning, match="branch.conv"):  # a leaf's convs stay float
+            prepared = prepare_cora(model, leaf_modules=leaf, example_inputs=(X[:, :3],))
         assert isinstance(prepared.get_submodule("stem"), CoRaConv2d)
         assert "branch.conv" in prepared.meta["cora_fx"].skipped
         assert "branch.conv" in summary(prepared).skipped
@@ -310,7 +314,7 @@ def test_convert_equals_prepared_and_has_only_codes(small_net):
     with torch.no_grad():
         torch.testing.assert_close(converted(X), prepared(X), rtol=0, atol=1e-5)
     kinds = {type(m) for m in converted.modules()}
-    assert not kinds & {CoRaConv2d, LowRankAdapter, QuantLinear, nn.Conv2d, nn.Linear}
+    assert not kinds & {CoRaConv2d, LowRankAdapter, nn.Conv2d, nn.Linear}
     buffers = dict(converted.named_buffers())
     assert buffers["cora_packed_words"].dtype == torch.uint8
     assert converted.meta["cora_fx_packed_layout"]["stem.0.weight"][1] == 16 * 3 * 9 // 8  # eight 4-bit codes per word
