@@ -255,7 +255,9 @@ def intro(results: dict) -> str:
             f"calibrating on {calib} labelled ImageNet images, then measures top-1 and top-5 accuracy on {evals} other "
             "labelled ImageNet images (Resize 256, CenterCrop 224) and the top-1 agreement with the float model on "
             f"{tiny} tiny64 images (64 px: a larger-sample fidelity measure, not comparable to top-1). "
-            "Activations stay float.")
+            "Activations stay float. The rows of this table, 'Deployment', 'Calibration time' and 'Frontier' were "
+            "measured before cora_fx 0.7.0, which rounded the Linear classifier to nearest; 0.7.0 rounds it by GPTQ "
+            "like the convs, and 'Linear layers' measures that change on `recommended(4)`: a tie on every measure.")
     columns = [
         f"top-1 % (95% CI): on the {evals} images, 95% bootstrap interval over images (up to +-{top1:.1f} "
         "points here); rows whose difference lies inside the interval are ties.",
@@ -711,11 +713,14 @@ def gallery_section(folder: Path) -> list[str]:
         "and loaded back. Headline: crepe pitch within 10 cents; det mask IoU with the text truth; cls 0/180 "
         "accuracy; rec 1 - character error rate (below 0 when the output has more errors than the words have "
         "characters). `-exact` rows keep every second moment whole (`max_block` = the largest fan-in). "
-        "Equivalent bits count the convs; the recognizer's attention and MLP matmuls are onnx2torch "
-        "ops, not nn.Linear, and stay float in every row (hence its size). torchao rows need no calibration. On "
+        "Equivalent bits count every conv weight (a float one at 32 bits: the detector's two transposed convs); "
+        "the Linear layers (CREPE's classifier, the OCR models' MatMul layers: the recognizer's attention, MLP and "
+        "6,625-class head) are quantized with the convs in the RTN and CoRa rows, outside this figure. "
+        "torchao rows need no calibration and quantize nn.Linear only (the OCR MatMuls stay float there). On "
         f"{schedule.get('eval', 400)} eval inputs a headline accuracy near 0.9 has a 95% binomial interval of "
-        f"about +- 3 points. {meta.get('machine', '')}, torch {meta.get('torch', '-')}. Measured with cora_fx "
-        "0.3.0, before the search speed-ups of 'Calibration time' (same steps up to float rounding)."),
+        f"about +- 3 points. {meta.get('machine', '')}, torch {meta.get('torch', '-')}. The RTN and CoRa rows "
+        "were measured with cora_fx 0.7.0 on a machine shared with other jobs (calibration seconds inflated); "
+        "float and torchao rows with 0.3.0 (they do not depend on cora_fx)."),
         "```bash\npip install --no-deps -r benchmarks/requirements-gallery.txt\n"
         f"{meta.get('command', 'python benchmarks/real_models.py')} {options}{extra}\n```",
         "\n".join(lines), wrap("Share of the gap that RTN opens to float on the headline metric which CoRa "

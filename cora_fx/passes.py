@@ -1,8 +1,8 @@
 """Graph rewrites of the prepare side, each a small pass returning `PassResult`.
 
-- `RewriteConvs`: every traced nn.Conv2d call -> quantized conv + parallel adapter + add.
-  (nn.Conv1d and nn.Linear arrive here as nn.Conv2d calls, `lifting`; their adapters follow
-  ``adapter.linear`` for Linear layers).
+- `RewriteConvs`: every traced nn.Conv2d call -> quantized conv + parallel adapter + add
+  (nn.Conv1d and nn.Linear layers arrive as nn.Conv2d calls, `lifting`; a Linear's adapter is
+  searched only with ``adapter.linear``).
 - `FoldAdaptersForSearch`: (main, adapter, add) -> one call of the `CoRaConv2d` container,
   the folded single-conv form of docs/method.md section 4 used by the rank search.
 They are composed by `torch.fx.passes.infra.pass_manager.PassManager` (see `run_passes`).

@@ -38,7 +38,7 @@ def test_committed_page_is_generated_from_results_json(page):
 def test_page_is_deterministic_short_and_narrow(results, page):
     assert report.render_results(json.loads(json.dumps(results))) == page
     lines = page.splitlines()
-    assert len(lines) < 520
+    assert len(lines) < 560  # grows with the sections; 542 with the Linear-layers section
     assert [line for line in lines if len(line) > 120] == []
 
 
