@@ -379,16 +379,17 @@ def linear_section(folder: Path) -> list[str]:
     for model, run in data.items():
         rows = run["rows"]
         if model == "mobilenet_v2":
-            lines = ["| row | eq. bits | linear bits | top-1 (95% CI) | tiny64 agr. | tiny64 KL "
-                     "| vs rtn: top-1; agr.; KL |", "|---|---|---|---|---|---|---|"]
+            lines = ["| Linear layers | top-1 % | tiny64 agr. | tiny64 KL | vs rtn: top-1 | agr. | KL |",
+                     "|---|---|---|---|---|---|---|"]
             for name, r in rows.items():
-                if name == "float":
-                    lines.append(f"| float | 32 | 32 | {top1_ci(r)} | 100 | 0 | |")
-                    continue
                 vs = r.get("vs_rtn")
-                versus = (f"{paired(vs['hit'], 2)}; {paired(vs['agree'], 2)}; {paired(vs['kl'], 4)}" if vs else "")
-                lines.append(f"| {name} | {r['equivalent_bits']:.3f} | {r['linear_equivalent_bits']:.3f} | "
-                             f"{top1_ci(r)} | {r['tiny_agreement']:.2f} | {r['tiny_kl']:.4f} | {versus} |")
+                versus = (f"{paired(vs['hit'], 1)} | {paired(vs['agree'], 1)} | {paired(vs['kl'], 3)}" if vs
+                          else " | | ")
+                agree, kl = (100, 0) if name == "float" else (f"{r['tiny_agreement']:.1f}", f"{r['tiny_kl']:.3f}")
+                label = name.removeprefix("linear ").replace(" + ", "+")
+                lines.append(f"| {label} | {r['top1']:.2f} | {agree} | {kl} | {versus} |")
+            bits = [f"{r['equivalent_bits']:.3f}" for name, r in rows.items() if name != "float"]
+            lines.append(f"\nEquivalent bits (convs): {', '.join(bits)}; the classifier at 4 bits in every row.")
         else:
             metrics = list(rows["float"]["scores"])
             lines = ["| row | eq. bits | linear bits | " + " | ".join(metrics) + " |", "|---|---|---|"
@@ -398,7 +399,7 @@ def linear_section(folder: Path) -> list[str]:
                         f"{r['equivalent_bits']:.3f} | {r['linear_equivalent_bits']:.3f}")
                 lines.append(f"| {name} | {bits} | " + " | ".join(fmt(r["scores"][m], 3) for m in metrics) + " |")
         parts += [f"**{model}** ({run['machine']}, torch {run['torch']}, {run['date']})",
-                  "```bash\n" + run["command"] + "\n```", "\n".join(lines)]
+                  "```bash\n" + run["command"].strip() + "\n```", "\n".join(lines)]
     return parts
 
 
@@ -713,14 +714,15 @@ def gallery_section(folder: Path) -> list[str]:
         "and loaded back. Headline: crepe pitch within 10 cents; det mask IoU with the text truth; cls 0/180 "
         "accuracy; rec 1 - character error rate (below 0 when the output has more errors than the words have "
         "characters). `-exact` rows keep every second moment whole (`max_block` = the largest fan-in). "
-        "Equivalent bits count every conv weight (a float one at 32 bits: the detector's two transposed convs); "
-        "the Linear layers (CREPE's classifier, the OCR models' MatMul layers: the recognizer's attention, MLP and "
-        "6,625-class head) are quantized with the convs in the RTN and CoRa rows, outside this figure. "
-        "torchao rows need no calibration and quantize nn.Linear only (the OCR MatMuls stay float there). On "
+        "Equivalent bits count the convs (from 0.7.0 every conv weight, a float one at 32 bits); Linear layers "
+        "are outside this figure. torchao rows need no calibration and quantize nn.Linear only. On "
         f"{schedule.get('eval', 400)} eval inputs a headline accuracy near 0.9 has a 95% binomial interval of "
-        f"about +- 3 points. {meta.get('machine', '')}, torch {meta.get('torch', '-')}. The RTN and CoRa rows "
-        "were measured with cora_fx 0.7.0 on a machine shared with other jobs (calibration seconds inflated); "
-        "float and torchao rows with 0.3.0 (they do not depend on cora_fx)."),
+        f"about +- 3 points. {meta.get('machine', '')}, torch {meta.get('torch', '-')}. crepe-tiny's RTN and CoRa "
+        "rows were re-measured with cora_fx 0.7.0 (Linear classifier rounded by GPTQ; a machine shared with other "
+        "jobs, so its calibration seconds are inflated). Every other row, and crepe-tiny's `-exact` rows, come from "
+        "cora_fx 0.3.0: Linear layers rounded to nearest, the OCR models' MatMul layers float and uncounted, the "
+        "detector's transposed convs outside the bits (0.7.0 counts them at 32 bits). Float and torchao rows do "
+        "not depend on cora_fx."),
         "```bash\npip install --no-deps -r benchmarks/requirements-gallery.txt\n"
         f"{meta.get('command', 'python benchmarks/real_models.py')} {options}{extra}\n```",
         "\n".join(lines), wrap("Share of the gap that RTN opens to float on the headline metric which CoRa "
