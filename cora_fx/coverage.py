@@ -108,6 +108,7 @@ def float_weights(gm: fx.GraphModule, skipped: Mapping[str, str],
     inside = {id(m) for c in gm.modules() if isinstance(c, CoRaConv2d) for m in c.modules()}
     modules = dict(gm.named_modules())
     readers: dict[str, list[fx.Node]] = {}
+    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             readers.setdefault(str(node.target), []).extend(node.users)
@@ -117,7 +118,7 @@ def float_weights(gm: fx.GraphModule, skipped: Mapping[str, str],
         path = name.rpartition(".")[0]
         if not param.is_floating_point() or not is_weight(param) or id(modules.get(path)) in inside:
             continue
-        owner = _called_owner(gm, name)
+        owner = _called_owner(called, name)
         kind = _module_kind(modules[path]) if path in modules else OTHER
         if kind == OTHER and owner is None:
             kind = _kind_of_reads(readers.get(name, []))
@@ -129,9 +130,8 @@ def float_weights(gm: fx.GraphModule, skipped: Mapping[str, str],
     return reasons, weights
 
 
-def _called_owner(gm: fx.GraphModule, name: str) -> Optional[str]:
-    """The innermost module called as a whole (call_module) that holds parameter ``name``."""
-    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+def _called_owner(called: set[str], name: str) -> Optional[str]:
+    """The innermost module called as a whole (its name in ``called``) that holds parameter ``name``."""
     parts = name.split(".")[:-1]
     for end in range(len(parts), 0, -1):
         path = ".".join(parts[:end])
