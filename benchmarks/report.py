@@ -717,9 +717,9 @@ def gallery_section(folder: Path) -> list[str]:
         "Equivalent bits count the convs (from 0.7.0 every conv weight, a float one at 32 bits); Linear layers "
         "are outside this figure. torchao rows need no calibration and quantize nn.Linear only. On "
         f"{schedule.get('eval', 400)} eval inputs a headline accuracy near 0.9 has a 95% binomial interval of "
-        f"about +- 3 points. {meta.get('machine', '')}, torch {meta.get('torch', '-')}. crepe-tiny's RTN and CoRa "
-        "rows were re-measured with cora_fx 0.7.0 (Linear classifier rounded by GPTQ; a machine shared with other "
-        "jobs, so its calibration seconds are inflated). Every other row, and crepe-tiny's `-exact` rows, come from "
+        f"about +- 3 points. {meta.get('machine', '')}, torch {meta.get('torch', '-')}. crepe-tiny's RTN, CoRa and "
+        "`-exact` rows were re-measured with cora_fx 0.7.0 (Linear classifier rounded by GPTQ; a machine shared "
+        "with other jobs, so its calibration seconds are inflated). Every other row comes from "
         "cora_fx 0.3.0: Linear layers rounded to nearest, the OCR models' MatMul layers float and uncounted, the "
         "detector's transposed convs outside the bits (0.7.0 counts them at 32 bits). Float and torchao rows do "
         "not depend on cora_fx."),
