@@ -1,8 +1,8 @@
 """Ablation on MobileNetV2 (shared weights, 700 eval images): heuristic ranks on top of a base quantizer.
 
-    python benchmarks/ablation.py --bits 4 --budget 0.045 --variant base   # per-channel min-max, depthwise int8
-    python benchmarks/ablation.py --bits 4 --budget 0.045 --variant gptq   # + GPTQ rounding, activation SVD
-    python benchmarks/ablation.py --bits 3 --budget 0.044 --variant gptq --rounding-batches 8 --tiny --no-bn-correction
+    python -m benchmarks.ablation --bits 4 --budget 0.045 --variant base   # per-channel min-max, depthwise int8
+    python -m benchmarks.ablation --bits 4 --budget 0.045 --variant gptq   # + GPTQ rounding, activation SVD
+    python -m benchmarks.ablation --bits 3 --budget 0.044 --variant gptq --rounding-batches 8 --tiny --no-bn-correction
 
 Prints top-1 with heuristic ranks floor(b*R) (with ``--tiny`` also the top-1 agreement with the float
 model on the 10,000 tiny64 images), then after each later step of `run_pipeline` (`correct_batchnorm` on 8
@@ -12,16 +12,12 @@ what the base rounding and the adapters' factorization bring.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
-import torchvision
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import agreement, batches, data_paths, load_split, predict, topk_with_ci  # noqa: E402
-from cora_fx import CoRaConfig, prepare_cora, run_pipeline, summary  # noqa: E402
+from benchmarks.common import agreement, batches, data_paths, load_split, mobilenet_v2, predict, topk_with_ci
+from cora_fx import CoRaConfig, prepare_cora, run_pipeline, summary
 
 
 def main(argv=None) -> int:
@@ -45,10 +41,7 @@ def main(argv=None) -> int:
     labels_csv, tiny_csv = data_paths(args.data)
     calib = batches(*load_split(labels_csv, "calib"))
     eval_images, eval_labels = load_split(labels_csv, "eval")
-    model = torchvision.models.mobilenet_v2()
-    model.load_state_dict(torch.load(labels_csv.parents[1] / "weights" / "mobilenet_v2-b0353104.pth",
-                                     weights_only=True))
-    model.eval()
+    model = mobilenet_v2(labels_csv)
     tiny = load_split(tiny_csv, None, image_size=64, resize=64)[0] if args.tiny else None
     float_tiny = predict(model, tiny)[:, 0] if tiny is not None else None
 

@@ -6,7 +6,7 @@ calibration inputs (the sum of the squared whitened singular values of its resid
 E(n) - E(n + 1) for P bits (P weights); a rank-1 adapter removes S_1^2 for adapter_bits x (params per rank)
 bits. The ratio of the two rates says which buys more (docs/method.md section 8, "Bits and ranks together").
 
-    python benchmarks/adapter_efficiency.py            # n = 4: about 1.5 minutes on 2 cores
+    python -m benchmarks.adapter_efficiency            # n = 4: about 1.5 minutes on 2 cores
 """
 from __future__ import annotations
 
@@ -18,12 +18,9 @@ from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import batches, data_paths, load_split, mobilenet_v2  # noqa: E402
-from cora_fx import CoRaConfig, calibrate_rounding, prepare_cora  # noqa: E402
-from cora_fx.prepare import adapters  # noqa: E402
+from benchmarks.common import batches, data_paths, load_split, mobilenet_v2
+from cora_fx import CoRaConfig, calibrate_rounding, prepare_cora
+from cora_fx.prepare import adapters
 
 OUT = Path(__file__).resolve().parent / "results" / "adapter_efficiency.json"
 
@@ -58,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
               f"  rank-1 / bit {rows[name]['rank1_vs_bit']:5.2f}", flush=True)
     ratios = [r["rank1_vs_bit"] for r in rows.values()]
     summary = dict(bits=args.bits, layers=len(rows), rank1_wins=sum(r > 1 for r in ratios),
-                   command="python benchmarks/adapter_efficiency.py" + (" " + " ".join(argv) if argv else ""))
+                   command="python -m benchmarks.adapter_efficiency" + (" " + " ".join(argv) if argv else ""))
     print(json.dumps(summary))
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps({"summary": summary, "layers": rows}, indent=1))

@@ -1,16 +1,16 @@
 """How many calibration batches `allocate_bits` needs: per-batch sensitivities, and the plans they give.
 
 `allocate_bits` ranks MobileNetV2's convs by the KL growth of the output when one conv drops from 4
-to 3 bits (heuristic-rank adapter added back; cora_fx/mixed_precision.py). This script measures that
+to 3 bits (heuristic-rank adapter added back; cora_fx/allocation/bits.py). This script measures that
 growth separately on each of the first N calibration batches, then forms the plan from the mean of
 the first k batches for several k, and scores each distinct plan with heuristic ranks (no search):
 top-1 on the 700 eval images and top-1 agreement with float on the tiny64 images.
 
-    python benchmarks/allocation_noise.py measure --budget 0.045 --batches 12 --out OUT   # ~18 min, 1 thread
-    python benchmarks/allocation_noise.py evaluate --budget 0.045 --ks 1,2,12 --out OUT  # ~5 min per plan
+    python -m benchmarks.allocation_noise measure --budget 0.045 --batches 12 --out OUT   # ~18 min, 1 thread
+    python -m benchmarks.allocation_noise evaluate --budget 0.045 --ks 1,2,12 --out OUT  # ~5 min per plan
 
 `measure` writes OUT/kl_b{budget}.json; `evaluate` reads it and writes OUT/eval_b{budget}.json.
-Results: benchmarks/RESULTS.md and `cora_fx.mixed_precision.ALLOCATION_BATCHES`.
+Results: benchmarks/RESULTS.md and `cora_fx.allocation.bits.ALLOCATION_BATCHES`.
 """
 from __future__ import annotations
 
@@ -18,28 +18,23 @@ import argparse
 import copy
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import torch
-import torchvision
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import agreement, batches, data_paths, load_split, normalize, predict, topk_with_ci  # noqa: E402
-from benchmarks.methods import cora  # noqa: E402
-from cora_fx import CoRaConfig  # noqa: E402
-from cora_fx.mixed_precision import _batch_sensitivities, _cheapest_demotions, _demotion_candidates, planned_bits  # noqa: E402
-from cora_fx.prepare import prepare_cora  # noqa: E402
+from benchmarks.common import (agreement, batches, data_paths, load_split, mobilenet_v2, normalize, predict,
+                               topk_with_ci)
+from benchmarks.methods import cora
+from cora_fx import CoRaConfig
+from cora_fx.allocation.bits import batch_sensitivities, cheapest_demotions, demotion_candidates, planned_bits
+from cora_fx.prepare import prepare_cora
 
 TARGET_BITS = 4.0
 
 
 def _model_and_calib(data: str | None):
     labels_csv, tiny_csv = data_paths(data)
-    model = torchvision.models.mobilenet_v2()
-    model.load_state_dict(torch.load(labels_csv.parents[1] / "weights" / "mobilenet_v2-b0353104.pth",
-                                     weights_only=True))
-    model.eval()
+    model = mobilenet_v2(labels_csv)
     images, labels = load_split(labels_csv, "calib")
     return model, batches(images, labels, 32), labels_csv, tiny_csv
 
@@ -50,12 +45,12 @@ def measure(budget: float, n_batches: int, out: Path, data: str | None) -> None:
     cfg = CoRaConfig.recommended(4, budget=budget)
     prepared = prepare_cora(model, cfg)
     start = planned_bits(prepared, dict(cfg.quant.layer_bits), cfg.search.budget)
-    candidates, saved = _demotion_candidates(prepared, cfg, 3, start)
+    candidates, saved = demotion_candidates(prepared, cfg, 3, start)
     reference_model = copy.deepcopy(model).eval()  # as allocate_bits: weights are swapped in a copy
     inputs = [(calib[i][0],) for i in range(n_batches)]
     with torch.no_grad():
         reference = [reference_model(*x).float() for x in inputs]
-    per_batch = _batch_sensitivities(reference_model, prepared, candidates, cfg, 3, inputs, reference, progress=True)
+    per_batch = batch_sensitivities(reference_model, prepared, candidates, cfg, 3, inputs, reference, progress=True)
     result = {"start": start, "saved": saved,
               "kl": {name: [d - r for r, d in zip(kept, demoted)] for name, (kept, demoted) in per_batch.items()}}
     (out / f"kl_b{budget}.json").write_text(json.dumps(result))
@@ -67,7 +62,7 @@ def plans(measured: dict, ks: list[int]) -> dict[int, tuple[str, ...]]:
     out = {}
     for k in ks:
         loss = {n: sum(v[:k]) / k for n, v in measured["kl"].items()}
-        out[k] = tuple(sorted(_cheapest_demotions(loss, measured["saved"], need)))
+        out[k] = tuple(sorted(cheapest_demotions(loss, measured["saved"], need)))
     return out
 
 

@@ -1,6 +1,6 @@
 """Wall time of `CoRaConfig.recommended(bits)` on MobileNetV2, step by step, against float training steps.
 
-    python benchmarks/calibration_speed.py --bits 4 3 --threads 2
+    python -m benchmarks.calibration_speed --bits 4 3 --threads 2
 
 Each row runs the public API on the shared split's 1,600 calibration images at batch 32
 (prepare_cora -> calibrate_rounding -> search_ranks -> convert_cora), times every step, and scores the
@@ -29,10 +29,9 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import agreement, batches, data_paths, load_split, predict, topk_with_ci  # noqa: E402
-from cora_fx import CoRaConfig, convert_cora, prepare_cora, search_ranks, summary  # noqa: E402
-from cora_fx.rounding import calibrate_rounding  # noqa: E402
+from benchmarks.common import agreement, batches, data_paths, load_split, mobilenet_v2, predict, topk_with_ci
+from cora_fx import CoRaConfig, convert_cora, prepare_cora, search_ranks, summary
+from cora_fx.calibrate.rounding import calibrate_rounding
 
 #: Search settings per schedule name: ``recommended`` is what `CoRaConfig.recommended` ships (250 steps from
 #: init_rank 0.9); ``start-budget-200`` starts every rank on the budget and stops after 200 steps.
@@ -133,10 +132,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     labels_csv, tiny_csv = data_paths(args.data)
-    model = torchvision.models.mobilenet_v2()
-    model.load_state_dict(torch.load(labels_csv.parents[1] / "weights" / "mobilenet_v2-b0353104.pth",
-                                     weights_only=True))
-    model.eval()
+    model = mobilenet_v2(labels_csv)
     calib = batches(*load_split(labels_csv, "calib"), 32)
     eval_images, eval_labels = load_split(labels_csv, "eval")
     tiny = load_split(tiny_csv, None, image_size=64, resize=64)[0]
@@ -170,7 +166,7 @@ def main(argv=None) -> int:
         search_ranks(prepared, calib[:2], iterations=2, progress=False)  # the float outputs of both batches cached
         search = profile_top(lambda: search_ranks(prepared, calib[:2], iterations=8, progress=False), 8)
         results["_profile"] = dict(calibrate_rounding=rounding, search_step=search)
-    command = "python benchmarks/calibration_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.calibration_speed " + " ".join(argv if argv is not None else sys.argv[1:])
     commands = [c for c in results.get("_meta", {}).get("commands", []) if c != command] + [command]
     results["_meta"] = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                             machine=f"{platform.machine()}, {torch.get_num_threads()} threads",

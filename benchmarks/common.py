@@ -10,7 +10,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch.utils.data import DataLoader
 
-from cora_fx.data import IMAGENET_MEAN, IMAGENET_STD, CsvImageDataset, default_data_dir
+from cora_fx.tools.datasets import IMAGENET_MEAN, IMAGENET_STD, CsvImageDataset, default_data_dir
 
 CACHE = Path(os.environ.get("CORA_FX_BENCH_CACHE", Path.home() / ".cache" / "cora_fx" / "bench"))
 
@@ -101,13 +101,21 @@ def data_paths(data: Optional[str]) -> tuple[Path, Path]:
     return root / "imagenet" / "labels.csv", root / "imagenet" / "tiny64_labels.csv"
 
 
-def mobilenet_v2(labels_csv: Path) -> torch.nn.Module:
-    """torchvision's MobileNetV2 with the shared ImageNet weights (``weights/`` beside the images' folder), in eval."""
+#: the shared ImageNet checkpoint of torchvision's MobileNetV2, in ``weights/`` beside the images' folder
+MOBILENET_V2_WEIGHTS = "mobilenet_v2-b0353104.pth"
+
+
+def mobilenet_v2(labels_csv: Path, weights: str | Path | None = None, arch: str = "mobilenet_v2") -> torch.nn.Module:
+    """torchvision's MobileNetV2 with the shared ImageNet weights (``weights/`` beside the images' folder), in eval.
+
+    ``weights`` loads another checkpoint instead and ``arch`` names the torchvision model it is for (the
+    ``--weights`` and ``--arch`` of imagenet_bench and latency).
+    """
     import torchvision
 
-    model = torchvision.models.mobilenet_v2()
-    model.load_state_dict(torch.load(labels_csv.parents[1] / "weights" / "mobilenet_v2-b0353104.pth",
-                                     weights_only=True))
+    path = Path(weights) if weights else labels_csv.parents[1] / "weights" / MOBILENET_V2_WEIGHTS
+    model = getattr(torchvision.models, arch)()
+    model.load_state_dict(torch.load(path, weights_only=True))
     return model.eval()
 
 

@@ -1,10 +1,10 @@
 """`CoRaConfig.recommended(bits)` on MobileNetV2: one process with 2 threads against two processes with one
 thread each (torchrun, gloo), on the same global batches.
 
-    python benchmarks/distributed_speed.py --bits 4
+    python -m benchmarks.distributed_speed --bits 4
 
 One process reads the shared split's 1,600 calibration images in batches of 32. Two processes read
-batches of 16, process p every second one from p (`cora_fx.distributed.shard`), so step t of both runs
+batches of 16, process p every second one from p (`cora_fx.calibrate.distributed.shard`), so step t of both runs
 sees the same 32 images. Each run: prepare_cora -> calibrate_rounding -> search_ranks -> convert_cora,
 timed on rank 0 and scored (top-1 on the 700 evaluation images, tiny64 agreement with the float model).
 Results go to benchmarks/results/distributed_speed.json.
@@ -20,12 +20,10 @@ import time
 from pathlib import Path
 
 import torch
-import torchvision
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import agreement, batches, data_paths, load_split, predict, topk_with_ci  # noqa: E402
-from benchmarks.calibration_speed import timed_calibration  # noqa: E402
-from cora_fx import CoRaConfig, distributed  # noqa: E402
+from benchmarks.common import agreement, batches, data_paths, load_split, mobilenet_v2, predict, topk_with_ci
+from benchmarks.calibration_speed import timed_calibration
+from cora_fx import CoRaConfig, distributed
 
 GLOBAL_BATCH = 32
 
@@ -33,10 +31,7 @@ GLOBAL_BATCH = 32
 def run(bits: int, data: str | None, processes: int) -> dict:
     """One calibration in this process (one of ``processes``); scores and times on rank 0."""
     labels_csv, tiny_csv = data_paths(data)
-    model = torchvision.models.mobilenet_v2()
-    model.load_state_dict(torch.load(labels_csv.parents[1] / "weights" / "mobilenet_v2-b0353104.pth",
-                                     weights_only=True))
-    model.eval()
+    model = mobilenet_v2(labels_csv)
     calib = distributed.shard(batches(*load_split(labels_csv, "calib"), GLOBAL_BATCH // processes))
     seconds, result, converted = timed_calibration(model, CoRaConfig.recommended(bits), calib)
     row = dict(processes=processes, threads=torch.get_num_threads(), batch_per_process=GLOBAL_BATCH // processes,
@@ -68,8 +63,8 @@ def main(argv=None) -> int:
     single = run(args.bits, args.data, 1)
     print(f"1 process x 2 threads: {single['seconds']['total']:.0f} s, top-1 {single['top1']:.2f}", flush=True)
     partial = Path(args.out).with_suffix(".worker.json")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
-               "--worker", "--bits", str(args.bits), "--out", str(partial)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "--module", "benchmarks.distributed_speed", "--worker", "--bits", str(args.bits), "--out", str(partial)]
     command += ["--data", args.data] if args.data else []
     subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     double = json.loads(partial.read_text())
@@ -78,7 +73,7 @@ def main(argv=None) -> int:
     same = sum(single["ranks"][n] == double["ranks"][n] for n in single["ranks"])
     result = dict(bits=args.bits, single=single, double=double, ranks_equal=same, layers=len(single["ranks"]),
                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), torch=torch.__version__,
-                  command="python benchmarks/distributed_speed.py " + " ".join(argv if argv is not None
+                  command="python -m benchmarks.distributed_speed " + " ".join(argv if argv is not None
                                                                                   else sys.argv[1:]))
     Path(args.out).write_text(json.dumps(result, indent=1))
     return 0

@@ -23,9 +23,9 @@ the float model (top-1 agreement and the mean KL(float || quantized) per image).
 compared image by image with the ``base`` row, and each peer with the ``joint`` row at no more equivalent bits
 (paired bootstrap intervals of the differences), so a difference is called a win only outside its interval.
 
-    python benchmarks/frontier.py                                  # every family at every point
-    python benchmarks/frontier.py --families base,cora --points 3.5,4.0
-    python benchmarks/report.py --no-plots                         # the table (and frontier.png without --no-plots)
+    python -m benchmarks.frontier                                  # every family at every point
+    python -m benchmarks.frontier --families base,cora --points 3.5,4.0
+    python -m benchmarks.report --no-plots                         # the table (and frontier.png without --no-plots)
 """
 from __future__ import annotations
 
@@ -42,14 +42,10 @@ from typing import Callable
 
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import (CACHE, batches, data_paths, load_split, mobilenet_v2, normalize,  # noqa: E402
-                               topk_with_ci)
-from benchmarks.methods import MethodRun, cora, cora_joint, cora_mixed  # noqa: E402
-from cora_fx import CoRaConfig  # noqa: E402
-from cora_fx.mixed_precision import MIXED_BUDGET  # noqa: E402
+from benchmarks.common import CACHE, batches, data_paths, load_split, mobilenet_v2, normalize, topk_with_ci
+from benchmarks.methods import MethodRun, cora, cora_joint, cora_mixed
+from cora_fx import CoRaConfig
+from cora_fx.allocation.bits import MIXED_BUDGET
 
 POINTS = (3.0, 3.25, 3.5, 4.0, 4.25, 4.5)
 RESULTS = Path(__file__).resolve().parent / "results" / "frontier.json"
@@ -227,7 +223,7 @@ def run_point(family: str, target: float, model, calib, example, data: dict, arg
     record = {k: v for k, v in asdict(run).items() if k not in ("model", "name", "family")}
     record.update(family=family, target_bits=target, main_bits=run.bits, threads=torch.get_num_threads(),
                   **scores(s, data["eval_labels"]),
-                  command="python benchmarks/frontier.py " + " ".join(argv))
+                  command="python -m benchmarks.frontier " + " ".join(argv))
     return record
 
 

@@ -35,7 +35,7 @@ Notes:
 - Labels of synthesised inputs are remembered per input row (a hash of its bytes), so ``score`` works on any
   subset or reordering of rows returned by ``inputs``.
 
-Run ``PYTHONPATH=. python benchmarks/gallery.py`` for float vs a crude per-channel 3-bit rounding of every
+Run ``python -m benchmarks.gallery`` for float vs a crude per-channel 3-bit rounding of every
 ``nn.Conv2d`` (``--count``, ``--models``).
 """
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """ImageNet benchmark: cora_fx against plain rounding and peers on one model, in one run.
 
-    python benchmarks/imagenet_bench.py                       # MobileNetV2, shared weights and images
-    python benchmarks/imagenet_bench.py --quick               # CI smoke test (< 3 minutes)
-    python benchmarks/imagenet_bench.py --arch resnet18 --weights resnet18-f37072fd.pth \\
+    python -m benchmarks.imagenet_bench                       # MobileNetV2, shared weights and images
+    python -m benchmarks.imagenet_bench --quick               # CI smoke test (< 3 minutes)
+    python -m benchmarks.imagenet_bench --arch resnet18 --weights resnet18-f37072fd.pth \\
         --data /path/to/data                                  # the paper's Table 1 protocol
 
 ``--data`` is a folder with ``imagenet/labels.csv`` (path,label,split: calib / eval rows) and
@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 import torchvision
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import agreement, batches, data_paths, load_split, normalize, predict, topk_with_ci  # noqa: E402
-from benchmarks.methods import MethodRun, cora, cora_mixed, state_dict_bytes  # noqa: E402
-from cora_fx import CoRaConfig  # noqa: E402
+from benchmarks.common import (agreement, batches, data_paths, load_split, mobilenet_v2, normalize, predict,
+                               topk_with_ci)
+from benchmarks.methods import MethodRun, cora, cora_mixed, state_dict_bytes
+from cora_fx import CoRaConfig
 
 
 def paper(bits: int, **kw) -> CoRaConfig:
@@ -152,10 +152,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     labels_csv, tiny_csv = data_paths(args.data)
-    weights = Path(args.weights) if args.weights else labels_csv.parents[1] / "weights" / "mobilenet_v2-b0353104.pth"
-    model = getattr(torchvision.models, args.arch)()
-    model.load_state_dict(torch.load(weights, weights_only=True))
-    model.eval()
+    model = mobilenet_v2(labels_csv, weights=args.weights, arch=args.arch)
     calib_n, eval_n, tiny_n = (64, 64, 256) if args.quick else (None, None, args.tiny_limit)
     calib_images, calib_labels = load_split(labels_csv, "calib", limit=calib_n)
     eval_images, eval_labels = load_split(labels_csv, "eval", limit=eval_n)
@@ -193,7 +190,7 @@ def main(argv=None) -> int:
             record.update(topk_with_ci(predict(run.model, eval_images), eval_labels))
             record["tiny_agreement"] = agreement(run.model, float_tiny, tiny) if tiny is not None else None
         results[name] = record
-        if name in LATENCY_METHODS and not args.quick:  # for `benchmarks/latency.py ARTIFACT` on a quiet machine
+        if name in LATENCY_METHODS and not args.quick:  # for `python -m benchmarks.latency ARTIFACT` on a quiet machine
             import cora_fx
             cora_fx.save(run.model, out / LATENCY_METHODS[name], (example.expand(2, *example.shape[1:]),))
         if name in LATENCY_METHODS and not args.no_latency:
@@ -208,7 +205,7 @@ def main(argv=None) -> int:
                 torch=torch.__version__, torchvision=torchvision.__version__, arch=args.arch, quick=args.quick,
                 calib_images=len(calib_images), eval_images=len(eval_images),
                 tiny_images=0 if tiny is None else len(tiny),
-                command="python benchmarks/imagenet_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+                command="python -m benchmarks.imagenet_bench " + " ".join(argv if argv is not None else sys.argv[1:]))
     results["_meta"] = meta
     results_path.write_text(json.dumps(results, indent=1))
     print(json.dumps(meta))

@@ -12,7 +12,7 @@ alike; reports medians and the quantized / float ratio per mode and batch size. 
 
 Standalone, on a saved artifact (e.g. the one the ImageNet driver keeps):
 
-    python benchmarks/latency.py benchmarks/results/cora_recommended_w4.pt2 --threads 1
+    python -m benchmarks.latency benchmarks/results/cora_recommended_w4.pt2 --threads 1
 """
 from __future__ import annotations
 
@@ -20,12 +20,13 @@ import argparse
 import contextlib
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
+
+import cora_fx
+from benchmarks.common import data_paths, mobilenet_v2
 
 MODES = ("eager", "compile", "compile_frozen")
 
@@ -81,16 +82,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    import torchvision
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import cora_fx
-    from benchmarks.common import data_paths
-
-    weights = (Path(args.weights) if args.weights
-               else data_paths(args.data)[0].parents[1] / "weights" / "mobilenet_v2-b0353104.pth")
-    model = getattr(torchvision.models, args.arch)()
-    model.load_state_dict(torch.load(weights, weights_only=True))
+    model = mobilenet_v2(data_paths(args.data)[0], weights=args.weights, arch=args.arch)
     quantized = cora_fx.load(args.artifact)
     result = interleaved(model.eval(), quantized, repeats=args.repeats, compile_modes=tuple(args.modes.split(",")))
     print(json.dumps(result, indent=1))

@@ -1,7 +1,7 @@
 """What GPTQ rounding and adapters buy on Linear layers, side by side in one run.
 
-    python benchmarks/linear_layers.py                      # MobileNetV2 (classifier: 1.28 M of 3.5 M weights)
-    python benchmarks/linear_layers.py --models ppocr-rec   # the gallery's OCR recognizer (SVTR neck, CTC head)
+    python -m benchmarks.linear_layers                      # MobileNetV2 (classifier: 1.28 M of 3.5 M weights)
+    python -m benchmarks.linear_layers --models ppocr-rec   # the gallery's OCR recognizer (SVTR neck, CTC head)
 
 Three rows per model, all ``CoRaConfig.recommended(4)`` with the same calibration data:
 
@@ -25,11 +25,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import batches, data_paths, load_split, mobilenet_v2, normalize  # noqa: E402
-from benchmarks.frontier import outputs, samples, scores, versus  # noqa: E402
-from cora_fx import CoRaConfig, calibrate_rounding, convert_cora, prepare_cora, search_ranks, summary  # noqa: E402
-from cora_fx.residual import ResidualFactors  # noqa: E402
+from benchmarks.common import batches, data_paths, load_split, mobilenet_v2, normalize
+from benchmarks.frontier import outputs, samples, scores, versus
+from cora_fx import CoRaConfig, calibrate_rounding, convert_cora, prepare_cora, search_ranks, summary
+from cora_fx.quant.residual import ResidualFactors
 
 RESULTS = Path(__file__).resolve().parent / "results" / "linear_layers.json"
 ROWS = ("linear rtn", "linear gptq", "linear gptq + adapters")
@@ -74,12 +73,12 @@ def run_mobilenet(args) -> dict:
     tiny = load_split(tiny_csv, None, image_size=64, resize=64, limit=args.tiny_limit)[0]
     float_tiny = outputs(model, tiny)
     rows, per_image = {"float": scores(samples(model, eval_images, eval_labels, tiny, float_tiny), eval_labels)}, {}
-    for row in ROWS:
+    for row in args.rows:
         print(f"== mobilenet_v2: {row}", flush=True)
         converted, info = quantize(model, row, calib, (normalize(eval_images[:2]),))
         per_image[row] = samples(converted, eval_images, eval_labels, tiny, float_tiny)
         rows[row] = {**info, **scores(per_image[row], eval_labels)}
-        if row != ROWS[0]:
+        if row != ROWS[0] and ROWS[0] in per_image:
             rows[row]["vs_rtn"] = versus(per_image[row], per_image[ROWS[0]])
         print(f"   {json.dumps({k: v for k, v in rows[row].items() if not isinstance(v, dict)})}", flush=True)
     return rows
@@ -93,7 +92,7 @@ def run_gallery(name: str, args) -> dict:
     calib = [(chunk, None) for chunk in entry.inputs("calib", args.gallery_calib, 0).split(16)]
     x = entry.inputs("eval", args.gallery_eval, 0)
     rows = {"float": {"scores": entry.score(model, model, x)}}
-    for row in ROWS:
+    for row in args.rows:
         print(f"== {name}: {row}", flush=True)
         converted, info = quantize(model, row, calib, (calib[0][0][:2],), loss=entry.objective,
                                    loss_dim=1, leaf_modules=gallery.leaf_modules(model))
@@ -110,14 +109,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny-limit", type=int, default=None, help="use only the first N tiny64 images")
     parser.add_argument("--gallery-calib", type=int, default=256, help="calibration inputs of a gallery model")
     parser.add_argument("--gallery-eval", type=int, default=400, help="evaluation inputs of a gallery model")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"rows to run, comma-separated (default: {ROWS})")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
+    args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    if not args.rows or set(args.rows) - set(ROWS):
+        parser.error(f"--rows: choose among {ROWS}")
     torch.manual_seed(0)
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {}
     for name in [m for m in args.models.split(",") if m]:
         rows = run_mobilenet(args) if name == "mobilenet_v2" else run_gallery(name, args)
-        results[name] = {"rows": rows, "command": "python benchmarks/linear_layers.py " + " ".join(argv),
+        results[name] = {"rows": rows, "command": "python -m benchmarks.linear_layers " + " ".join(argv),
                          "date": time.strftime("%Y-%m-%d", time.gmtime()), "torch": torch.__version__,
                          "machine": f"{platform.machine()}, {torch.get_num_threads()} threads"}
         out.parent.mkdir(parents=True, exist_ok=True)

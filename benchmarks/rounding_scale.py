@@ -7,8 +7,8 @@ peak resident memory is that case's. ``max_block`` sets how many weight columns 
 moment; ``exact`` rows keep the whole fan-in (the reference, where it fits). The accuracy column is the
 conv's relative output error ||y_q - y||^2 / ||y||^2 on 64 held-out inputs with heuristic-rank adapters.
 
-    python benchmarks/rounding_scale.py                 # every case, results/rounding_scale.json
-    python benchmarks/rounding_scale.py --cases 1k 4k   # a subset (rows are merged into the file)
+    python -m benchmarks.rounding_scale                 # every case, results/rounding_scale.json
+    python -m benchmarks.rounding_scale --cases 1k 4k   # a subset (rows are merged into the file)
 """
 from __future__ import annotations
 
@@ -94,12 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
     for name in args.cases:
-        done = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True)
+        done = subprocess.run([sys.executable, "-m", "benchmarks.rounding_scale", "--one", name],
+                              cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
         if done.returncode:
             raise SystemExit(f"case {name} failed:\n{done.stderr[-2000:]}")
         results[name] = json.loads(done.stdout.strip().splitlines()[-1])
         print(name, results[name], flush=True)
-    results["_meta"] = {"command": "python benchmarks/rounding_scale.py", "machine": platform.processor()
+    results["_meta"] = {"command": "python -m benchmarks.rounding_scale", "machine": platform.processor()
                         or platform.machine(), "threads": 2, "date": time.strftime("%Y-%m-%d")}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")

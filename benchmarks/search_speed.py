@@ -1,6 +1,6 @@
 """Cost of one rank-search step against one float training step, measured side by side.
 
-    python benchmarks/search_speed.py --arch mobilenet_v2 --batch 32 --steps 6 --threads 2
+    python -m benchmarks.search_speed --arch mobilenet_v2 --batch 32 --steps 6 --threads 2
 
 Alternates blocks of float forward+backward steps (all weights trainable, gradients only) with blocks of
 search steps (the recommended search settings, KL objective, two random batches cycled), and prints the
@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cora_fx import CoRaConfig, prepare_cora, rank_search, search_ranks  # noqa: E402
-from cora_fx.passes import folded_copy  # noqa: E402
+from cora_fx import CoRaConfig, prepare_cora, search_ranks
+from cora_fx.calibrate import rank_search
+from cora_fx.graph.passes import folded_copy
 
 #: (name, search overrides, cached float outputs, BatchNorm merged): each row adds one speed-up.
 VARIANTS = [
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(dict(rows=rows, arch=args.arch, batch=args.batch, size=args.size, steps=args.steps,
                                    threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d %H:%M UTC",
                                                                                        time.gmtime()),
-                                   command="python benchmarks/search_speed.py "
+                                   command="python -m benchmarks.search_speed "
                                            + " ".join(argv if argv is not None else sys.argv[1:])), indent=1))
     return 0
 

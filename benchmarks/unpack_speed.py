@@ -4,7 +4,7 @@ The converted graph dequantizes its weights on every call unless inductor freezi
 (benchmarks/RESULTS.md). This times that step alone, under ``torch.compile``, for one weight
 matrix (default: MobileNetV2's 1000 x 1280 classifier at 4 bits):
 
-- ``words``: `cora_fx.packing.unpack_codes` (what `convert_cora` emits): row-planar 32-bit words
+- ``words``: `cora_fx.quant.packing.unpack_codes` (what `convert_cora` emits): row-planar 32-bit words
   stored as bytes, read through a float32 view, one broadcast shift, one mask;
 - ``words_int32_load``: the same words read straight as int32 (no float32 view in between): what
   the float32 view saves, inductor's integer vector loads;
@@ -15,18 +15,18 @@ matrix (default: MobileNetV2's 1000 x 1280 classifier at 4 bits):
 - ``int8``: one code per byte, no unpacking (the earlier floor);
 - ``float``: the dequantize arithmetic alone on float codes (no unpacking at all).
 
-    python benchmarks/unpack_speed.py --threads 1
+    python -m benchmarks.unpack_speed --threads 1
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
+
+from cora_fx.quant.packing import field_bits, pack_codes, unpack_codes, word_shifts
 
 
 def _best_ms(fn: Callable, args: tuple, repeats: int) -> float:
@@ -51,9 +51,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from cora_fx.packing import field_bits, pack_codes, unpack_codes, word_shifts
-
     shape = (args.rows, args.cols)
     numel = args.rows * args.cols
     field = field_bits(args.bits)

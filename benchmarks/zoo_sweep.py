@@ -17,7 +17,7 @@ efficientnet_b0 at 32 px gives logits ~1e-19, so any absolute term would make th
 Status ``pass``: all checks within tolerance; ``refused``: prepare_cora raised a CoRaError
 (a clear refusal, e.g. untraceable code, naming the module); ``FAIL``: anything else.
 
-Run the full table:  ``PYTHONPATH=. python benchmarks/zoo_sweep.py`` (``--fast`` for one model
+Run the full table:  ``python -m benchmarks.zoo_sweep`` (``--fast`` for one model
 per family, ``--models a,b`` for a selection). ``--coverage`` runs only the weight audit (`coverage_row`):
 every weight of every model quantized or listed in ``skipped``, with the layer kinds and the float weights' share.
 """
@@ -36,8 +36,8 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from cora_fx import CoRaConfig, CoRaError, convert_cora, prepare_cora, set_ranks, summary
-from cora_fx.coverage import unreported_weights
-from cora_fx.modules import CoRaConv2d
+from cora_fx.graph.coverage import unreported_weights
+from cora_fx.quant.modules import CoRaConv2d
 
 #: Tolerances on the relative error max|out - ref| / max|ref|.
 #: Full rank: [W]_n + U S V^T is rebuilt in float32 (per weight ~1e-7 relative) and the two-conv

@@ -1,6 +1,6 @@
 """``python -m cora_fx``: the ``cora-fx`` command line."""
 import sys
 
-from .cli import main
+from cora_fx.tools.cli import main
 
 sys.exit(main())

@@ -19,28 +19,42 @@ import dataclasses
 import importlib
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Mapping, Optional, Union
+from typing import Any, Callable, ClassVar, Iterable, Literal, Mapping, Optional, Union, get_args
+
+from cora_fx.errors import CoRaDeprecationWarning
 
 #: Version of the `to_dict` layout; `from_dict` reads this version and the flat layout before it.
 CONFIG_VERSION = 7
 
-GRANULARITIES = ("per_tensor", "per_channel")
-CLIPPINGS = ("normal", "normal_paper", "minmax", "mse")
-LOSSES = ("ce", "kl", "bce", "bce_logits", "mse")
-DEPTHWISE_POLICIES = ("skip", "residual", "float", "int8")
-ROUNDINGS = ("nearest", "gptq")
-SVDS = ("weight", "activation")
-ROUNDING_INPUTS = ("float", "quantized")
-ADAPTER_FORMS = ("parallel", "folded")
-ACTIVATION_OBSERVERS = ("minmax", "moving_average", "histogram")
-ACTIVATION_DTYPES = ("uint8", "int8")
-ALLOCATIONS = ("bits", "joint")
+Granularity = Literal["per_tensor", "per_channel"]
+Clipping = Literal["normal", "normal_paper", "minmax", "mse"]
+Loss = Literal["ce", "kl", "bce", "bce_logits", "mse"]
+DepthwisePolicy = Literal["skip", "residual", "float", "int8"]
+Rounding = Literal["nearest", "gptq"]
+Svd = Literal["weight", "activation"]
+RoundingInputs = Literal["float", "quantized"]
+AdapterForm = Literal["parallel", "folded"]
+ActivationObserver = Literal["minmax", "moving_average", "histogram"]
+ActivationDtype = Literal["uint8", "int8"]
+Allocation = Literal["bits", "joint"]
+
+GRANULARITIES = get_args(Granularity)
+CLIPPINGS = get_args(Clipping)
+LOSSES = get_args(Loss)
+DEPTHWISE_POLICIES = get_args(DepthwisePolicy)
+ROUNDINGS = get_args(Rounding)
+SVDS = get_args(Svd)
+ROUNDING_INPUTS = get_args(RoundingInputs)
+ADAPTER_FORMS = get_args(AdapterForm)
+ACTIVATION_OBSERVERS = get_args(ActivationObserver)
+ACTIVATION_DTYPES = get_args(ActivationDtype)
+ALLOCATIONS = get_args(Allocation)
+
+#: The modules `CoRaConfig.from_dict` imports a saved callable (``clipping``, ``loss``) from without being told:
+#: cora_fx's own and torch.ao's observers. Any other must be named by the caller (``allowed_modules``).
+TRUSTED_MODULES = ("cora_fx", "torch.ao.quantization.observer")
 
 LossFn = Callable[..., Any]
-
-
-class CoRaDeprecationWarning(DeprecationWarning):
-    """A deprecated spelling of a `CoRaConfig` setting (the flat keywords of earlier releases)."""
 
 
 def _is_int(value: Any) -> bool:
@@ -113,11 +127,11 @@ class QuantConfig(_Group):
 
     GROUP: ClassVar[str] = "quant"
     bits: int = 4
-    granularity: str = "per_tensor"
-    clipping: Union[str, Callable[..., Any]] = "normal"
+    granularity: Granularity = "per_tensor"
+    clipping: Union[Clipping, Callable[..., Any]] = "normal"
     k: float = 4.0
     quantize_linear: bool = True
-    depthwise: str = "skip"
+    depthwise: DepthwisePolicy = "skip"
     layer_bits: Mapping[str, int] = field(default_factory=dict)
     symmetric_int8: bool = False
 
@@ -171,8 +185,8 @@ class AdapterConfig(_Group):
 
     GROUP: ClassVar[str] = "adapter"
     bits: Optional[int] = 8
-    svd: str = "weight"
-    form: str = "parallel"
+    svd: Svd = "weight"
+    form: AdapterForm = "parallel"
     linear: bool = False
 
     def _rules(self) -> list:
@@ -201,9 +215,9 @@ class RoundingConfig(_Group):
     """
 
     GROUP: ClassVar[str] = "rounding"
-    method: str = "nearest"
+    method: Rounding = "nearest"
     batches: int = 8
-    inputs: str = "float"
+    inputs: RoundingInputs = "float"
     max_block: int = 4096
 
     def _rules(self) -> list:
@@ -261,13 +275,13 @@ class SearchConfig(_Group):
     lr: float = 0.01
     iterations: int = 250
     grad_clip: float = 0.2
-    init_rank: Union[float, str] = 0.9
-    loss: Union[str, LossFn] = "ce"
+    init_rank: Union[float, Literal["budget"]] = 0.9
+    loss: Union[Loss, LossFn] = "ce"
     loss_dim: int = 1
     seed: int = 0
-    micro_batch: Union[int, str, None] = "auto"
+    micro_batch: Union[int, Literal["auto"], None] = "auto"
     channels_last: bool = True
-    allocation: str = "bits"
+    allocation: Allocation = "bits"
     target_bits: Optional[float] = None
 
     @property
@@ -338,8 +352,8 @@ class ActivationConfig(_Group):
 
     GROUP: ClassVar[str] = "activation"
     bits: Optional[int] = None
-    observer: str = "histogram"
-    dtype: str = "uint8"
+    observer: ActivationObserver = "histogram"
+    dtype: ActivationDtype = "uint8"
     batches: int = 8
 
     def _rules(self) -> list:
@@ -371,8 +385,29 @@ FLAT_NAMES: dict[str, tuple[str, str]] = {
     "act_dtype": ("activation", "dtype"), "act_batches": ("activation", "batches"),
 }
 
-#: Fields that `search_ranks(..., **overrides)` may change for one call.
-SEARCH_FIELDS = frozenset(f.name for f in dataclasses.fields(SearchConfig))
+#: The settings each data-aware step reads when it runs, by their `CoRaConfig.replace` names: what the step's
+#: keyword overrides may change for one call (`step_config`). The other settings shape the prepared graph.
+STEP_OVERRIDES: dict[str, tuple[str, ...]] = {
+    "calibrate_activations": ("act_batches",),
+    "calibrate_rounding": ("rounding_batches", "rounding_inputs", "max_block"),
+    "search_ranks": tuple(f.name for f in dataclasses.fields(SearchConfig)),
+    "correct_batchnorm": ("bn_correction",),
+    "finetune": ("finetune_iterations", "finetune_lr"),
+}
+
+
+def step_config(config: "CoRaConfig", step: str, overrides: Mapping[str, Any]) -> "CoRaConfig":
+    """``config`` with a step's keyword ``overrides`` applied and validated (`replace`), for one call of ``step``.
+
+    The one convention of every step (docs/api.md): ``search_ranks(prepared, batches, budget=0.03)``,
+    ``finetune(prepared, batches, finetune_iterations=50)``; a setting the step does not read is refused.
+    """
+    allowed = STEP_OVERRIDES[step]
+    unknown = sorted(set(overrides) - set(allowed))
+    if unknown:
+        raise TypeError(f"{step}: unexpected keyword(s) {unknown}; the settings it reads are {list(allowed)} "
+                        f"(the others are fixed by prepare_cora's config)")
+    return config.replace(**overrides) if overrides else config
 
 
 def _values(group: Any) -> list:
@@ -386,8 +421,8 @@ class CoRaConfig:
     ``CoRaConfig()`` is the paper's setting (weights only; ``CoRaConfig(act_bits=8)`` adds 8-bit activations,
     short for ``activation=ActivationConfig(bits=8)``). Build one from groups,
     ``CoRaConfig(quant=QuantConfig(bits=3), search=SearchConfig(budget=0.04))``, or change fields by name with
-    `replace` (``config.replace(bits=3, budget=0.04)``). The flat keywords of earlier releases
-    (``CoRaConfig(bits=3)``) still work and warn with `CoRaDeprecationWarning`.
+    `replace` (``config.replace(bits=3, budget=0.04)``, the names in `FLAT_NAMES`). Fields are read through
+    their group (``config.quant.bits``).
     """
 
     quant: QuantConfig
@@ -398,12 +433,14 @@ class CoRaConfig:
     activation: ActivationConfig
 
     def __init__(self, quant: Optional[QuantConfig] = None, adapter: Optional[AdapterConfig] = None,
-                 rounding: Union[RoundingConfig, str, None] = None, search: Optional[SearchConfig] = None,
+                 rounding: Optional[RoundingConfig] = None, search: Optional[SearchConfig] = None,
                  refine: Optional[RefineConfig] = None, activation: Optional[ActivationConfig] = None,
                  act_bits: Optional[int] = None, **flat: Any) -> None:
-        if isinstance(rounding, str):  # the flat `rounding="gptq"` of earlier releases
-            flat["rounding"] = rounding
-            rounding = None
+        if flat or isinstance(rounding, str):
+            names = sorted(flat) + (["rounding"] if isinstance(rounding, str) else [])
+            raise TypeError(f"CoRaConfig({', '.join(f'{k}=...' for k in names)}): fields are set through their "
+                            f"group (CoRaConfig(quant=QuantConfig(bits=3))) or by name with "
+                            f"CoRaConfig().replace({', '.join(f'{k}=...' for k in names)})")
         given = {"quant": quant, "adapter": adapter, "rounding": rounding, "search": search, "refine": refine,
                  "activation": activation}
         if act_bits is not None:  # the shorthand CoRaConfig(act_bits=8)
@@ -414,12 +451,6 @@ class CoRaConfig:
             elif not isinstance(value, GROUPS[name]):
                 raise TypeError(f"CoRaConfig.{name} must be a {GROUPS[name].__name__}, got {type(value).__name__}")
             object.__setattr__(self, name, value)
-        if flat:
-            warnings.warn(f"CoRaConfig({', '.join(f'{k}=...' for k in flat)}): flat keywords are deprecated and "
-                          f"will be removed in 0.6; use the groups (e.g. CoRaConfig(quant=QuantConfig(bits=3))) "
-                          f"or CoRaConfig().replace(...)", CoRaDeprecationWarning, stacklevel=2)
-            for name, value in _grouped_changes(self, flat).items():
-                object.__setattr__(self, name, value)
 
     @property
     def act_bits(self) -> Optional[int]:
@@ -428,12 +459,8 @@ class CoRaConfig:
 
     def __getattr__(self, name: str) -> Any:
         where = FLAT_NAMES.get(name)
-        if where is None:
-            raise AttributeError(f"CoRaConfig has no attribute {name!r}")
-        group, key = where
-        warnings.warn(f"CoRaConfig.{name} is deprecated; read CoRaConfig.{group}.{key}", CoRaDeprecationWarning,
-                      stacklevel=2)
-        return getattr(object.__getattribute__(self, group), key)
+        hint = f"; read CoRaConfig.{where[0]}.{where[1]}" if where else ""
+        raise AttributeError(f"CoRaConfig has no attribute {name!r}{hint}")
 
     def replace(self, **changes: Any) -> "CoRaConfig":
         """A validated copy with ``changes`` applied: whole groups by group name, single fields by their
@@ -501,15 +528,22 @@ class CoRaConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "CoRaConfig":
-        """The config `to_dict` described (also a flat dict of earlier releases' field names)."""
+    def from_dict(cls, data: Mapping[str, Any], allowed_modules: Iterable[str] = ()) -> "CoRaConfig":
+        """The config `to_dict` described (also a flat dict of releases before 0.3, with a warning).
+
+        A saved callable is imported only from `TRUSTED_MODULES` or a module in ``allowed_modules`` (a module
+        name also allows its submodules): a saved file cannot make this import anything else.
+        """
         version = data.get("version", 1)
         if not _is_int(version) or version > CONFIG_VERSION:
             raise ValueError(f"CoRaConfig.from_dict: version {version!r} is newer than this cora_fx reads "
                              f"({CONFIG_VERSION}); upgrade cora_fx")
+        trusted = TRUSTED_MODULES + tuple(allowed_modules)
         if version < 2:
+            warnings.warn("CoRaConfig.from_dict: a flat config of releases before 0.3; save it again with to_dict",
+                          CoRaDeprecationWarning, stacklevel=2)
             flat = {k: v for k, v in data.items() if k != "version"}
-            return cls().replace(**{k: _decode(v, k) for k, v in flat.items()})
+            return cls().replace(**{k: _decode(v, k, trusted) for k, v in flat.items()})
         unknown = set(data) - set(GROUPS) - {"version"}
         if unknown:
             raise ValueError(f"CoRaConfig.from_dict: unknown group(s) {sorted(unknown)}; expected {list(GROUPS)}")
@@ -520,7 +554,7 @@ class CoRaConfig:
             bad = set(fields) - {f.name for f in dataclasses.fields(GROUPS[name])}
             if bad:
                 raise ValueError(f"CoRaConfig.from_dict: {name} has no field(s) {sorted(bad)}")
-            groups[name] = GROUPS[name](**{k: _decode(v, f"{name}.{k}") for k, v in fields.items()})
+            groups[name] = GROUPS[name](**{k: _decode(v, f"{name}.{k}", trusted) for k, v in fields.items()})
         return cls(**groups)
 
 
@@ -562,6 +596,13 @@ def _import_path(value: Any) -> Optional[str]:
     return f"{module}:{qualname}" if found is value else None
 
 
+#: Saved paths of callables whose module moved, old -> new (configs saved by releases before 0.8).
+MOVED = {
+    "cora_fx.observers:NormalObserver": "cora_fx.quant.observers:NormalObserver",
+    "cora_fx.observers:MSEObserver": "cora_fx.quant.observers:MSEObserver",
+}
+
+
 def _resolve(path: str) -> Any:
     module, qualname = path.split(":", 1)
     obj: Any = importlib.import_module(module)
@@ -570,13 +611,25 @@ def _resolve(path: str) -> Any:
     return obj
 
 
-def _decode(value: Any, where: str) -> Any:
+def _trusted(path: str, trusted: tuple[str, ...]) -> bool:
+    """Whether ``module:qualname`` names a module in ``trusted`` or one of their submodules."""
+    module = path.split(":", 1)[0]
+    return any(module == name or module.startswith(name + ".") for name in trusted)
+
+
+def _decode(value: Any, where: str, trusted: tuple[str, ...]) -> Any:
     if not isinstance(value, Mapping) or where.endswith("layer_bits"):
         return value
     if "unserialisable" in value:
         raise ValueError(f"CoRaConfig.{where}: the saved config holds {value['unserialisable']}, which could not be "
                          f"saved; pass that setting again by hand")
+    path = value.get("callable")
+    if isinstance(path, str) and not _trusted(path, trusted):
+        module = path.split(":", 1)[0]
+        raise ValueError(f"CoRaConfig.{where}: the saved config names {path!r}; from_dict imports only from "
+                         f"{list(TRUSTED_MODULES)} unless told: pass allowed_modules=[{module!r}] if you trust "
+                         f"that module")
     try:
-        return _resolve(value["callable"])
+        return _resolve(MOVED.get(path, path))
     except (KeyError, ImportError, AttributeError, ValueError) as err:
         raise ValueError(f"CoRaConfig.{where}: cannot import {value!r} ({err})") from None

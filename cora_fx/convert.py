@@ -7,23 +7,22 @@ from typing import Any, Iterable, Mapping, Optional
 
 import torch.fx as fx
 from torch import nn
-from torch.fx.passes.infra.pass_base import PassResult
 
-from .config import ADAPTER_FORMS, CoRaConfig
-from .lowering import (Cleanup, ConversionPlan, FoldBatchNorm, FoldRanks, LowerActivationQuantizers, LowerToOps,
-                       QuantizeAdapters)
-from .joint_allocation import plan_target
-from .passes import run_passes
-from .prepare import RankSpec, prepare_cora
-from .pipeline import run_pipeline
-from .state import CONVERTED, META_KEY, PREPARED, CoRaState, get_state
-from .summary import layer_infos
+from cora_fx.allocation.plan import plan_target
+from cora_fx.config import ADAPTER_FORMS, CoRaConfig
+from cora_fx.graph.lowering import Cleanup, FoldBatchNorm, LowerActivationQuantizers, LowerToOps, conversion_plan
+from cora_fx.graph.passes import run_passes
+from cora_fx.io.summary import layer_infos
+from cora_fx.pipeline import run_pipeline
+from cora_fx.prepare import RankSpec, prepare_cora
+from cora_fx.state import CONVERTED, META_KEY, PREPARED, CoRaState, get_state
 
 
-def convert_passes(config: CoRaConfig, fold_batchnorm: bool = True) -> list:
-    plan = ConversionPlan(config.adapter.bits, config.adapter.form)
+def lowering_passes(gm: fx.GraphModule, config: CoRaConfig, fold_batchnorm: bool = True) -> list:
+    """The conversion plan of ``gm`` (`conversion_plan`) and the graph rewrites that lower it, in order."""
+    plan = conversion_plan(gm, config.adapter.bits, config.adapter.form)
     fold = [FoldBatchNorm(plan)] if fold_batchnorm else []
-    return [FoldRanks(plan), QuantizeAdapters(plan), *fold, LowerToOps(plan), LowerActivationQuantizers(), Cleanup()]
+    return [*fold, LowerToOps(plan), LowerActivationQuantizers(), Cleanup()]
 
 
 def convert_cora(prepared: fx.GraphModule, *, fold_batchnorm: bool = True,
@@ -45,41 +44,23 @@ def convert_cora(prepared: fx.GraphModule, *, fold_batchnorm: bool = True,
         except ValueError as err:
             raise ValueError(f"convert_cora: adapter_form={adapter_form!r}: must be one of {ADAPTER_FORMS}") from err
         state = dataclasses.replace(state, config=config)
-    return _convert_in_place(copy.deepcopy(prepared), state, [], fold_batchnorm)
+    return _convert_in_place(copy.deepcopy(prepared), state, fold_batchnorm)
 
 
-def _convert_in_place(gm: fx.GraphModule, state: CoRaState, before: list,
-                      fold_batchnorm: bool = True) -> fx.GraphModule:
-    layers = []
-
-    def record_layers(graph_module: fx.GraphModule) -> PassResult:
-        layers.extend(layer_infos(graph_module))
-        return PassResult(graph_module, False)
-
-    gm = run_passes(gm, before + [record_layers] + convert_passes(state.config, fold_batchnorm))
+def _convert_in_place(gm: fx.GraphModule, state: CoRaState, fold_batchnorm: bool = True) -> fx.GraphModule:
+    layers = layer_infos(gm)
+    gm = run_passes(gm, lowering_passes(gm, state.config, fold_batchnorm))
     gm.meta[META_KEY] = dataclasses.replace(state, stage=CONVERTED, skipped=dict(state.skipped), layers=layers)
     return gm
 
 
-class PipelinePass:
-    """`run_pipeline` as a pass, so one PassManager runs the data-aware steps and then the conversion."""
-
-    def __init__(self, batches: Iterable, **kwargs: Any) -> None:
-        self.batches = batches
-        self.kwargs = kwargs
-
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
-        get_state(gm, PREPARED).pipeline = run_pipeline(gm, self.batches, **self.kwargs)
-        return PassResult(gm, True)
-
-
 def quantize_cora(
-    model: nn.Module, calib_batches: Iterable, config: Optional[CoRaConfig] = None,
+    model: nn.Module, batches: Iterable, config: Optional[CoRaConfig] = None,
     example_inputs: Optional[tuple] = None, *, leaf_modules: Iterable = (), ranks: RankSpec = "search",
     skip: Iterable[str] = (), progress: bool = True, example_kwargs: Optional[Mapping[str, Any]] = None,
     concrete_args: Optional[Mapping[str, Any]] = None, capture: str = "auto",
 ) -> fx.GraphModule:
-    """The whole chain: `prepare_cora`, `run_pipeline` on ``calib_batches``, `convert_cora` (model untouched).
+    """The whole chain: `prepare_cora`, `run_pipeline` on ``batches``, `convert_cora` (model untouched).
 
     ``ranks`` and ``skip`` are `run_pipeline`'s; ``leaf_modules``, ``example_kwargs``, ``concrete_args``
     and ``capture`` are `prepare_cora`'s. The steps' results are kept in
@@ -90,11 +71,11 @@ def quantize_cora(
     capture_options = dict(example_inputs=example_inputs, leaf_modules=leaf_modules, example_kwargs=example_kwargs,
                            concrete_args=concrete_args, capture=capture)
     if isinstance(config, CoRaConfig) and config.search.target_bits is not None:
-        config, planned = plan_target(model, calib_batches, config, progress=progress, **capture_options)
+        config, planned = plan_target(model, batches, config, progress=progress, **capture_options)
         ranks = planned if planned is not None and ranks == "search" else ranks
     prepared = prepare_cora(model, config, progress=progress, **capture_options)
     if not isinstance(prepared, fx.GraphModule):
         return prepared  # no Conv2d: prepare_cora warned and returned the model unchanged
     state = get_state(prepared, PREPARED)
-    steps = PipelinePass(calib_batches, ranks=ranks, skip=skip, progress=progress)
-    return _convert_in_place(prepared, state, [steps])
+    state.pipeline = run_pipeline(prepared, batches, ranks=ranks, skip=skip, progress=progress)
+    return _convert_in_place(prepared, state)

@@ -12,15 +12,15 @@ from typing import Callable, Iterable, Optional
 
 import torch.fx as fx
 
-from .activations import calibrate_activations
-from .calibration_check import check_batches
-from .batchnorm import correct_batchnorm
-from .config import CoRaConfig
-from .finetune import FinetuneResult, finetune
-from .prepare import RankSpec, set_ranks
-from .rank_search import RankSearchResult, search_ranks
-from .rounding import calibrate_rounding
-from .state import PREPARED, get_state
+from cora_fx.calibrate.activations import calibrate_activations
+from cora_fx.calibrate.batchnorm import correct_batchnorm
+from cora_fx.calibrate.checks import check_batches
+from cora_fx.calibrate.finetune import FinetuneResult, finetune
+from cora_fx.calibrate.rank_search import RankSearchResult, search_ranks
+from cora_fx.calibrate.rounding import calibrate_rounding
+from cora_fx.config import CoRaConfig
+from cora_fx.prepare import RankSpec, set_ranks
+from cora_fx.state import PREPARED, get_state
 
 #: The steps `run_pipeline` knows, in the order it runs them; `skip=` takes these names.
 STEPS = ("calibrate_activations", "calibrate_rounding", "search_ranks", "correct_batchnorm", "finetune")
@@ -93,6 +93,6 @@ def _run_step(name: str, prepared: fx.GraphModule, batches: Iterable, ranks: Ran
     elif name == "set_ranks":
         set_ranks(prepared, ranks)
     elif name == "correct_batchnorm":
-        result.batchnorm_layers = correct_batchnorm(prepared, batches, max_batches=config.refine.bn_correction)
+        result.batchnorm_layers = correct_batchnorm(prepared, batches)
     elif name == "finetune":
         result.finetune = finetune(prepared, batches, progress=progress)

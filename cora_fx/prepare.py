@@ -10,18 +10,19 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from . import distributed
-from .activations import InsertActivationQuantizers
-from .capture import capture as capture_model
-from .capture import example_tensors
-from .calibration_check import example_shapes
-from .config import CoRaConfig
-from .coverage import FloatWeight, float_weights, is_weight, warn_float
-from .lifting import CONV_KINDS, LINEAR, Conv1dAsConv2d, LiftFunctionalLayers, LinearAsConv2d
-from .modules import CoRaConv2d, LowRankAdapter
-from .passes import RewriteConvs, run_passes
-from .state import META_KEY, PREPARED, CoRaError, CoRaState, get_state
-from .tracer import LeafSpec
+from cora_fx.calibrate import distributed
+from cora_fx.calibrate.activations import InsertActivationQuantizers
+from cora_fx.calibrate.checks import example_shapes
+from cora_fx.config import CoRaConfig
+from cora_fx.errors import CoRaError
+from cora_fx.graph.capture import capture as capture_model
+from cora_fx.graph.capture import example_tensors
+from cora_fx.graph.coverage import FloatWeight, float_weights, is_weight, warn_float
+from cora_fx.graph.lifting import Conv1dAsConv2d, LiftFunctionalLayers, LinearAsConv2d
+from cora_fx.graph.passes import RewriteConvs, run_passes
+from cora_fx.graph.tracer import LeafSpec
+from cora_fx.quant.modules import CONV_KINDS, LINEAR, CoRaConv2d, LowRankAdapter
+from cora_fx.state import META_KEY, PREPARED, CoRaState, get_state
 
 #: the layer modules cora_fx quantizes (with their subclasses and functional forms, `lifting`)
 LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)

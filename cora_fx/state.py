@@ -6,14 +6,11 @@ from typing import Any, Optional
 
 import torch.fx as fx
 
-from .config import CoRaConfig
+from cora_fx.config import CoRaConfig
+from cora_fx.errors import CoRaError
 
 META_KEY = "cora_fx"
 PREPARED, CONVERTED = "prepared", "converted"
-
-
-class CoRaError(RuntimeError):
-    """A model cannot be handled as asked; the message names the module or argument."""
 
 
 @dataclass

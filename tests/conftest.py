@@ -13,6 +13,24 @@ settings.register_profile("thorough", max_examples=500, deadline=None, suppress_
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 REPO = Path(__file__).resolve().parents[1]
+FLOAT32_EPS = torch.finfo(torch.float32).eps
+
+
+def summation_tolerance(model: torch.nn.Module, passes: int = 1) -> float:
+    """Relative tolerance between two float32 runs of ``model`` that add the same products in another order
+    (other CPU kernels, memory formats, batch splits): the recursive-summation bound n * eps of a dot product of
+    length n, added over the model's conv and linear layers (n = fan-in), times the ``passes`` through which a
+    difference is carried (a search step is a forward and a backward pass, and feeds the next step)."""
+    fan_ins = [m.weight[0].numel() for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    return FLOAT32_EPS * sum(fan_ins) * passes
+
+
+def assert_same_up_to_summation(actual: torch.Tensor, expected: torch.Tensor, model: torch.nn.Module,
+                                passes: int = 2) -> None:
+    """``actual`` equals ``expected`` up to `summation_tolerance`, relative to the output's scale (the two sides
+    compute the same model through other ops: folded BatchNorm, unpacked codes, another kernel)."""
+    atol = summation_tolerance(model, passes) * float(expected.abs().max())
+    torch.testing.assert_close(actual, expected, rtol=0, atol=atol)
 
 
 def shared_data_dir() -> Path:

@@ -13,12 +13,23 @@ import pytest
 import torch
 from torch import nn
 
-from cora_fx import (CoRaConfig, CoRaError, CoRaFloatWeightsWarning, convert_cora, prepare_cora, quantize_cora,
-                     search_ranks, set_ranks, summary)
-from cora_fx.modules import CoRaConv2d
-from cora_fx.batches import split_batch as _split_batch
+from cora_fx import (
+    CoRaConfig,
+    CoRaError,
+    CoRaFloatWeightsWarning,
+    convert_cora,
+    prepare_cora,
+    quantize_cora,
+    search_ranks,
+    set_ranks,
+    summary,
+)
+from cora_fx.calibrate.batches import split_batch as _split_batch
+from cora_fx.quant.modules import CoRaConv2d
 
 from .conftest import SmallNet, random_batches
+
+pytestmark = pytest.mark.unit
 
 X = torch.randn(2, 3, 16, 16)
 EXACT = CoRaConfig().replace(adapter_bits=None, depthwise="residual", quantize_linear=False)

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from cora_fx.data import default_data_dir
+from cora_fx.tools.datasets import default_data_dir
+
+pytestmark = pytest.mark.benchmark  # drives a benchmark script on small inputs
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = default_data_dir()
@@ -20,7 +22,7 @@ DATA = default_data_dir()
 def test_benchmark_quick_mode_runs_end_to_end(tmp_path):
     env = dict(os.environ, CORA_FX_BENCH_CACHE=str(tmp_path / "cache"))
     proc = subprocess.run(
-        [sys.executable, "benchmarks/imagenet_bench.py", "--quick", "--peers", "", "--out", str(tmp_path)],
+        [sys.executable, "-m", "benchmarks.imagenet_bench", "--quick", "--peers", "", "--out", str(tmp_path)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -38,7 +40,7 @@ def test_benchmark_quick_mode_runs_end_to_end(tmp_path):
     # --ranks-from: the searched row rebuilt from its recorded ranks, without the search, is the same model
     name = "CoRa searched per-channel W4"
     proc = subprocess.run(
-        [sys.executable, "benchmarks/imagenet_bench.py", "--quick", "--peers", "", "--no-latency", "--only", name,
+        [sys.executable, "-m", "benchmarks.imagenet_bench", "--quick", "--peers", "", "--no-latency", "--only", name,
          "--ranks-from", str(tmp_path / "results_quick.json"), "--out", str(tmp_path / "rebuilt")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )
@@ -49,8 +51,7 @@ def test_benchmark_quick_mode_runs_end_to_end(tmp_path):
     assert (rebuilt["top1"], rebuilt["tiny_agreement"]) == (results[name]["top1"], results[name]["tiny_agreement"])
 
 
-def test_report_writes_tables_and_plots_from_results_json(tmp_path, capsys, monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO))
+def test_report_writes_tables_and_plots_from_results_json(tmp_path, capsys):
     from benchmarks import report
 
     def row(name, top1, mbytes, **extra):
@@ -79,8 +80,7 @@ def test_report_writes_tables_and_plots_from_results_json(tmp_path, capsys, monk
     assert "| 4.0 | joint | 3.990 |" in (tmp_path / "RESULTS.md").read_text()
 
 
-def test_frontier_differences_are_paired_and_called_only_outside_their_interval(monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO))
+def test_frontier_differences_are_paired_and_called_only_outside_their_interval():
     import torch
 
     from benchmarks import frontier
@@ -98,12 +98,12 @@ def test_frontier_differences_are_paired_and_called_only_outside_their_interval(
     assert frontier.main_bits(3.0) == 3 and frontier.main_bits(3.25) == 4 and frontier.main_bits(2.5) == 3
 
 
-def test_pareto_point_labels_avoid_each_other(monkeypatch):
+def test_pareto_point_labels_avoid_each_other():
     """Three labelled points a few pixels apart: the greedy placement keeps every label box disjoint."""
-    monkeypatch.syspath_prepend(str(REPO))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     from benchmarks import report
 
     fig, ax = plt.subplots(figsize=(3, 3))
@@ -119,12 +119,12 @@ def test_pareto_point_labels_avoid_each_other(monkeypatch):
     assert all(report.overlap_area(a, b) == 0 for i, a in enumerate(boxes) for b in boxes[i + 1:])
 
 
-def test_pareto_point_label_stays_inside_the_axes(monkeypatch):
+def test_pareto_point_label_stays_inside_the_axes():
     """A point at the right edge: its label goes to the left instead of being cut off by the axes."""
-    monkeypatch.syspath_prepend(str(REPO))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     from benchmarks import report
 
     fig, ax = plt.subplots(figsize=(3, 3))
@@ -139,8 +139,7 @@ def test_pareto_point_label_stays_inside_the_axes(monkeypatch):
     assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
 
 
-def test_pareto_lines_group_rows_by_method_and_mixed_rows_by_target(monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO))
+def test_pareto_lines_group_rows_by_method_and_mixed_rows_by_target():
     from benchmarks import report
 
     assert report.plot_family("float") == "float"
@@ -152,8 +151,7 @@ def test_pareto_lines_group_rows_by_method_and_mixed_rows_by_target(monkeypatch)
             == "CoRa recommended heuristic-ranks W4 mixed @4.0")
 
 
-def test_a_peers_longer_schedules_share_one_line_labelled_by_steps(monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO))
+def test_a_peers_longer_schedules_share_one_line_labelled_by_steps():
     from benchmarks import report
 
     family = report.plot_family("AIMET AdaRound (500 steps) W4")
@@ -164,8 +162,7 @@ def test_a_peers_longer_schedules_share_one_line_labelled_by_steps(monkeypatch):
     assert report.point_label("CoRa recommended W3 + finetune", "CoRa recommended + finetune") == "W3"
 
 
-def test_pareto_lines_leave_out_rows_that_failed_or_were_superseded(monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO))
+def test_pareto_lines_leave_out_rows_that_failed_or_were_superseded():
     from benchmarks import report
 
     def row(top1, mb, **extra):
@@ -180,8 +177,7 @@ def test_pareto_lines_leave_out_rows_that_failed_or_were_superseded(monkeypatch)
     assert lines["CoRa recommended W4 mixed @4.0"] == [(1.86, 79.0, "CoRa recommended W4 mixed @4.0 b=0.01")]
 
 
-def test_allocation_noise_plans_come_from_the_mean_of_the_first_k_batches(monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO))
+def test_allocation_noise_plans_come_from_the_mean_of_the_first_k_batches():
     from benchmarks import allocation_noise
 
     # either layer alone saves enough (need 0.2): the first batch favours "a", the mean of two or three "b"
@@ -191,7 +187,7 @@ def test_allocation_noise_plans_come_from_the_mean_of_the_first_k_batches(monkey
 
 def test_search_speed_measures_every_speed_up_in_turn(tmp_path):
     from benchmarks import search_speed
-    from cora_fx import rank_search
+    from cora_fx.calibrate import rank_search
 
     out = tmp_path / "speed.json"
     search_speed.main(["--arch", "mobilenet_v2", "--batch", "2", "--size", "32", "--steps", "1", "--out", str(out)])
@@ -202,7 +198,6 @@ def test_search_speed_measures_every_speed_up_in_turn(tmp_path):
 
 
 def test_frontier_runs_merge_into_one_results_file_and_peers_are_not_paired(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO))
     import torch
 
     from benchmarks import frontier

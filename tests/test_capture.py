@@ -10,10 +10,12 @@ import torch
 from torch import nn
 
 from cora_fx import CoRaConfig, CoRaError, prepare_cora, quantize_cora, summary
-from cora_fx.capture import specialised_arguments
-from cora_fx.tracer import CoRaTraceError
+from cora_fx.errors import CoRaTraceError
+from cora_fx.graph.capture import specialised_arguments
 
 from .conftest import random_batches
+
+pytestmark = pytest.mark.unit
 
 FAST = CoRaConfig().replace(iterations=2, budget=0.2, loss="kl")
 Pair = collections.namedtuple("Pair", "logits features")
@@ -250,7 +252,7 @@ def test_specialised_arguments_rule():
 
 
 def test_allocate_bits_takes_the_capture_options_and_refuses_others():
-    from cora_fx import allocate_bits
+    from cora_fx.allocation import allocate_bits
 
     model = FlagNet().eval()
     cfg = CoRaConfig().replace(budget=0.05, loss="mse")

@@ -164,8 +164,8 @@ def test_quantize_defaults_to_the_recommended_config_and_options_override_it():
     import argparse
 
     from cora_fx import CoRaConfig
-    from cora_fx.cli import quantize_config
-    from cora_fx.mixed_precision import MIXED_BUDGET
+    from cora_fx.allocation.bits import MIXED_BUDGET
+    from cora_fx.tools.cli import quantize_config
 
     def args(**kw):
         base = dict(config="recommended", bits=4, seed=0, adapter_bits=None, budget=None, clipping=None, depthwise=None,

@@ -9,9 +9,25 @@ import pytest
 import torch
 from torch.ao.quantization.observer import MinMaxObserver
 
-from cora_fx import (AdapterConfig, CoRaConfig, CoRaDeprecationWarning, QuantConfig, RefineConfig, RoundingConfig,
-                     SearchConfig, convert_cora, load, prepare_cora, read_summary, save, set_ranks, summary)
+from cora_fx import (
+    AdapterConfig,
+    CoRaConfig,
+    CoRaDeprecationWarning,
+    QuantConfig,
+    RefineConfig,
+    RoundingConfig,
+    SearchConfig,
+    convert_cora,
+    load,
+    prepare_cora,
+    read_summary,
+    save,
+    set_ranks,
+    summary,
+)
 from cora_fx.config import CONFIG_VERSION, FLAT_NAMES, GROUPS
+
+pytestmark = pytest.mark.unit
 
 
 def module_level_loss(output, float_output, labels):
@@ -39,17 +55,49 @@ def test_replace_takes_flat_names_and_whole_groups_and_validates():
         CoRaConfig(quant=SearchConfig())
 
 
-def test_flat_keywords_and_reads_of_earlier_releases_still_work_with_a_deprecation_warning():
-    with pytest.warns(CoRaDeprecationWarning, match="flat keywords are deprecated"):
-        old = CoRaConfig(bits=3, rounding="gptq", budget=0.04)
-    assert old == CoRaConfig().replace(bits=3, rounding="gptq", budget=0.04)
-    with pytest.warns(CoRaDeprecationWarning, match=r"read CoRaConfig\.search\.budget"):
-        assert old.budget == 0.04
-    with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        old.nope
+def test_fields_are_set_through_groups_or_replace_and_read_through_groups():
+    with pytest.raises(TypeError, match=r"CoRaConfig\(bits=\.\.\., budget=\.\.\., rounding=\.\.\.\).*replace"):
+        CoRaConfig(bits=3, budget=0.04, rounding="gptq")
+    cfg = CoRaConfig().replace(bits=3, rounding="gptq", budget=0.04)
+    assert cfg.quant.bits == 3 and cfg.rounding.method == "gptq" and cfg.search.budget == 0.04
+    with pytest.raises(AttributeError, match=r"read CoRaConfig\.search\.budget"):
+        cfg.budget
+    with pytest.raises(AttributeError, match="no attribute 'nope'$"):
+        cfg.nope
+    assert CoRaConfig(act_bits=8).act_bits == 8  # the one shorthand
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        CoRaConfig.recommended(3).replace(bits=2)  # the supported spellings do not warn
+        CoRaConfig.recommended(3).replace(bits=2)
+
+
+def test_string_choices_are_typed_as_literals():
+    import typing
+    hints = typing.get_type_hints(QuantConfig)
+    assert typing.get_args(hints["granularity"]) == ("per_tensor", "per_channel")
+    assert typing.get_args(typing.get_type_hints(RoundingConfig)["method"]) == ("nearest", "gptq")
+
+
+def test_from_dict_imports_only_trusted_modules_or_those_the_caller_names():
+    data = CoRaConfig().to_dict()
+    data["quant"]["clipping"] = {"callable": "os:system"}
+    refused = r"quant\.clipping: the saved config names 'os:system'.*allowed_modules=\['os'\]"
+    with pytest.raises(ValueError, match=refused):
+        CoRaConfig.from_dict(data)
+    data["quant"]["clipping"] = {"callable": "os.path:join"}  # a submodule of an untrusted module: refused too
+    with pytest.raises(ValueError, match="allowed_modules"):
+        CoRaConfig.from_dict(data)
+    with pytest.raises(ValueError, match="allowed_modules"), pytest.warns(CoRaDeprecationWarning):
+        CoRaConfig.from_dict({"clipping": {"callable": "subprocess:call"}})  # the flat layout too
+    loss = CoRaConfig().replace(loss=module_level_loss).to_dict()
+    with pytest.raises(ValueError, match=f"allowed_modules=\\['{__name__}'\\]"):
+        CoRaConfig.from_dict(loss)
+    assert CoRaConfig.from_dict(loss, allowed_modules=[__name__]).search.loss is module_level_loss
+    observer = CoRaConfig().replace(clipping=MinMaxObserver).to_dict()
+    assert CoRaConfig.from_dict(observer).quant.clipping is MinMaxObserver  # torch.ao observers are trusted
+    from cora_fx.quant.observers import NormalObserver
+    old = CoRaConfig().to_dict()
+    old["quant"]["clipping"] = {"callable": "cora_fx.observers:NormalObserver"}  # saved before the move
+    assert CoRaConfig.from_dict(old).quant.clipping is NormalObserver
 
 
 def test_to_dict_is_json_and_round_trips_with_a_version():
@@ -61,9 +109,10 @@ def test_to_dict_is_json_and_round_trips_with_a_version():
     with pytest.raises(ValueError, match="search.target_bits=0: must be None or a positive number"):
         cfg.replace(target_bits=0)
     assert data["search"]["loss"] == {"callable": f"{__name__}:module_level_loss"}
-    assert CoRaConfig.from_dict(data) == cfg
-    flat = {"bits": 3, "budget": 0.04, "rounding": "gptq"}  # the flat layout, no version
-    assert CoRaConfig.from_dict(flat) == CoRaConfig().replace(**flat)
+    assert CoRaConfig.from_dict(data, allowed_modules=[__name__]) == cfg
+    flat = {"bits": 3, "budget": 0.04, "rounding": "gptq"}  # the flat layout of releases before 0.3, no version
+    with pytest.warns(CoRaDeprecationWarning, match="save it again"):
+        assert CoRaConfig.from_dict(flat) == CoRaConfig().replace(**flat)
 
 
 def test_unsaveable_settings_and_bad_dicts_get_clear_errors():
@@ -95,3 +144,24 @@ def test_the_saved_artifact_records_the_config_and_the_summary_shows_it(tmp_path
     assert load(path).meta["cora_fx_summary"].config == report.config
     text = str(summary(quantized))
     assert f"config (version {CONFIG_VERSION}):" in text and "quant: bits=3" in text and "'2': 5" in text
+
+
+def test_every_step_takes_the_settings_it_reads_as_validated_overrides():
+    from cora_fx.config import STEP_OVERRIDES, step_config
+
+    cfg = CoRaConfig()
+    assert step_config(cfg, "finetune", {"finetune_iterations": 5}).refine.finetune_iterations == 5
+    assert step_config(cfg, "correct_batchnorm", {}) is cfg
+    with pytest.raises(ValueError, match=r"CoRaConfig\.refine\.finetune_lr=0: must be > 0"):
+        step_config(cfg, "finetune", {"finetune_lr": 0})
+    with pytest.raises(TypeError, match=r"calibrate_rounding: unexpected keyword\(s\) \['budget'\]"):
+        step_config(cfg, "calibrate_rounding", {"budget": 0.1})
+    every = {name for names in STEP_OVERRIDES.values() for name in names}
+    assert every <= set(FLAT_NAMES)  # the vocabulary of replace(), nothing new to learn
+    import inspect
+
+    import cora_fx
+    for step in STEP_OVERRIDES:
+        parameters = inspect.signature(getattr(cora_fx, step)).parameters
+        assert list(parameters)[:2] == ["prepared", "batches"], step
+        assert parameters["overrides"].kind is inspect.Parameter.VAR_KEYWORD, step

@@ -1,4 +1,4 @@
-"""Every weight the model computes with is quantized or reported (cora_fx.coverage, cora_fx.lifting).
+"""Every weight the model computes with is quantized or reported (cora_fx.graph.coverage, cora_fx.graph.lifting).
 
 Each pattern a user's model may hold: Conv2d subclasses with their own forward ("same" padding, static and
 dynamic, weight standardization), functional convs on registered parameters, weights computed from the inputs,
@@ -15,12 +15,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cora_fx import (CoRaConfig, CoRaError, calibrate_rounding, convert_cora, load, prepare_cora, quantize_cora,
-                     save, set_ranks, summary)
-from cora_fx.coverage import CoRaFloatWeightsWarning, unreported_weights
-from cora_fx.modules import CoRaConv2d
+from cora_fx import (
+    CoRaConfig,
+    CoRaError,
+    calibrate_rounding,
+    convert_cora,
+    load,
+    prepare_cora,
+    quantize_cora,
+    save,
+    set_ranks,
+    summary,
+)
+from cora_fx.errors import CoRaFloatWeightsWarning
+from cora_fx.graph.coverage import unreported_weights
+from cora_fx.quant.modules import CoRaConv2d
 
 from .conftest import random_batches
+
+pytestmark = pytest.mark.unit
 
 EXACT = CoRaConfig().replace(adapter_bits=None, depthwise="residual", adapter_linear=True)
 

@@ -11,9 +11,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cora_fx import CoRaConfig, allocate_bits, convert_cora, prepare_cora, run_pipeline
-from cora_fx.distributed import shard
-from cora_fx.mixed_precision import planned_bits
+from cora_fx import CoRaConfig, convert_cora, prepare_cora, run_pipeline
+from cora_fx.allocation import allocate_bits
+from cora_fx.allocation.bits import planned_bits
+from cora_fx.calibrate.distributed import shard
 from tests.conftest import SmallNet, random_batches
 
 WORLD = 2
@@ -30,7 +31,7 @@ def _quantize(batches: list) -> tuple[dict, dict, torch.Tensor, dict]:
     torch.manual_seed(0)
     model = SmallNet().eval()
     start = planned_bits(prepare_cora(model, _config(), progress=False), {}, _config().search.budget)
-    plan = allocate_bits(model, batches, _config(), start - 0.5, batches=2, progress=False)
+    plan = allocate_bits(model, batches, _config(), start - 0.5, max_batches=2, progress=False)
     prepared = prepare_cora(model, _config())
     result = run_pipeline(prepared, batches, progress=False)
     converted = convert_cora(prepared)

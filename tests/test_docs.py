@@ -1,8 +1,9 @@
 """The documentation's Python examples run as written.
 
-Every fenced ```python block of README.md and docs/*.md is executed, in order, in one namespace per file (so a
-block may use what an earlier block of the same file defined), inside a temporary working directory (files the
-examples write, such as model.pt2, land there). A failure names the file, the block number and its first line.
+Every fenced ```python block of README.md and docs/*.md is executed, in order, each in a fresh namespace (a reader
+copies one block at a time), unless its first line is ``# continues the block above``: then it runs in the previous
+block's namespace. They run inside a temporary working directory (files the examples write, such as model.pt2, land
+there). A failure names the file, the block number and its first line.
 Blocks that are not meant to run use ```text / ```console / ```bash fences, which are not executed. A block whose
 first line is ``# needs: pkg [pkg ...]`` (benchmark extras such as the gallery's packages) runs only when those
 modules are installed; otherwise it and the blocks after it in that file are skipped, with the reason.
@@ -23,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 FENCE = re.compile(r"^(?P<indent>[ \t]*)```[ \t]*(?P<lang>[\w+-]*)[^\n]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$",
                    re.MULTILINE | re.DOTALL)
 PYTHON = {"python", "py", "python3"}
+CONTINUES = "# continues the block above"
 
 
 def doc_files() -> list[Path]:
@@ -68,10 +70,12 @@ def test_python_blocks_run(path: Path, tmp_path: Path, monkeypatch: pytest.Monke
     from cora_fx import CoRaDeprecationWarning
 
     monkeypatch.chdir(tmp_path)
-    namespace: dict = {"__name__": f"docs_{path.stem}"}
+    namespace: dict = {}
     name = path.relative_to(REPO)
     blocks = python_blocks(path)
     for number, (line, code) in enumerate(blocks, start=1):
+        if not code.lstrip().startswith(CONTINUES):
+            namespace = {"__name__": f"docs_{path.stem}"}
         missing = missing_modules(code)
         if missing:
             pytest.skip(f"{name}: python block {number} (line {line}) and later need {missing}, not installed")
@@ -116,9 +120,9 @@ def test_every_method_section_cited_in_the_package_exists() -> None:
     sections = method_sections()
     assert set(range(1, 12)) <= sections
     bad = []
-    for path in sorted((REPO / "cora_fx").glob("*.py")):
+    for path in sorted((REPO / "cora_fx").rglob("*.py")):
         cited = cited_sections(path.read_text(encoding="utf-8"))
         bad += [f"{path.name}: section {n}" for n in cited if n not in sections]
     assert not bad, f"citations of docs/method.md sections that do not exist: {bad}"
     assert cited_sections("see docs/method.md section 3 and sections 12 and 4") == [3, 12, 4]
-    assert not [p.name for p in (REPO / "cora_fx").glob("*.py") if "METHOD.md" in p.read_text()]
+    assert not [p.name for p in (REPO / "cora_fx").rglob("*.py") if "METHOD.md" in p.read_text()]

@@ -10,13 +10,14 @@ from hypothesis import strategies as st
 from torch import nn
 
 from cora_fx import CoRaConfig, convert_cora, prepare_cora, set_ranks
-from cora_fx.modules import SOFT, CoRaConv2d
-from cora_fx.observers import quant_range
-from cora_fx.residual import fold_two_conv
+from cora_fx.quant.modules import SOFT, CoRaConv2d
+from cora_fx.quant.observers import quant_range
+from cora_fx.quant.residual import fold_two_conv
 
 # torch's performance note for the drawn cases with padding="same" and an even kernel (it pads a copy
 # of the input); about speed, not results, so it is filtered here and nowhere else
-pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths:UserWarning")
+pytestmark = [pytest.mark.unit,
+              pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths:UserWarning")]
 
 
 @st.composite
@@ -156,7 +157,7 @@ def test_convert_equals_prepared_and_export_round_trips(case, fraction, adapter_
 @given(st.integers(1, 8), st.integers(1, 40), st.integers(1, 30), st.integers(0, 2**31 - 1))
 def test_packed_codes_round_trip(bits, rows, cols, seed):
     """Word packing: unpack(pack(codes)) == codes; 4 bytes per ``32 // field`` rows of codes, rows zero-padded."""
-    from cora_fx.packing import codes_per_word, pack_codes, packed_shape, unpack_codes, word_shifts
+    from cora_fx.quant.packing import codes_per_word, pack_codes, packed_shape, unpack_codes, word_shifts
     generator = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 2 ** bits, (rows, cols, 1), generator=generator)
     packed = pack_codes(codes, bits)
@@ -171,7 +172,7 @@ def test_packed_codes_round_trip(bits, rows, cols, seed):
 def test_compiled_unpack_keeps_nan_and_denormal_bit_patterns(bits):
     """The graph reads the word bytes as float32 before the int32 view (packing docstring): words whose
     bits are a NaN (all ones), an infinity or a denormal must come out bit-exact under torch.compile."""
-    from cora_fx.packing import pack_codes, unpack_codes, word_shifts
+    from cora_fx.quant.packing import pack_codes, unpack_codes, word_shifts
     field = 8 if bits > 4 else 4 if bits > 2 else 2
     per, mask = 32 // field, (1 << field) - 1
     # quiet NaN, signalling NaN, +inf, -0.0, the smallest denormal, 0 (as float32 bit patterns)

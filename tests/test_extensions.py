@@ -8,13 +8,26 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from cora_fx import (CoRaConfig, CoRaError, calibrate_rounding, convert_cora, correct_batchnorm, prepare_cora,
-                     run_pipeline, search_ranks, set_ranks, summary)
-from cora_fx.observers import MSEObserver, make_observer, quantize_weight
-from cora_fx.modules import CoRaConv2d
+from cora_fx import (
+    CoRaConfig,
+    CoRaError,
+    calibrate_rounding,
+    convert_cora,
+    correct_batchnorm,
+    prepare_cora,
+    run_pipeline,
+    search_ranks,
+    set_ranks,
+    summary,
+)
 from cora_fx.prepare import adapters
+from cora_fx.quant.modules import CoRaConv2d
+from cora_fx.quant.observers import MSEObserver, make_observer
+from cora_fx.quant.uniform import quantize_weight
 
-from .conftest import random_batches
+from .conftest import assert_same_up_to_summation, random_batches
+
+pytestmark = pytest.mark.unit
 
 
 def test_mse_clipping_has_less_weight_error_than_minmax():
@@ -75,7 +88,7 @@ def test_batchnorm_correction_brings_the_quantized_model_closer_to_float():
     with torch.no_grad():
         reference = net(x)
         before = (prepared(x) - reference).pow(2).mean()
-        assert correct_batchnorm(prepared, data, max_batches=6) == 2
+        assert correct_batchnorm(prepared, data, bn_correction=6) == 2
         after = (prepared(x) - reference).pow(2).mean()
     assert after < 0.7 * before
     # the prepared copy was corrected; the user's model keeps its statistics
@@ -164,7 +177,7 @@ def test_pipeline_runs_the_data_aware_steps_in_order_and_converts(small_net):
     converted = convert_cora(prepared)
     x = random_batches(1)[0][0]
     with torch.no_grad():
-        torch.testing.assert_close(converted(x), prepared(x), rtol=0, atol=1e-5)
+        assert_same_up_to_summation(converted(x), prepared(x), small_net)
 
 
 def test_recommended_config_is_valid_and_distinct_from_the_paper():
@@ -199,7 +212,7 @@ def test_finetune_lowers_the_loss_and_converts_exactly(small_net):
     set_ranks(prepared, "heuristic")
     ranks = {n: int(a.hard_rank) for n, a in adapters(prepared).items()}
     before = _kl_to_float(small_net, prepared, data)
-    result = finetune(prepared, data, iterations=60, lr=3e-3, progress=False)
+    result = finetune(prepared, data, finetune_iterations=60, finetune_lr=3e-3, progress=False)
     after = _kl_to_float(small_net, prepared, data)
     assert result.iterations == 60 and result.parameters > 0 and len(result.loss) == 60
     assert after < 0.7 * before, (before, after)
@@ -211,8 +224,8 @@ def test_finetune_lowers_the_loss_and_converts_exactly(small_net):
         with torch.no_grad():
             torch.testing.assert_close(convert_cora(prepared, adapter_form=form)(x), prepared(x), rtol=1e-4, atol=1e-4)
     # the float teacher is still exact: [W]_n + residual = W, whatever was tuned
-    from cora_fx.modules import FLOAT, folded_modes
-    from cora_fx.passes import folded_copy
+    from cora_fx.graph.passes import folded_copy
+    from cora_fx.quant.modules import FLOAT, folded_modes
     gm = folded_copy(prepared)
     wrappers = [m for m in gm.modules() if isinstance(m, CoRaConv2d)]
     with folded_modes(wrappers, FLOAT), torch.no_grad():
@@ -233,10 +246,10 @@ def test_finetune_runs_from_the_search_and_failures_leave_the_model_as_it_was(sm
     state = {k: v.clone() for k, v in prepared.state_dict().items()}
     bad = random_batches(1) + [(torch.randn(2, 5, 16, 16), torch.zeros(2, dtype=torch.long))]
     with pytest.raises(CoRaError, match="calibration batch 1"):
-        finetune(prepared, bad, iterations=4, progress=False)
+        finetune(prepared, bad, finetune_iterations=4, progress=False)
     after = prepared.state_dict()
     assert state.keys() == after.keys() and all(torch.equal(state[k], after[k]) for k in state)
     with pytest.raises(ValueError, match="iterations"):
-        finetune(prepared, bad, iterations=-1)
+        finetune(prepared, bad, finetune_iterations=-1)
     with pytest.raises(ValueError, match="finetune_lr"):
         CoRaConfig().replace(finetune_lr=0)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
@@ -26,8 +27,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 from cora_fx import CoRaConfig, CoRaError, convert_cora, prepare_cora, set_ranks
-from cora_fx.coverage import unreported_weights
-from cora_fx.modules import CoRaConv2d
+from cora_fx.graph.coverage import unreported_weights
+from cora_fx.quant.modules import CoRaConv2d
+
+pytestmark = pytest.mark.unit
 
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 FUZZ_EXAMPLES = int(os.environ.get("CORA_FUZZ_EXAMPLES",

@@ -9,10 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cora_fx import CoRaConfig, CoRaError, convert_cora, prepare_cora, quantize_cora, run_pipeline, summary
-from cora_fx.joint_allocation import Option, allocate_jointly, cheapest_options, layer_options, plan_target
-from cora_fx.mixed_precision import planned_bits
+from cora_fx.allocation.bits import planned_bits
+from cora_fx.allocation.joint import Option, allocate_jointly, cheapest_options, layer_options
+from cora_fx.allocation.plan import plan_target
 
 from .conftest import SmallNet, random_batches
+
+pytestmark = pytest.mark.unit
 
 
 def test_a_rank_is_bought_where_it_removes_more_loss_per_bit_than_precision():

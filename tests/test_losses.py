@@ -7,12 +7,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from cora_fx import CoRaConfig, CoRaError, prepare_cora, quantize_cora, set_ranks
-from cora_fx.prepare import adapters
+from cora_fx.calibrate.distillation import OBJECTIVES, distillation_loss
 from cora_fx.config import LOSSES
-from cora_fx.losses import OBJECTIVES, distillation_loss
-from cora_fx.observers import make_observer
+from cora_fx.prepare import adapters
+from cora_fx.quant.observers import make_observer
 
 from .conftest import SmallNet, random_batches
+
+pytestmark = pytest.mark.unit
 
 
 def _pair(*shape):

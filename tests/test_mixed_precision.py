@@ -11,10 +11,10 @@ from torch import nn
 
 import cora_fx
 from cora_fx import CoRaConfig, CoRaError, convert_cora, prepare_cora, run_pipeline, set_ranks, summary
-from cora_fx.mixed_precision import ALLOCATION_BATCHES, _cheapest_demotions, allocate_bits, planned_bits
+from cora_fx.allocation.bits import ALLOCATION_BATCHES, allocate_bits, cheapest_demotions, planned_bits
 from cora_fx.prepare import adapters
 
-from .conftest import SmallNet, random_batches
+from .conftest import SmallNet, assert_same_up_to_summation, random_batches
 
 LAYERS = ("stem.0", "block.0", "block.2", "block.4", "down", "head")
 
@@ -23,6 +23,7 @@ def _bits(prepared) -> dict[str, int]:
     return {layer.name: layer.bits for layer in summary(prepared).layers}
 
 
+@pytest.mark.unit
 def test_layer_bits_set_each_layer_and_the_accounting(small_net):
     cfg = CoRaConfig().replace(depthwise="int8", layer_bits={"down": 3, "block.2": 6, "head": 5})
     prepared = prepare_cora(small_net, cfg)
@@ -37,7 +38,7 @@ def test_layer_bits_set_each_layer_and_the_accounting(small_net):
     assert words == -(-24 // 8) * 16 * 9
     x = random_batches(1)[0][0]
     with torch.no_grad():
-        torch.testing.assert_close(converted(x), prepared(x), rtol=0, atol=1e-5)
+        assert_same_up_to_summation(converted(x), prepared(x), small_net)
 
 
 @given(st.dictionaries(st.sampled_from(LAYERS), st.integers(2, 8), max_size=len(LAYERS)),
@@ -54,9 +55,10 @@ def test_any_layer_bits_convert_exactly(layer_bits, depthwise):
     converted = convert_cora(prepared)
     x = random_batches(1)[0][0]
     with torch.no_grad():
-        torch.testing.assert_close(converted(x), prepared(x), rtol=0, atol=1e-5)
+        assert_same_up_to_summation(converted(x), prepared(x), net)
 
 
+@pytest.mark.unit
 def test_layer_bits_are_validated_and_copied(small_net):
     with pytest.raises(ValueError, match="layer_bits"):
         CoRaConfig().replace(layer_bits={"down": 9})
@@ -94,6 +96,7 @@ class TwoBranchNet(nn.Module):
         return self.head((self.used(x) + 0.0 * self.ignored(x)).mean(dim=(2, 3)))
 
 
+@pytest.mark.unit
 def test_allocation_demotes_the_layer_the_output_does_not_feel_and_meets_the_target():
     net = TwoBranchNet().eval()
     before = {k: v.clone() for k, v in net.state_dict().items()}
@@ -120,15 +123,17 @@ def test_allocation_demotes_the_layer_the_output_does_not_feel_and_meets_the_tar
         allocate_bits(net, [], cfg, base - one / 2, progress=False)
 
 
+@pytest.mark.unit
 def test_demotions_take_two_small_layers_where_the_greedy_rule_takes_one_large():
     loss = {"small": 1.0, "large": 5.0, "medium": 2.0}
     saved = {"small": 10, "large": 100, "medium": 95}
     # greedy by loss per saved bit: medium (0.021), then large (0.05): loss 7; the cheapest cover: 3
-    assert sorted(_cheapest_demotions(loss, saved, 100)) == ["medium", "small"]
-    assert _cheapest_demotions(loss, saved, 0) == [] and _cheapest_demotions(loss, saved, 95) == ["medium"]
-    assert _cheapest_demotions({"free": -1.0, "large": 5.0}, {"free": 1, "large": 100}, 100) == ["large"]
+    assert sorted(cheapest_demotions(loss, saved, 100)) == ["medium", "small"]
+    assert cheapest_demotions(loss, saved, 0) == [] and cheapest_demotions(loss, saved, 95) == ["medium"]
+    assert cheapest_demotions({"free": -1.0, "large": 5.0}, {"free": 1, "large": 100}, 100) == ["large"]
 
 
+@pytest.mark.unit
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.floats(-1, 10), st.integers(1, 10_000)), min_size=1, max_size=7), st.floats(0.01, 1.0))
 def test_demotions_are_the_cheapest_cover_brute_force_finds(items, share):
@@ -137,7 +142,7 @@ def test_demotions_are_the_cheapest_cover_brute_force_finds(items, share):
     loss = {f"l{i}": c for i, (c, _) in enumerate(items)}
     saved = {f"l{i}": w for i, (_, w) in enumerate(items)}
     need = share * sum(saved.values())
-    chosen = _cheapest_demotions(loss, saved, need)
+    chosen = cheapest_demotions(loss, saved, need)
     assert sum(saved[n] for n in chosen) >= need * (1 - 1e-9)
 
     def cost(names):
@@ -148,6 +153,7 @@ def test_demotions_are_the_cheapest_cover_brute_force_finds(items, share):
     assert cost(chosen) <= best + 1e-9
 
 
+@pytest.mark.unit
 def test_allocation_averages_the_first_batches_and_reads_no_further():
     net = TwoBranchNet().eval()
     cfg = CoRaConfig().replace(bits=4, granularity="per_channel", clipping="minmax", budget=0.02, quantize_linear=False)
@@ -164,11 +170,11 @@ def test_allocation_averages_the_first_batches_and_reads_no_further():
     plan = allocate_bits(net, counted(), cfg, target, progress=False)
     assert read == list(range(ALLOCATION_BATCHES))  # the default, and not one batch more
     read.clear()
-    assert allocate_bits(net, counted(), cfg, target, batches=2, progress=False) == \
-        allocate_bits(net, data[1::-1], cfg, target, batches=2, progress=False)  # a mean: the order does not matter
+    assert allocate_bits(net, counted(), cfg, target, max_batches=2, progress=False) == \
+        allocate_bits(net, data[1::-1], cfg, target, max_batches=2, progress=False)  # a mean: the order does not matter
     assert read == [0, 1]
     assert allocate_bits(net, data[:2], cfg, target, progress=False) == \
-        allocate_bits(net, data, cfg, target, batches=2, progress=False)  # fewer batches than asked: all of them
+        allocate_bits(net, data, cfg, target, max_batches=2, progress=False)  # fewer batches than asked: all of them
     assert plan and planned_bits(prepare_cora(net, cfg.replace(layer_bits=plan)), {}, cfg.search.budget) <= target
 
 

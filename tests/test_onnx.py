@@ -7,11 +7,21 @@ import pytest
 import torch
 
 from benchmarks.zoo_sweep import FAST, rel_err, zoo
-from cora_fx import (ActivationConfig, CoRaConfig, CoRaError, QuantConfig, calibrate_activations, convert_cora,
-                     export_onnx, prepare_cora, quantize_cora, save)
-from cora_fx.activations import QUANTIZE, quantizers
-from cora_fx.cli import main as cli_main
-from cora_fx.modules import CoRaConv2d
+from cora_fx import (
+    ActivationConfig,
+    CoRaConfig,
+    CoRaError,
+    QuantConfig,
+    calibrate_activations,
+    convert_cora,
+    export_onnx,
+    prepare_cora,
+    quantize_cora,
+    save,
+)
+from cora_fx.calibrate.activations import QUANTIZE, quantizers
+from cora_fx.quant.modules import CoRaConv2d
+from cora_fx.tools.cli import main as cli_main
 from tests.conftest import random_batches
 
 onnx = pytest.importorskip("onnx", reason="the [onnx] extra (onnx, onnxscript) is not installed")
@@ -163,9 +173,9 @@ def test_activation_quantizers_are_calibrated_then_frozen(small_net):
 
 
 def test_search_sees_quantized_activations_and_float_teacher(small_net):
-    from cora_fx.objective import teacher_output
-    from cora_fx.passes import search_copy
-    from cora_fx.modules import CoRaConv2d
+    from cora_fx.calibrate.objective import teacher_output
+    from cora_fx.graph.passes import search_copy
+    from cora_fx.quant.modules import CoRaConv2d
 
     prepared = prepare_cora(small_net, CoRaConfig(act_bits=8), progress=False)
     calibrate_activations(prepared, random_batches(2), progress=False)

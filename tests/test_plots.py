@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cora_fx import CoRaConfig, convert_cora, plot_ranks, plot_search, prepare_cora, search_ranks, summary
-from cora_fx.plots import rank_table
+from cora_fx.tools.plots import rank_table
 
 from .conftest import SmallNet, random_batches
 

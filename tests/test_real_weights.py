@@ -11,8 +11,8 @@ import torchvision
 from torch.utils.data import DataLoader
 
 from cora_fx import CoRaConfig, prepare_cora, set_ranks, summary
-from cora_fx.data import CsvImageDataset, default_data_dir, evaluate_topk
 from cora_fx.prepare import adapters
+from cora_fx.tools.datasets import CsvImageDataset, default_data_dir, evaluate_topk
 
 DATA = default_data_dir()
 WEIGHTS = DATA / "weights" / "mobilenet_v2-b0353104.pth"

@@ -5,13 +5,16 @@ import pytest
 import torch
 from torch import nn
 
-import cora_fx.residual as residual_module
+import cora_fx.quant.residual as residual_module
 from cora_fx import CoRaConfig, calibrate_rounding, prepare_cora, set_ranks, summary
-from cora_fx.observers import QuantizedWeight, make_observer, quantize_weight
-from cora_fx.residual import ResidualFactors, gram_svd, thin_svd
-from cora_fx.rounding import SecondMoment, collect_input_moments, gptq_quantize, im2col
+from cora_fx.calibrate.rounding import SecondMoment, collect_input_moments, gptq_quantize, im2col
+from cora_fx.quant.observers import make_observer
+from cora_fx.quant.residual import ResidualFactors, gram_svd, thin_svd
+from cora_fx.quant.uniform import QuantizedWeight, quantize_weight
 
 from .conftest import random_batches
+
+pytestmark = pytest.mark.unit
 
 
 def test_gram_svd_matches_lapack_and_reconstructs_exactly():

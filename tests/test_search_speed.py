@@ -8,19 +8,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from cora_fx import CoRaConfig, prepare_cora, search_ranks
-from cora_fx import objective
-from cora_fx.residual import thin_svd
-from cora_fx.rounding import collect_input_moments, im2col
-from tests.conftest import random_batches
+from cora_fx.calibrate import objective
+from cora_fx.calibrate.rounding import collect_input_moments, im2col
+from cora_fx.quant.residual import thin_svd
+from tests.conftest import random_batches, summation_tolerance
 
 # the recommended search settings, without data-aware rounding (not what is tested here)
 CFG = CoRaConfig.recommended(3).replace(bits=2, rounding="nearest", svd="weight", budget=0.05)
 
 
+ITERATIONS = 4
+
+
 def _search(model: nn.Module, batches: list, **overrides) -> tuple[dict, list]:
     prepared = prepare_cora(model, CFG, progress=False)
-    result = search_ranks(prepared, batches, progress=False, **{"iterations": 4, **overrides})
+    result = search_ranks(prepared, batches, progress=False, **{"iterations": ITERATIONS, **overrides})
     return result.soft_ranks, result.history.task_loss
+
+
+def _tolerance(model: nn.Module) -> float:
+    """Kernels and batch splits change only the order of float32 additions: each of the search's steps (a forward
+    and a backward pass, feeding the next step) may differ by the summation bound (a real difference in the
+    objective, e.g. a chunk weighted wrongly, moves the losses by orders of magnitude more)."""
+    return summation_tolerance(model, passes=2 * (ITERATIONS + 1))
 
 
 @pytest.mark.parametrize("overrides", [{"micro_batch": 3}, {"micro_batch": "auto"}, {"channels_last": False}])
@@ -29,11 +39,14 @@ def test_micro_batches_and_memory_format_give_the_same_search(small_net, overrid
     reference = _search(small_net, batches, micro_batch=None, channels_last=True)
     ranks, losses = _search(small_net, batches, **overrides)
     assert ranks.keys() == reference[0].keys()
+    tol = _tolerance(small_net)
+    assert tol < 1e-3  # still a test: the search moves the losses by about 1e-1 in these steps
     for name, value in ranks.items():
-        assert value == pytest.approx(reference[0][name], rel=1e-4, abs=1e-4), name
-    assert losses == pytest.approx(reference[1], rel=1e-4)
+        assert value == pytest.approx(reference[0][name], rel=tol, abs=tol), name
+    assert losses == pytest.approx(reference[1], rel=tol)
 
 
+@pytest.mark.unit
 def test_micro_batches_split_batch_mean_losses_only():
     x, y = torch.randn(10, 3, 4, 4), torch.arange(10)
     chunks = objective.micro_batches((x,), y, 4, "kl")
@@ -72,6 +85,7 @@ class FlattensWithView(nn.Module):
         return self.head(F.relu(self.conv(x)).view(x.shape[0], -1))
 
 
+@pytest.mark.unit
 def test_a_model_that_cannot_run_channels_last_falls_back_by_itself():
     model = FlattensWithView().eval()
     with pytest.raises(RuntimeError, match="view"):
@@ -79,10 +93,12 @@ def test_a_model_that_cannot_run_channels_last_falls_back_by_itself():
     batches = random_batches(2, batch=4)
     (ranks, losses), (ranks_contiguous, losses_contiguous) = (_search(model, batches, channels_last=flag)
                                                               for flag in (True, False))
-    assert ranks["conv"] == pytest.approx(ranks_contiguous["conv"], rel=1e-4)
-    assert losses == pytest.approx(losses_contiguous, rel=1e-4)
+    tol = _tolerance(model)
+    assert ranks["conv"] == pytest.approx(ranks_contiguous["conv"], rel=tol)
+    assert losses == pytest.approx(losses_contiguous, rel=tol)
 
 
+@pytest.mark.unit
 def test_start_on_the_budget(small_net):
     cfg = CFG.replace(init_rank="budget", budget=0.3)  # above every layer's rank-1 floor
     result = search_ranks(prepare_cora(small_net, cfg, progress=False), random_batches(1), iterations=0, progress=False)
@@ -90,6 +106,7 @@ def test_start_on_the_budget(small_net):
     assert CFG.replace(init_rank="budget").search.start_rank == CFG.search.budget
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kernel,stride,groups", [(1, 1, 1), (1, 2, 1), (3, 2, 8), (1, 1, 2)])
 def test_second_moments_of_pointwise_strided_and_grouped_convs(kernel, stride, groups):
     model = nn.Sequential(nn.Conv2d(8, 8, kernel, stride=stride, padding=kernel // 2, groups=groups)).eval()
@@ -103,6 +120,7 @@ def test_second_moments_of_pointwise_strided_and_grouped_convs(kernel, stride, g
     torch.testing.assert_close(moment.blocks[0], dense, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("shape", [(1, 64, 600), (2, 300, 40), (1, 512, 4608), (3, 7, 7)])
 def test_residual_svd_is_exact_at_full_rank_and_orders_triplets(shape):
     g = torch.Generator().manual_seed(0)
@@ -116,6 +134,7 @@ def test_residual_svd_is_exact_at_full_rank_and_orders_triplets(shape):
                                rtol=0)
 
 
+@pytest.mark.unit
 def test_prepare_shows_progress_unless_silenced(small_net, capsys):
     prepare_cora(small_net, CFG, progress=False)
     assert "cora prepare" not in capsys.readouterr().err

@@ -14,7 +14,7 @@ import torchvision
 
 import cora_fx
 from cora_fx import CoRaConfig, CoRaLoadError, convert_cora, prepare_cora, set_ranks, summary
-from cora_fx.serialization import SUMMARY_FILE, SUMMARY_META_KEY
+from cora_fx.io.serialization import SUMMARY_FILE, SUMMARY_META_KEY
 
 from .conftest import SmallNet
 

@@ -7,12 +7,26 @@ with a CoRaError; models above the sweep's parameter cap are not run (stated in 
 """
 from __future__ import annotations
 
+import gc
+
 import pytest
+import torch
 
 from benchmarks.zoo_sweep import FAST, FULL_RANK_TOL, ZooRow, sweep_model, zoo
 
+pytestmark = pytest.mark.benchmark  # drives a benchmark script on small inputs
+
 ZOO = zoo()
 SLOW = [name for name in ZOO if name not in FAST]
+
+
+@pytest.fixture(autouse=True)
+def _release_compiled_graphs():
+    """Each model is exported once: drop torch.export's cached graphs and the model after it, or the whole slow
+    tier in one process keeps every model's graphs alive (it outgrew 24 GB)."""
+    yield
+    torch._dynamo.reset()
+    gc.collect()
 
 
 def check(row: ZooRow) -> None:
