@@ -255,3 +255,35 @@ def test_cli_export_writes_an_onnx_file(small_net, tmp_path, capsys):
     (out,) = run_onnx(tmp_path / "net.onnx", torch.cat([x, x]))
     assert out.shape == (2, 10)
     assert optimized_ops(tmp_path / "net.onnx", tmp_path).count("QLinearConv") == 6
+
+
+class SequenceHead(torch.nn.Module):
+    """An OCR-style head: conv features as a (T, N, C) sequence, a BiLSTM, a Linear without adapter on 3-D input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.lstm = torch.nn.LSTM(8, 8, bidirectional=True)
+        self.fc = torch.nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sequence, _ = self.lstm(self.conv(x).mean(2).permute(2, 0, 1))
+        return self.fc(sequence)
+
+
+@pytest.mark.parametrize("weights", ["codes", "int8"])
+@pytest.mark.parametrize("act_bits", [None, 8])
+def test_a_linear_on_a_sequence_exports_and_matches(weights, act_bits, tmp_path):
+    x = torch.randn(2, 3, 8, 16)
+    config = CoRaConfig(act_bits=act_bits).replace(iterations=2, loss="kl", loss_dim=-1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the LSTM stays float, as the coverage warning says
+        converted = quantize_cora(SequenceHead().eval(), random_batches(2, batch=4, size=8), config, (x[:, :, :8],),
+                                  progress=False)
+    path = export_onnx(converted, (x,), tmp_path / "sequence.onnx", weights=weights)
+    with torch.no_grad():
+        reference = converted(x)
+    (output,) = run_onnx(path, x)
+    # float runs agree to rounding; with 8-bit activations onnxruntime may round a requantization one step apart
+    scale = float(reference.abs().max())
+    assert float((torch.from_numpy(output) - reference).abs().max()) <= (1e-5 if act_bits is None else 0.05) * scale
