@@ -369,7 +369,7 @@ class ActivationConfig(_Group):
 GROUPS: dict[str, type] = {"quant": QuantConfig, "adapter": AdapterConfig, "rounding": RoundingConfig,
                            "search": SearchConfig, "refine": RefineConfig, "activation": ActivationConfig}
 
-#: The flat names of earlier releases (and of `CoRaConfig.replace`): name -> (group, field).
+#: The single-field names `CoRaConfig.replace` and the steps' overrides take (`step_config`): name -> (group, field).
 FLAT_NAMES: dict[str, tuple[str, str]] = {
     **{name: ("quant", name) for name in
        ("bits", "granularity", "clipping", "k", "quantize_linear", "depthwise", "layer_bits", "symmetric_int8")},
