@@ -8,14 +8,16 @@ Rows (every score is computed by onnxruntime's CPU execution provider on the exp
 - ``ort-static-w8a8-<method>``: onnxruntime's ``quantize_static`` (QDQ, per-channel int8 weights, uint8
   activations) calibrated on the shared 1,600 calibration images with MinMax, Entropy or Percentile;
 - ``cora-w8a8``: ``CoRaConfig.recommended(8, act_bits=8)`` with every adapter at rank 0 (no search);
-- ``cora-w4a8``: ``CoRaConfig.recommended(4, act_bits=8)`` (searched ranks), exported with int8 weights;
-- ``cora-w4a8-codes``: the same quantized model exported with its 4-bit codes (smallest file);
-- ``cora-w4a32``: ``CoRaConfig.recommended(4)`` (weight-only), exported with its codes.
+- ``cora-w4a8`` / ``cora-w3a8``: ``CoRaConfig.recommended(4 or 3, act_bits=8)`` (searched ranks), exported with
+  ``export_onnx``'s default weights (``"compact"``: 4-bit codes on disk, integer kernels at run time);
+- ``cora-w4a8-int8`` / ``cora-w4a8-codes``: the same W4A8 model exported with ``weights="int8"`` / ``"codes"``;
+- ``cora-w4a32``: ``CoRaConfig.recommended(4)`` (weight-only), exported with the default weights.
 Scores: top-1 on the 700 evaluation images with a 95% bootstrap interval, top-1 agreement with the float
-ONNX model on the 10,000 tiny64 images, equivalent bits (cora_fx's `summary`), file bytes, and whether
-onnxruntime's optimized graph runs integer convolutions and linear layers (QLinearConv, QGemm counts).
+ONNX model on the 10,000 tiny64 images, equivalent bits (cora_fx's `summary`), file bytes, whether
+onnxruntime's optimized graph runs integer convolutions and linear layers (QLinearConv, QGemm counts), and
+for cora_fx rows the torch model's top-1 on the same 700 images and its top-1 agreement with the file.
 ``--latency`` times each file at batch 1 and 32 with 1 and 2 intra-op threads, the models interleaved in one
-process (the weight-only file also with ``session.disable_quant_qdq``: weights folded to float at load).
+process, every session with default options.
 Results: benchmarks/results/onnx_deploy.json (each row with the command that wrote it); the ONNX files stay
 in the benchmark cache.
 """
@@ -43,28 +45,21 @@ from cora_fx.prepare import adapters
 RESULTS = Path(__file__).resolve().parent / "results" / "onnx_deploy.json"
 FILES = CACHE / "onnx"
 ROWS = ("float", "ort-static-w8a8-minmax", "ort-static-w8a8-entropy", "ort-static-w8a8-percentile", "cora-w8a8",
-        "cora-w4a8", "cora-w4a8-codes", "cora-w4a32")
-#: Rows whose file is another export of the row before it (the same quantized model).
-SAME_MODEL = {"cora-w4a8-codes": "cora-w4a8"}
+        "cora-w4a8", "cora-w4a8-int8", "cora-w4a8-codes", "cora-w3a8", "cora-w4a32")
+#: Rows whose file is another export (``weights=``) of an earlier row's quantized model.
+SAME_MODEL = {"cora-w4a8-int8": ("cora-w4a8", "int8"), "cora-w4a8-codes": ("cora-w4a8", "codes")}
 #: quantize_static calibrations whose histograms take hours on 1,600 images on two cores (see --ort-images).
 SLOW_CALIBRATION = ("entropy", "percentile")
 
 
-#: Timed a second time with onnxruntime's QDQ handling off, which folds DequantizeLinear of the weights into
-#: float constants when the session loads (a weight-only "codes" file then runs as a float model).
-FOLD_AT_LOAD = ("cora-w4a32",)
-FOLDED = " folded at load"
 
-
-def session(path: Path, threads: int = 2, fold_weights: bool = False) -> Any:
+def session(path: Path, threads: int = 2) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    if fold_weights:
-        options.add_session_config_entry("session.disable_quant_qdq", "1")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -125,12 +120,14 @@ def ort_static(float_path: Path, path: Path, method: str, calib_images: torch.Te
 
 def cora_row(row: str, model: torch.nn.Module, calib: list, path: Path, done: dict) -> dict:
     """Quantize with cora_fx's public API (or reuse the model of `SAME_MODEL`), export to ONNX."""
-    if row in SAME_MODEL and SAME_MODEL[row] in done:
-        converted = done[SAME_MODEL[row]]
-        export_onnx(converted, (torch.randn(1, 3, 224, 224),), path, weights="codes", dynamic_size=True)
-        return {"equivalent_bits": summary(converted).equivalent_bits, "weights": "codes", "converted": converted}
-    bits = 8 if row == "cora-w8a8" else 4
-    act_bits = None if row == "cora-w4a32" else 8
+    example = (torch.randn(1, 3, 224, 224),)
+    if row in SAME_MODEL:
+        source, weights = SAME_MODEL[row]
+        converted = done[source]
+        export_onnx(converted, example, path, weights=weights, dynamic_size=True)
+        return {"equivalent_bits": summary(converted).equivalent_bits, "weights": weights, "converted": converted}
+    bits = int(row.split("-w")[1][0])
+    act_bits = None if row.endswith("a32") else 8
     config = CoRaConfig.recommended(bits, act_bits=act_bits)
     start = time.perf_counter()
     prepared = prepare_cora(model, config, progress=False)
@@ -138,11 +135,28 @@ def cora_row(row: str, model: torch.nn.Module, calib: list, path: Path, done: di
     run_pipeline(prepared, calib, ranks=zero if row == "cora-w8a8" else "search", progress=False)
     converted = convert_cora(prepared)
     seconds = time.perf_counter() - start
-    weights = "codes" if row in ("cora-w4a8-codes", "cora-w4a32") else "int8"
-    export_onnx(converted, (torch.randn(1, 3, 224, 224),), path, weights=weights, dynamic_size=True)
+    export_onnx(converted, example, path, dynamic_size=True)
     done[row] = converted
     return {"equivalent_bits": summary(converted).equivalent_bits, "quantize_seconds": round(seconds, 1),
-            "weights": weights, "converted": converted}
+            "weights": "compact", "converted": converted}
+
+
+def versus_torch(converted: torch.nn.Module, path: Path, eval_data: tuple, batch_size: int = 50) -> dict:
+    """The torch model's top-1 on the evaluation images, and its top-1 agreement and largest logit difference
+    with the ONNX file in onnxruntime (default session)."""
+    run = session(path)
+    agree, hits, diff = 0, 0, 0.0
+    for i in range(0, len(eval_data[0]), batch_size):
+        x = normalize(eval_data[0][i:i + batch_size])
+        with torch.no_grad():
+            reference = converted(x).numpy()
+        out = run.run(None, {"x": x.numpy()})[0]
+        agree += int((out.argmax(1) == reference.argmax(1)).sum())
+        hits += int((reference.argmax(1) == eval_data[1][i:i + batch_size].numpy()).sum())
+        diff = max(diff, float(np.abs(out - reference).max()))
+    count = len(eval_data[0])
+    return {"torch_top1": round(100.0 * hits / count, 2), "top1_agreement_vs_torch": round(100.0 * agree / count, 2),
+            "max_abs_diff_vs_torch": diff}
 
 
 def score(path: Path, eval_data: tuple, tiny: torch.Tensor, float_tiny: torch.Tensor) -> dict:
@@ -182,13 +196,7 @@ def run_rows(args: argparse.Namespace) -> dict:
                      "calibration_images": len(images)}
         elif row.startswith("cora"):
             extra = cora_row(row, model, calib, path, done)
-            converted = extra.pop("converted")
-            with torch.no_grad():
-                x = normalize(eval_data[0][:50])
-                ort_out = session(path).run(None, {"x": x.numpy()})[0]
-                torch_out = converted(x).numpy()
-            extra["max_abs_diff_vs_torch"] = float(np.abs(ort_out - torch_out).max())
-            extra["top1_agreement_vs_torch"] = float((ort_out.argmax(1) == torch_out.argmax(1)).mean() * 100)
+            extra.update(versus_torch(extra.pop("converted"), path, eval_data))
         else:
             extra = {"equivalent_bits": 32.0}
         command = "python -m benchmarks.onnx_deploy " + " ".join(sys.argv[1:])
@@ -199,7 +207,7 @@ def run_rows(args: argparse.Namespace) -> dict:
 
 def interleaved(paths: dict[str, Path], batch: int, threads: int, repeats: int) -> dict[str, float]:
     """Median milliseconds per run of each file, the files taking turns."""
-    sessions = {row: session(p, threads, row.endswith(FOLDED)) for row, p in paths.items()}
+    sessions = {row: session(p, threads) for row, p in paths.items()}
     x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
     run: Callable = lambda s: s.run(None, {s.get_inputs()[0].name: x})  # noqa: E731
     for s in sessions.values():
@@ -217,7 +225,6 @@ def interleaved(paths: dict[str, Path], batch: int, threads: int, repeats: int) 
 def run_latency(rows: list[str], repeats: int) -> dict:
     files = [path for row in rows for path in (FILES / f"{row}.onnx", *sorted(FILES.glob(f"{row}-*img.onnx")))]
     paths = {path.stem: path for path in files if path.is_file()}
-    paths.update({row + FOLDED: paths[row] for row in FOLD_AT_LOAD if row in paths})
     out = {}
     for batch in (1, 32):
         for threads in (1, 2):
@@ -237,6 +244,9 @@ def main(argv=None) -> int:
     parser.add_argument("--ort-images", type=int, default=1600,
                         help="calibration images for the Entropy / Percentile rows (row name says the count)")
     args = parser.parse_args(argv)
+    for index, row in enumerate(args.rows):
+        if not args.latency and row in SAME_MODEL and SAME_MODEL[row][0] not in args.rows[:index]:
+            parser.error(f"--rows: {row} exports the model of {SAME_MODEL[row][0]}; list that row before it")
     torch.set_num_threads(args.threads)
     saved = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     import onnxruntime

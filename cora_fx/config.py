@@ -24,7 +24,7 @@ from typing import Any, Callable, ClassVar, Iterable, Literal, Mapping, Optional
 from cora_fx.errors import CoRaDeprecationWarning
 
 #: Version of the `to_dict` layout; `from_dict` reads this version and the flat layout before it.
-CONFIG_VERSION = 7
+CONFIG_VERSION = 8
 
 Granularity = Literal["per_tensor", "per_channel"]
 Clipping = Literal["normal", "normal_paper", "minmax", "mse"]
@@ -119,6 +119,9 @@ class QuantConfig(_Group):
             (left in float, counted as 32 bits) or ``"int8"`` (8 bits per channel, min-max).
         layer_bits: per-layer bit-width overrides ``{qualified name of a Conv2d or Linear: bits}`` (mixed
             precision, section 8; `allocate_bits` chooses them). Unknown names raise in `prepare_cora`.
+        edge_bits: bit-width of the first and the last quantized layer in graph order (the one reading the input
+            and, usually, the classifier), whose errors no later layer averages out; ``None`` (default) leaves
+            them at ``bits``. `prepare_cora` writes the choice into ``layer_bits``; a name already there wins.
         symmetric_int8: put every 8-bit weight (``depthwise="int8"``, ``layer_bits`` 8, ``bits=8``) on a
             symmetric grid, zero point 0: the INT8 layout of integer runtimes' kernels, so `export_onnx` stores
             it exactly (an asymmetric 8-bit weight is re-quantized there; section 15). Narrower weights keep
@@ -134,6 +137,7 @@ class QuantConfig(_Group):
     depthwise: DepthwisePolicy = "skip"
     layer_bits: Mapping[str, int] = field(default_factory=dict)
     symmetric_int8: bool = False
+    edge_bits: Optional[int] = None
 
     def _rules(self) -> list:
         return [
@@ -145,6 +149,7 @@ class QuantConfig(_Group):
             ("depthwise", _one_of(DEPTHWISE_POLICIES), f"must be one of {DEPTHWISE_POLICIES}"),
             ("layer_bits", _valid_layer_bits, "must map layer names (str) to integers in 2..8"),
             ("symmetric_int8", lambda v: isinstance(v, bool), "must be a bool"),
+            ("edge_bits", lambda v: v is None or _int_in(2, 8)(v), "must be None or an integer in 2..8"),
         ]
 
     def __post_init__(self) -> None:
@@ -372,7 +377,8 @@ GROUPS: dict[str, type] = {"quant": QuantConfig, "adapter": AdapterConfig, "roun
 #: The single-field names `CoRaConfig.replace` and the steps' overrides take (`step_config`): name -> (group, field).
 FLAT_NAMES: dict[str, tuple[str, str]] = {
     **{name: ("quant", name) for name in
-       ("bits", "granularity", "clipping", "k", "quantize_linear", "depthwise", "layer_bits", "symmetric_int8")},
+       ("bits", "granularity", "clipping", "k", "quantize_linear", "depthwise", "layer_bits", "symmetric_int8",
+        "edge_bits")},
     "adapter_bits": ("adapter", "bits"), "svd": ("adapter", "svd"), "adapter_form": ("adapter", "form"),
     "adapter_linear": ("adapter", "linear"),
     "rounding": ("rounding", "method"), "rounding_batches": ("rounding", "batches"),
@@ -489,7 +495,9 @@ class CoRaConfig:
         the joint plan of bits and ranks (``allocation="joint"``, `allocate_jointly`): on MobileNetV2, at every
         measured bit-width, its output is closer to the float model's than precision alone (GPTQ, no adapters) or
         the budget-first plan (benchmarks/RESULTS.md, "Frontier"). With ``act_bits`` (an
-        integer runtime) the 8-bit weights are symmetric (``symmetric_int8``). ``changes`` are applied with
+        integer runtime) the 8-bit weights are symmetric (``symmetric_int8``), the first and last layers are at 8
+        bits (``edge_bits``) and the BatchNorm statistics are corrected on 8 batches (``bn_correction``): the two
+        levers that helped W4A8 MobileNetV2 (benchmarks/RESULTS.md, "Deployment"). ``changes`` are applied with
         `replace`. ``CoRaConfig()`` stays the paper's.
 
         ``recommended(2)`` is the 3-bit base with ``target_bits=2.5``: the joint plan puts about half the searchable
@@ -500,7 +508,7 @@ class CoRaConfig:
         if bits == 2:
             return cls.recommended(3, target_bits=2.5, **changes)
         if changes.get("act_bits") is not None:
-            changes = {"symmetric_int8": True, **changes}
+            changes = {"symmetric_int8": True, "edge_bits": 8, "bn_correction": 8, **changes}
         budget = {3: 0.044, 4: 0.045}.get(bits, 0.05)
         base = cls(quant=QuantConfig(bits=bits, granularity="per_channel", clipping="mse", depthwise="int8"),
                    adapter=AdapterConfig(svd="activation", form="folded"),

@@ -10,7 +10,14 @@ from torch import nn
 
 from cora_fx.allocation.plan import plan_target
 from cora_fx.config import ADAPTER_FORMS, CoRaConfig
-from cora_fx.graph.lowering import Cleanup, FoldBatchNorm, LowerActivationQuantizers, LowerToOps, conversion_plan
+from cora_fx.graph.lowering import (
+    Cleanup,
+    EmulateIntegerKernels,
+    FoldBatchNorm,
+    LowerActivationQuantizers,
+    LowerToOps,
+    conversion_plan,
+)
 from cora_fx.graph.passes import run_passes
 from cora_fx.io.summary import layer_infos
 from cora_fx.pipeline import run_pipeline
@@ -20,9 +27,10 @@ from cora_fx.state import CONVERTED, META_KEY, PREPARED, CoRaState, get_state
 
 def lowering_passes(gm: fx.GraphModule, config: CoRaConfig, fold_batchnorm: bool = True) -> list:
     """The conversion plan of ``gm`` (`conversion_plan`) and the graph rewrites that lower it, in order."""
-    plan = conversion_plan(gm, config.adapter.bits, config.adapter.form)
+    plan = conversion_plan(gm, config.adapter.bits, config.adapter.form, config.activation.bits is not None)
     fold = [FoldBatchNorm(plan)] if fold_batchnorm else []
-    return [*fold, LowerToOps(plan), LowerActivationQuantizers(), Cleanup()]
+    emulate = [EmulateIntegerKernels()] if plan.integer_kernels else []
+    return [*fold, LowerToOps(plan), LowerActivationQuantizers(), *emulate, Cleanup()]
 
 
 def convert_cora(prepared: fx.GraphModule, *, fold_batchnorm: bool = True,

@@ -88,9 +88,10 @@ def prepare_cora(
     _check_layer_names(model, config)
     source = model if inplace else copy.deepcopy(model)
     captured = capture_model(source, leaf_modules, example_inputs, example_kwargs, concrete_args, capture)
+    config, edges = _with_edge_bits(captured.gm, captured.leaves, config)
     gm, skipped = _rewrite(captured.gm, captured.leaves, source, config, progress)
     skipped, floats = float_weights(gm, skipped, config.quant.quantize_linear)
-    _check_layer_bits(gm, config, skipped)
+    config = _check_layer_bits(gm, config, skipped, optional=edges)
     gm.meta[META_KEY] = _state(gm, config, skipped, floats, captured, example_shapes(example_inputs))
     warn_float(type(model).__name__, skipped)
     gm.train(source.training)
@@ -154,12 +155,32 @@ def _check_layer_names(model: nn.Module, config: CoRaConfig) -> None:
                         f"of {type(model).__name__}; e.g. {sorted(layers)[:4]}")
 
 
-def _check_layer_bits(gm: fx.GraphModule, config: CoRaConfig, skipped: Mapping[str, str]) -> None:
-    """After the rewrite: every `CoRaConfig.layer_bits` entry names a layer that was quantized."""
+def _with_edge_bits(gm: fx.GraphModule, leaves: set[str], config: CoRaConfig) -> tuple[CoRaConfig, set[str]]:
+    """``config`` with the first and last layer modules of the graph at ``quant.edge_bits`` in ``layer_bits`` (names
+    already there are kept), and the names it added."""
+    edge_bits = config.quant.edge_bits
+    kinds = LAYERS if config.quant.quantize_linear else (nn.Conv1d, nn.Conv2d)
+    layers = [str(n.target) for n in gm.graph.nodes if n.op == "call_module"
+              and isinstance(gm.get_submodule(str(n.target)), kinds)
+              and not any(str(n.target) == leaf or str(n.target).startswith(f"{leaf}.") for leaf in leaves)]
+    if edge_bits is None or not layers:
+        return config, set()
+    edges = {layers[0], layers[-1]} - set(config.quant.layer_bits)
+    return config.replace(layer_bits={**{name: edge_bits for name in edges}, **config.quant.layer_bits}), edges
+
+
+def _check_layer_bits(gm: fx.GraphModule, config: CoRaConfig, skipped: Mapping[str, str],
+                      optional: set[str] = frozenset()) -> CoRaConfig:
+    """After the rewrite: every `CoRaConfig.layer_bits` entry names a layer that was quantized. An ``optional``
+    entry (`_with_edge_bits`) that names no quantized layer is dropped instead; returns the config."""
     quantized = {n for n, m in gm.named_modules() if isinstance(m, CoRaConv2d)}
-    for name in sorted(set(config.quant.layer_bits) - quantized):
+    for name in sorted(set(config.quant.layer_bits) - quantized - set(optional)):
         why = skipped.get(name, "it is not rewritten as a layer (see summary(prepared).skipped and the layer names)")
         raise CoRaError(f"prepare_cora: config.quant.layer_bits names '{name}', which is not quantized: {why}")
+    unused = set(optional) - quantized
+    if not unused:
+        return config
+    return config.replace(layer_bits={k: v for k, v in config.quant.layer_bits.items() if k not in unused})
 
 
 def _refuse_meta_tensors(model: nn.Module) -> None:

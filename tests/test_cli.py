@@ -134,6 +134,32 @@ def test_quantize_with_a_target_bit_width_mixes_precision(workspace, allocation)
     assert report["ranks_from"] == ("joint allocation" if allocation == "joint" else "search")
 
 
+
+def test_evaluate_scores_the_exported_onnx_file_like_the_program(workspace):
+    pytest.importorskip("onnx", reason="the [onnx] extra (onnx, onnxscript) is not installed")
+    pytest.importorskip("onnxscript", reason="the [onnx] extra (onnx, onnxscript) is not installed")
+    pytest.importorskip("onnxruntime", reason="onnxruntime (the [onnx] extra) is not installed")
+    out = workspace / "ship.pt2"
+    proc = run("quantize", "--model", "tinymodel:make", "--weights", "tiny.pth", "--calib", "labels.csv", "--split",
+               "calib", "--bits", "4", "--ranks", "heuristic", "--image-size", "16", "--resize", "18",
+               "--dynamic-size", "--out", str(out), "--quiet", cwd=workspace, extra_path=workspace)
+    assert proc.returncode == 0, proc.stderr
+    proc = run("export", str(out), "--quiet", cwd=workspace)  # fixed 16 x 16: the size the program was traced at
+    assert proc.returncode == 0, proc.stderr
+    data = ["--data", "images", "--resize", "18", "--batch-size", "5"]
+    scores = {}
+    for program in ("ship.pt2", "ship.onnx"):
+        proc = run("evaluate", "--program", program, *data, "--image-size", "16", "--quiet", cwd=workspace)
+        assert proc.returncode == 0, proc.stderr
+        scores[program] = proc.stdout.strip()
+    assert scores["ship.onnx"] == scores["ship.pt2"]  # weight-only: the same top-1 and top-3, image for image
+    assert scores["ship.onnx"].startswith("program  top-1") and "(12 images)" in scores["ship.onnx"]
+    proc = run("evaluate", "--program", "ship.pt2", *data, "--image-size", "12", "--quiet", cwd=workspace)
+    assert proc.returncode == 0, proc.stderr  # quantized with --dynamic-size: any image size
+    proc = run("evaluate", "--program", "ship.onnx", *data, "--image-size", "12", "--quiet", cwd=workspace)
+    assert_one_line_error(proc, "ship.onnx", "16x16", "--image-size 16")
+
+
 QUANTIZE = ["quantize", "--calib", "labels.csv", "--image-size", "16", "--resize", "16", "--iterations", "1",
             "--finetune-iterations", "1", "--quiet"]
 

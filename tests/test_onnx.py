@@ -123,8 +123,8 @@ def test_w8a8_runs_integer_convolutions_in_onnxruntime(small_net, tmp_path):
     with torch.no_grad():
         reference = converted(x)
     (out,) = run_onnx(path, x)
-    # integer kernels round each requantization once more than float math: a few output steps at most
-    assert rel_err(torch.from_numpy(out), reference) < 0.1
+    # the converted model computes the integer kernels' arithmetic (quant.integer): the same codes
+    assert_same_codes_but_pooling(converted, out, reference)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -134,9 +134,11 @@ def test_int8_weights_are_symmetric_and_exact_on_a_symmetric_grid(small_net, tmp
     converted = quantize_cora(small_net, random_batches(1), config, ranks=no_adapters, progress=False)
     x = torch.randn(2, 3, 16, 16)
     path = export_onnx(converted, (x,), tmp_path / "w8.onnx", weights="int8")
-    inits = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
-    zero_points = [v for name, v in inits.items() if name.endswith(".zero_point")]
-    assert len(zero_points) >= 5 and all(v.dtype == "int8" and not v.any() for v in zero_points)
+    graph = onnx.load(str(path)).graph
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    weights = [n for n in graph.node if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None
+               and inits[n.input[0]].dtype == "int8"]
+    assert len(weights) >= 5 and all(len(n.input) == 2 for n in weights)  # symmetric: no zero point
     with torch.no_grad():
         error = rel_err(torch.from_numpy(run_onnx(path, x)[0]), converted(x))
     # a symmetric grid is stored code for code; an asymmetric 8-bit one is rounded once more
@@ -151,6 +153,21 @@ def test_recommended_with_activations_puts_8_bit_weights_on_a_symmetric_grid(sma
                    if isinstance(m, CoRaConv2d)}
     assert not zero_points["stem.0"].any() and not zero_points["block.2"].any()  # 8 bits: stem.0, depthwise
     assert zero_points["down"].any()  # 4 bits: asymmetric
+
+
+@pytest.mark.unit
+def test_edge_bits_put_the_first_and_last_layers_at_their_bits(small_net):
+    config = CoRaConfig.recommended(4, act_bits=8)
+    assert (config.quant.edge_bits, config.refine.bn_correction) == (8, 8)
+    assert CoRaConfig.recommended(4).quant.edge_bits is None
+    bits = {name: m.quantized.bits for name, m in prepare_cora(small_net, config, progress=False).named_modules()
+            if isinstance(m, CoRaConv2d)}
+    assert bits["stem.0"] == bits["head"] == 8 and bits["down"] == 4
+    kept = prepare_cora(small_net, config.replace(layer_bits={"stem.0": 6}, quantize_linear=False), progress=False)
+    # a name the user set wins; without quantized Linear layers the last quantized layer is the last conv
+    assert kept.meta["cora_fx"].config.quant.layer_bits == {"stem.0": 6, "down": 8}
+    with pytest.raises(ValueError, match="edge_bits"):
+        CoRaConfig().replace(edge_bits=9)
 
 
 def test_activation_quantizers_are_calibrated_then_frozen(small_net):
@@ -169,7 +186,8 @@ def test_activation_quantizers_are_calibrated_then_frozen(small_net):
     x = batches[0][0]
     with torch.no_grad():
         assert not torch.equal(prepared(x), small_net(x))
-        assert rel_err(convert_cora(prepared)(x), prepared(x)) < 1e-5
+        # the converted model rounds as integer kernels do (quant.integer): a few codes differ by one step
+        assert rel_err(convert_cora(prepared)(x), prepared(x)) < 0.05
 
 
 def test_search_sees_quantized_activations_and_float_teacher(small_net):
@@ -287,3 +305,109 @@ def test_a_linear_on_a_sequence_exports_and_matches(weights, act_bits, tmp_path)
     # float runs agree to rounding; with 8-bit activations onnxruntime may round a requantization one step apart
     scale = float(reference.abs().max())
     assert float((torch.from_numpy(output) - reference).abs().max()) <= (1e-5 if act_bits is None else 0.05) * scale
+
+
+def w4a8(model, bits=4, act_bits=8):
+    """The recommended W4A8 (or W3A8, or weight-only) model with heuristic ranks: folded adapters, no search."""
+    config = CoRaConfig.recommended(bits, act_bits=act_bits).replace(rounding_batches=2)
+    return quantize_cora(model, random_batches(2), config, ranks="heuristic", progress=False)
+
+
+def assert_same_codes_but_pooling(converted, out, reference):
+    """onnxruntime's output equals the torch model's but where a float op between integer layers (average
+    pooling, a residual add) summed in another order and a requantization fell one step apart."""
+    ops = torch.ops.quantized_decomposed
+    dequantize = [n for n in converted.graph.nodes if n.target is ops.dequantize_per_tensor.default]
+    step = float(dequantize[-1].args[1])  # the output's scale: one code step
+    diff = (torch.from_numpy(out) - reference).abs()
+    assert float(diff.max()) <= 1.01 * step and float((diff > 0).float().mean()) <= 0.05
+
+
+def initializer_types(path):
+    graph = onnx.load(str(path)).graph
+    return {i.name: i.data_type for i in graph.initializer}, graph
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_default_file_keeps_low_bit_codes_and_runs_integer_kernels(small_net, tmp_path, bits):
+    converted = w4a8(small_net, bits)
+    x = torch.randn(4, 3, 16, 16)
+    path = export_onnx(converted, (x,), tmp_path / f"w{bits}a8.onnx")
+    types, graph = initializer_types(path)
+    uint4 = [name for name, t in types.items() if t == onnx.TensorProto.UINT4]
+    assert len(uint4) >= 4  # the main weights' codes (3-bit codes in 4-bit containers)
+    float_elements = sum(int(torch.tensor(i.dims).prod()) for i in graph.initializer
+                         if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) > 1 and i.dims[1] > 1)
+    assert float_elements == 0  # no float copy of a weight: only per-channel scales and biases
+    ops = optimized_ops(path, tmp_path)
+    assert ops.count("QLinearConv") == 6 and "Conv" not in ops, ops
+    with torch.no_grad():
+        reference = converted(x)
+    (out,) = run_onnx(path, x)
+    assert_same_codes_but_pooling(converted, out, reference)  # torch computes the integer kernels' arithmetic
+
+
+def test_folded_adapters_are_rounded_to_8_bits_as_integer_kernels_need(small_net):
+    converted = w4a8(small_net)
+    ops = [n.target for n in converted.graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.cora_fx.requantize_int8.default) >= 1
+    assert ops.count(torch.ops.cora_fx.qlinear_conv2d.default) == 6
+
+
+def test_weight_only_default_file_becomes_float_weights_at_load(small_net, tmp_path):
+    converted = w4a8(small_net, act_bits=None)
+    x = torch.randn(2, 3, 16, 16)
+    path = export_onnx(converted, (x,), tmp_path / "w4.onnx")
+    types, _ = initializer_types(path)
+    assert onnx.TensorProto.UINT4 in types.values()
+    ops = optimized_ops(path, tmp_path)
+    assert "DequantizeLinear" not in ops and "Cast" not in ops and ops.count("Conv") + ops.count("FusedConv") >= 5, ops
+    with torch.no_grad():
+        reference = converted(x)
+    (out,) = run_onnx(path, x)  # a default session: no option to know
+    assert rel_err(torch.from_numpy(out), reference) < 1e-5
+
+
+def test_dynamic_size_is_kept_or_refused_never_fixed_silently(small_net, tmp_path):
+    from cora_fx import load
+    from tests.test_serialization import FixedSizeNet
+
+    converted = w4a8(small_net, act_bits=None)
+    x = torch.randn(1, 3, 16, 16)
+    for name, sized in (("fixed", False), ("sized", True)):  # torch.onnx traces a loaded program anew
+        save(converted, tmp_path / f"{name}.pt2", (x,), dynamic_size=sized)
+        path = export_onnx(load(tmp_path / f"{name}.pt2"), (x,), tmp_path / f"{name}.onnx", dynamic_size=True)
+        for shape in ((2, 3, 16, 16), (1, 3, 24, 40)):
+            y = torch.randn(shape)
+            with torch.no_grad():
+                reference = converted(y)
+            assert rel_err(torch.from_numpy(run_onnx(path, y)[0]), reference) < 1e-5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fixed = quantize_cora(FixedSizeNet().eval(), [(x, None)], CoRaConfig(), (x,), ranks="heuristic",
+                              progress=False)
+    with pytest.raises(CoRaError, match="dynamic_size"):
+        export_onnx(fixed, (x,), tmp_path / "position.onnx", dynamic_size=True)
+    assert not (tmp_path / "position.onnx").exists()
+    export_onnx(fixed, (x,), tmp_path / "position.onnx")  # the fixed size it was made for
+
+
+def test_a_failed_export_leaves_an_existing_file_alone(small_net, tmp_path):
+    converted = w4a8(small_net, act_bits=None)
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"previous")
+    with pytest.raises(ValueError, match="dynamic_size"):
+        export_onnx(converted, (torch.randn(1, 3, 1, 16),), path, dynamic_size=True)
+    assert path.read_bytes() == b"previous" and list(tmp_path.iterdir()) == [path]
+
+
+def test_int8_layout_matches_the_torch_model_too(small_net, tmp_path):
+    converted = w4a8(small_net)
+    x = torch.randn(4, 3, 16, 16)
+    path = export_onnx(converted, (x,), tmp_path / "int8.onnx", weights="int8")
+    types, _ = initializer_types(path)
+    assert onnx.TensorProto.UINT4 not in types.values()
+    assert optimized_ops(path, tmp_path).count("QLinearConv") == 6
+    with torch.no_grad():
+        reference = converted(x)
+    assert_same_codes_but_pooling(converted, run_onnx(path, x)[0], reference)  # folded weights kept on their grid

@@ -167,3 +167,42 @@ def test_an_example_batch_of_one_still_exports_a_dynamic_batch(artifact, tmp_pat
     fixed = cora_fx.load(cora_fx.save(quantized, tmp_path / "fixed.pt2", (X[:1],), dynamic_batch=False))
     with pytest.raises(Exception):
         fixed(torch.randn(3, *X.shape[1:]))
+
+
+def test_dynamic_size_program_runs_at_other_heights_and_widths(artifact, tmp_path):
+    quantized, fixed_path = artifact
+    loaded = cora_fx.load(cora_fx.save(quantized, tmp_path / "any_size.pt2", (X,), dynamic_size=True))
+    for shape in ((3, 3, 24, 40), (1, 3, 9, 13)):
+        x = torch.randn(shape)
+        with torch.no_grad():
+            assert torch.equal(loaded(x), quantized(x)), shape
+    fixed = cora_fx.load(fixed_path)  # saved without dynamic_size: the example's height and width only
+    with pytest.raises(RuntimeError, match="shape"):
+        fixed(torch.randn(2, 3, 16, 24))
+    with pytest.raises(ValueError, match="dynamic_size"):
+        cora_fx.save(quantized, tmp_path / "thin.pt2", (torch.randn(2, 3, 1, 16),), dynamic_size=True)
+
+
+class FixedSizeNet(torch.nn.Module):
+    """Adds a positional bias of a fixed 16 x 16 size: torch.export must specialize the height and width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.register_buffer("position", torch.randn(8, 16, 16))
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head((self.conv(x) + self.position).mean(dim=(2, 3)))
+
+
+def test_a_model_that_fixes_its_size_cannot_be_saved_size_dynamic(tmp_path):
+    prepared = prepare_cora(FixedSizeNet().eval(), CoRaConfig().replace(bits=4), example_inputs=(X,))
+    quantized = convert_cora(set_ranks_and_return(prepared))
+    path = tmp_path / "out" / "fixed_size.pt2"
+    with pytest.raises(cora_fx.CoRaError, match="dynamic_size.*save without dynamic_size") as info:
+        cora_fx.save(quantized, path, (X,), dynamic_size=True)
+    assert info.value.__cause__ is not None
+    assert not path.exists() and not any(tmp_path.rglob("*"))  # nothing written, not even the folder
+    loaded = cora_fx.load(cora_fx.save(quantized, path, (X,)))  # without dynamic_size it saves
+    assert torch.equal(loaded(X), quantized(X))

@@ -245,7 +245,45 @@ def batch_dynamic_shapes(example_inputs: tuple, batch: Any) -> tuple[tuple, tupl
     """Example inputs and ``dynamic_shapes`` with dim 0 of every tensor given as ``batch`` (a
     ``torch.export.Dim``). torch.export specializes a size-1 dim, so a batch of 1 is traced as a batch
     of 2 (the same rows twice)."""
-    inputs = tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == 1 else x
-                   for x in example_inputs)
-    dynamic = tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in inputs)
-    return inputs, dynamic
+    return _shapes(example_inputs, batch, size=False)
+
+
+def dynamic_shapes(example_inputs: tuple, batch: bool, size: bool) -> tuple[tuple, Optional[tuple]]:
+    """Example inputs and ``torch.export`` ``dynamic_shapes`` of a model's inputs (``None`` when neither is asked).
+
+    ``batch``: dim 0 of every tensor is one shared ``Dim("batch", min=1)``; an example batch of 1 is then traced
+    as a batch of 2. ``size``: dims 2.. of every tensor (an image's height and width) are ``Dim.DYNAMIC(min=2)``,
+    not named Dims: a strided conv guards that its output is not 1 wide, a range a named ``min=2`` Dim refuses,
+    while a hint lets torch.export narrow the range and still raises a constraint violation when the model fixes
+    the size to a constant.
+    """
+    if not (batch or size):
+        return example_inputs, None
+    return _shapes(example_inputs, torch.export.Dim("batch", min=1) if batch else None, size)
+
+
+def _shapes(example_inputs: tuple, batch: Any, size: bool) -> tuple[tuple, tuple]:
+    """`dynamic_shapes` with ``batch`` the Dim of dim 0 (None: static) and symbolic dims 2.. when ``size``."""
+    if batch is not None:
+        example_inputs = tuple(torch.cat([x, x]) if _is_batched(x) and x.shape[0] == 1 else x
+                               for x in example_inputs)
+    shapes: list[Optional[dict[int, Any]]] = []
+    for index, x in enumerate(example_inputs):
+        dims: dict[int, Any] = {0: batch} if _is_batched(x) and batch is not None else {}
+        if size and isinstance(x, torch.Tensor):
+            dims.update(_size_dims(index, x))
+        shapes.append(dims or None)
+    return example_inputs, tuple(shapes)
+
+
+def _size_dims(index: int, x: torch.Tensor) -> dict[int, Any]:
+    """Symbolic dims 2.. of the example input ``x`` (input number ``index``)."""
+    for d in range(2, x.dim()):
+        if x.shape[d] < 2:
+            raise ValueError(f"dynamic_size: example input {index} has size {x.shape[d]} in dim {d}; torch.export "
+                             "specializes sizes 0 and 1, give an example of at least 2 there")
+    return {d: torch.export.Dim.DYNAMIC(min=2) for d in range(2, x.dim())}
+
+
+def _is_batched(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.dim() > 0

@@ -15,13 +15,18 @@ whose ``requires`` checks its precondition:
    words (`packing`; one buffer, ``cora_packed_words``), unpack + dequantize ops, and F.conv2d
    calls; the modules are removed. The adapter is either a parallel two-conv branch
    (docs/method.md s.2) or, with ``adapter_form="folded"``, added to the dequantized main weight
-   as fold(B o A) (s.4), so the model runs one conv per layer.
+   as fold(B o A) (s.4), so the model runs one conv per layer. In a model for an integer runtime
+   (``act_bits``) the folded weight is then rounded to a symmetric 8-bit grid per output channel
+   (`quant.integer.requantize_int8`), the weight an integer kernel multiplies with (s.15).
 5. `LowerActivationQuantizers`: each calibrated activation quantizer becomes a ``quantized_decomposed``
    quantize_per_tensor / dequantize_per_tensor pair on its frozen scale and zero point (docs/method.md s.14).
-6. `Cleanup`: dead code and unused submodules (observers, SVD factors) are deleted.
+6. `EmulateIntegerKernels` (``act_bits`` only): each conv between 8-bit activations becomes
+   `quant.integer.qlinear_conv2d`, the arithmetic of onnxruntime's QLinearConv (s.15).
+7. `Cleanup`: dead code and unused submodules (observers, SVD factors) are deleted.
 """
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -36,11 +41,13 @@ from cora_fx.calibrate.activations import QUANTIZE, ActivationQuantizer, quantiz
 from cora_fx.errors import CoRaError
 from cora_fx.graph.edits import module_calls, set_submodule
 from cora_fx.graph.passes import merge_nodes
+from cora_fx.quant.integer import integer_kernel_scale, requantize_divisor
 from cora_fx.quant.modules import ConvSpec, CoRaConv2d
 from cora_fx.quant.packing import field_bits, pack_codes, unpack_words, word_shifts
 from cora_fx.quant.uniform import QuantizedWeight, minmax_quantize
 
 Weight = Union[QuantizedWeight, torch.Tensor]
+INTEGER_KERNELS = "cora_integer_kernels"  # the submodule holding `EmulateIntegerKernels`' activation qparams
 PACKED_WORDS = "cora_packed_words"  # the root buffer with every weight's packed words (`packing`)
 PACKED_LAYOUT_META = "cora_fx_packed_layout"  # gm.meta: "<layer>.<weight>" -> (first word, words)
 
@@ -62,6 +69,7 @@ class ConversionPlan:
 
     adapter_form: str = "parallel"
     layers: dict[str, LoweredLayer] = field(default_factory=dict)
+    integer_kernels: bool = False  # activations quantized: a folded weight is rounded to int8 (`requantized`)
 
 
 def lowered_layer(layer: CoRaConv2d, adapter_bits: Optional[int]) -> LoweredLayer:
@@ -77,10 +85,18 @@ def lowered_layer(layer: CoRaConv2d, adapter_bits: Optional[int]) -> LoweredLaye
     return lowered
 
 
-def conversion_plan(gm: fx.GraphModule, adapter_bits: Optional[int], adapter_form: str) -> ConversionPlan:
+def conversion_plan(gm: fx.GraphModule, adapter_bits: Optional[int], adapter_form: str,
+                    integer_kernels: bool = False) -> ConversionPlan:
     """The `LoweredLayer` of every CoRa branch of a prepared graph (the graph is not changed)."""
     layers = {name: lowered_layer(gm.get_submodule(name), adapter_bits) for name, *_ in merge_nodes(gm)}
-    return ConversionPlan(adapter_form, layers)
+    return ConversionPlan(adapter_form, layers, integer_kernels)
+
+
+def requantize_scale(weight: torch.Tensor) -> torch.Tensor:
+    """Per-output-channel scale of the symmetric 8-bit grid of ``weight``: max |w| of each row maps to 127."""
+    rows = weight.detach().reshape(weight.shape[0], -1).abs().amax(dim=1)
+    scale = (rows / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    return scale.reshape(-1, *[1] * (weight.dim() - 1)).to(torch.float32)
 
 
 class _PlannedPass(PassBase):
@@ -193,6 +209,21 @@ class _Emitter:
         scale = self.attr(owner, path, f"{prefix}_scale", weight.scale.clone())
         return g.call_function(operator.mul, (g.call_function(operator.sub, (w, zp)), scale))
 
+    def requantized(self, owner: nn.Module, path: str, w: fx.Node, value: torch.Tensor,
+                    base_scale: Optional[fx.Node] = None) -> fx.Node:
+        """``requantize_int8`` of the weight ``w`` (whose value is ``value``) on its symmetric 8-bit grid: the base
+        grid ``|base_scale|`` divided by an integer per row (`requantize_divisor`) when there is one, so the
+        quantized main weight stays exact, else max |w| / 127 per row (docs/method.md s.15)."""
+        g = self.graph
+        if base_scale is None:
+            scale = self.attr(owner, path, "weight_requant_scale", requantize_scale(value))
+        else:
+            divisor = self.attr(owner, path, "weight_requant_divisor",
+                                requantize_divisor(value, self.gm.get_buffer(str(base_scale.target))))
+            divisor = g.call_method("to", (divisor, torch.float32))
+            scale = g.call_function(operator.truediv, (g.call_function(torch.abs, (base_scale,)), divisor))
+        return g.call_function(torch.ops.cora_fx.requantize_int8.default, (w, scale))
+
     def folded_adapter(self, owner: nn.Module, path: str, lowered: LoweredLayer, groups: int) -> fx.Node:
         """Nodes computing fold(B o A) (`residual.fold_two_conv`) from the stored A and B."""
         assert lowered.adapter_a is not None and lowered.adapter_b is not None
@@ -210,10 +241,50 @@ def _shape(weight: Weight) -> torch.Size:
     return weight.shape if isinstance(weight, torch.Tensor) else weight.codes.shape
 
 
+def _value(weight: Weight) -> torch.Tensor:
+    return weight.detach().float() if isinstance(weight, torch.Tensor) else weight.dequantize()
+
+
+def folded_value(lowered: LoweredLayer, groups: int) -> torch.Tensor:
+    """[W]_n + fold(B o A) of a layer with an adapter, in float (docs/method.md s.4)."""
+    assert lowered.adapter_a is not None and lowered.adapter_b is not None
+    a, b = _value(lowered.adapter_a), _value(lowered.adapter_b)
+    m, rank = b.shape[0], a.shape[0] // groups
+    fold = torch.bmm(b.reshape(groups, m // groups, rank), a.reshape(groups, rank, -1))
+    return _value(lowered.main) + fold.reshape(m, *a.shape[1:])
+
+
+#: F.conv2d node meta: the buffer holding the per-channel scale of the weight's symmetric INT8 codes, set when
+#: the model is for an integer runtime and the weight has such codes (`EmulateIntegerKernels` reads it).
+KERNEL_SCALE_META = "cora_kernel_scale"
+
+
 class LowerToOps(_PlannedPass):
     """Replace CoRa branches by plain tensor ops on stored codes."""
 
+    def _main_weight(self, emit: _Emitter, owner: nn.Module, name: str, lowered: LoweredLayer,
+                     folded: bool) -> tuple[fx.Node, Optional[str]]:
+        """The node computing the conv's weight (with the folded adapter, if any) and, for an integer runtime,
+        the buffer of its INT8 codes' per-channel scale (None when it has none)."""
+        g = self.graph_module.graph
+        w = emit.weight(owner, name, "weight", lowered.main)
+        if folded:
+            base_scale = w.args[1]  # the dequantize chain's scale
+            w = g.call_function(operator.add, (w, emit.folded_adapter(owner, name, lowered, lowered.spec.groups)))
+            if self.plan.integer_kernels:
+                return emit.requantized(owner, name, w, folded_value(lowered, lowered.spec.groups), base_scale), None
+            return w, None
+        if not self.plan.integer_kernels:
+            return w, None
+        main = lowered.main
+        scale = integer_kernel_scale(main.codes, main.zero_point, main.scale)
+        if scale is None:  # codes - zero point beyond 8 signed bits: an integer kernel needs the weight re-rounded
+            return emit.requantized(owner, name, w, main.dequantize()), None
+        owner.register_buffer("weight_kernel_scale", scale)
+        return w, f"{name}.weight_kernel_scale"
+
     def call(self, gm: fx.GraphModule) -> PassResult:
+        self.graph_module = gm
         emit = _Emitter(gm)
         g = gm.graph
         for name, main, adapter, merged in merge_nodes(gm):
@@ -230,14 +301,14 @@ class LowerToOps(_PlannedPass):
                     padding = spec.padding
                 has_adapter = lowered.adapter_a is not None and lowered.adapter_b is not None
                 folded = has_adapter and self.plan.adapter_form == "folded"
-                w = emit.weight(owner, name, "weight", lowered.main)
-                if folded:
-                    w = g.call_function(operator.add, (w, emit.folded_adapter(owner, name, lowered, spec.groups)))
+                w, kernel_scale = self._main_weight(emit, owner, name, lowered, folded)
                 w = g.call_method("type_as", (w, x))
                 bias = None
                 if lowered.bias is not None:
                     bias = g.call_method("type_as", (emit.attr(owner, name, "bias", lowered.bias.detach().clone()), x))
                 out = g.call_function(F.conv2d, (x, w, bias, spec.stride, padding, spec.dilation, spec.groups))
+                if kernel_scale is not None and not (has_adapter and not folded):
+                    out.meta[KERNEL_SCALE_META] = kernel_scale
                 if has_adapter and not folded:
                     a = g.call_method("type_as", (emit.weight(owner, name, "adapter_a", lowered.adapter_a), x))
                     hidden = g.call_function(F.conv2d, (x, a, None, spec.stride, padding, spec.dilation, spec.groups))
@@ -278,6 +349,106 @@ class LowerActivationQuantizers(PassBase):
             node.replace_all_uses_with(out)
             g.erase_node(node)
         return PassResult(gm, bool(found))
+
+
+#: Activation functions whose clipping an 8-bit output range can make redundant: (low, high) of each.
+_CLIPS = {F.relu: (0.0, math.inf), torch.relu: (0.0, math.inf), F.relu6: (0.0, 6.0)}
+
+
+def _clip_bounds(gm: fx.GraphModule, node: fx.Node) -> Optional[tuple[float, float]]:
+    """(low, high) when ``node`` is a ReLU / ReLU6 / Hardtanh on its first argument, else None."""
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        if isinstance(module, nn.ReLU):
+            return 0.0, math.inf
+        return (float(module.min_val), float(module.max_val)) if isinstance(module, nn.Hardtanh) else None
+    if node.op == "call_method" and node.target in ("relu", "relu_"):
+        return 0.0, math.inf
+    if node.op == "call_function" and node.target is F.hardtanh:
+        bounds = (*node.args[1:3], *[node.kwargs[k] for k in ("min_val", "max_val") if k in node.kwargs])
+        return (float(bounds[0]), float(bounds[1])) if len(bounds) == 2 else (-1.0, 1.0)
+    return _CLIPS.get(node.target) if node.op == "call_function" else None
+
+
+def _full_range(args: tuple) -> bool:
+    """Whether quantize / dequantize arguments (.., quant_min, quant_max, dtype) span their 8-bit dtype."""
+    info = torch.iinfo(args[5])
+    return args[5] in (torch.uint8, torch.int8) and (args[3], args[4]) == (info.min, info.max)
+
+
+def _kernel_scale(conv: fx.Node) -> Union[fx.Node, str, None]:
+    """The per-channel scale of a conv weight's INT8 codes: the scale node of its ``requantize_int8``, the buffer
+    named by `KERNEL_SCALE_META`, or None (a float weight, or a model not for an integer runtime)."""
+    weight = conv.args[1]
+    while isinstance(weight, fx.Node) and weight.op == "call_method" and weight.target == "type_as":
+        weight = weight.args[0]
+    if isinstance(weight, fx.Node) and weight.target is torch.ops.cora_fx.requantize_int8.default:
+        return weight.args[1]
+    return conv.meta.get(KERNEL_SCALE_META)
+
+
+class EmulateIntegerKernels(PassBase):
+    """Run each conv between 8-bit activations as onnxruntime's QLinearConv computes it (`qlinear_conv2d`).
+
+    A conv qualifies when it has INT8 weight codes (`KERNEL_SCALE_META`), reads ``dequantize(quantize(x))``, and
+    its output reaches one 8-bit ``quantize`` through at most ReLU / ReLU6 layers that the output range makes
+    redundant (onnxruntime drops them too). The quantize's uses read the op's codes instead.
+    """
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        holder = nn.Module()
+        gm.add_submodule(INTEGER_KERNELS, holder)
+        replaced = 0
+        for conv in list(gm.graph.nodes):  # in order: a conv's input codes may be the op an earlier one became
+            matched = self._match(gm, conv)
+            if matched is not None:
+                self._replace(gm, holder, conv, *matched)
+                replaced += 1
+        return PassResult(gm, replaced > 0)
+
+    @staticmethod
+    def _match(gm: fx.GraphModule, conv: fx.Node) -> Optional[tuple[fx.Node, fx.Node]]:
+        """(input quantize node, output quantize node) of a qualifying conv, else None."""
+        ops = quantized_decomposed()
+        if conv.op != "call_function" or conv.target is not F.conv2d or _kernel_scale(conv) is None:
+            return None
+        source = conv.args[0]
+        quantized = (isinstance(source, fx.Node) and source.target is ops.dequantize_per_tensor.default
+                     and isinstance(source.args[0], fx.Node) and _full_range(source.args))
+        if isinstance(conv.args[4], str) or not quantized:
+            return None
+        node, low, high = conv, -math.inf, math.inf
+        while len(node.users) == 1 and (bounds := _clip_bounds(gm, next(iter(node.users)))) is not None:
+            node, low, high = next(iter(node.users)), max(low, bounds[0]), min(high, bounds[1])
+        end = next(iter(node.users)) if len(node.users) == 1 else None
+        if end is None or end.target is not ops.quantize_per_tensor.default or not _full_range(end.args):
+            return None
+        scale, zero = float(end.args[1]), int(end.args[2])
+        redundant = low <= scale * (end.args[3] - zero) and high >= scale * (end.args[4] - zero)
+        return (source.args[0], end) if redundant else None
+
+    @staticmethod
+    def _replace(gm: fx.GraphModule, holder: nn.Module, conv: fx.Node, codes: fx.Node, end: fx.Node) -> None:
+        source = conv.args[0]
+        g = gm.graph
+        qparams = {"x_scale": torch.tensor(float(source.args[1])),
+                   "x_zero_point": torch.tensor(int(source.args[2]), dtype=source.args[5]),
+                   "y_scale": torch.tensor(float(end.args[1])),
+                   "y_zero_point": torch.tensor(int(end.args[2]), dtype=end.args[5])}
+        with g.inserting_before(end):
+            nodes = {}
+            for key, value in qparams.items():
+                holder.register_buffer(f"{conv.name}_{key}", value)
+                nodes[key] = g.get_attr(f"{INTEGER_KERNELS}.{conv.name}_{key}")
+            kernel_scale = _kernel_scale(conv)
+            if isinstance(kernel_scale, str):
+                kernel_scale = g.get_attr(kernel_scale)
+            _, weight, bias, stride, padding, dilation, groups = conv.args
+            out = g.call_function(torch.ops.cora_fx.qlinear_conv2d.default, (
+                codes, nodes["x_scale"], nodes["x_zero_point"], weight, kernel_scale, bias, nodes["y_scale"],
+                nodes["y_zero_point"], list(stride), list(padding), list(dilation), groups))
+        end.replace_all_uses_with(out)
+        g.erase_node(end)
 
 
 class Cleanup(PassBase):

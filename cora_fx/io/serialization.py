@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 import types
 import zipfile
@@ -26,7 +27,7 @@ import torch.fx as fx
 
 from cora_fx.calibrate.activations import quantized_decomposed
 from cora_fx.errors import CoRaError, CoRaLoadError
-from cora_fx.graph.capture import batch_dynamic_shapes
+from cora_fx.graph.capture import dynamic_shapes
 from cora_fx.io.summary import CoRaSummary, LayerInfo, summary
 from cora_fx.state import CONVERTED, get_state
 
@@ -37,19 +38,38 @@ FORMAT = "cora_fx/1"
 SUMMARY_META_KEY = "cora_fx_summary"
 
 
-def export_converted(quantized: fx.GraphModule, example_inputs: tuple,
-                     dynamic_batch: bool = True) -> torch.export.ExportedProgram:
+def export_converted(quantized: fx.GraphModule, example_inputs: tuple, dynamic_batch: bool = True, *,
+                     dynamic_size: bool = False) -> torch.export.ExportedProgram:
     """``torch.export.export`` of a converted model; dim 0 of every input is dynamic when asked
-    (example inputs of batch 1 then work too: they are traced as a batch of 2)."""
+    (example inputs of batch 1 then work too: they are traced as a batch of 2), and with ``dynamic_size``
+    dims 2.. (an image's height and width) too (`cora_fx.graph.capture.dynamic_shapes`)."""
     get_state(quantized, CONVERTED, "quantized")
     if not isinstance(example_inputs, tuple) or not example_inputs:
         raise TypeError("example_inputs must be a non-empty tuple of inputs, e.g. (x,)")
-    dynamic = None
-    if dynamic_batch:
-        example_inputs, dynamic = batch_dynamic_shapes(example_inputs, torch.export.Dim("batch", min=1))
-    with torch.no_grad():
-        program = torch.export.export(quantized.eval(), example_inputs, dynamic_shapes=dynamic)
-    return program
+    example_inputs, dynamic = dynamic_shapes(example_inputs, dynamic_batch, dynamic_size)
+    try:
+        with torch.no_grad():
+            return torch.export.export(quantized.eval(), example_inputs, dynamic_shapes=dynamic)
+    except Exception as err:
+        fixed = _fixed_sizes(err) if dynamic_size else []
+        if not fixed:
+            raise
+        raise CoRaError(f"dynamic_size=True: the model fixes its input size (torch.export specializes "
+                        f"{', '.join(fixed)}, e.g. for a layer or tensor of a fixed height or width); save without "
+                        "dynamic_size (the program then takes the example inputs' size only) or make the model "
+                        "size-generic") from err
+
+
+def _fixed_sizes(err: Exception) -> list[str]:
+    """The input dims other than the batch that a torch.export constraint violation names (e.g.
+    ``L['x'].size()[2]``); [] for any other error."""
+    from torch._dynamo.exc import UserError, UserErrorType
+    from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
+
+    violation = isinstance(err, ConstraintViolationError) or (
+        isinstance(err, UserError) and err.error_type is UserErrorType.CONSTRAINT_VIOLATION)
+    named = re.match(r"\s*Constraints violated \((.*)\)!", str(err)) if violation else None
+    return [dim for dim in named.group(1).split(", ") if dim != "batch"] if named else []
 
 
 def tensors_digest(program: torch.export.ExportedProgram) -> str:
@@ -76,30 +96,33 @@ def _deflate(src: Path, dst: Path) -> None:
 
 
 def save(quantized: fx.GraphModule, path: PathLike, example_inputs: Optional[tuple] = None, *,
-         dynamic_batch: bool = True, compress: bool = True) -> Path:
+         dynamic_batch: bool = True, dynamic_size: bool = False, compress: bool = True) -> Path:
     """Export the converted model on ``example_inputs`` and write it with ``torch.export.save``.
 
     The summary and a digest of the stored tensors go inside the archive. The example inputs
-    themselves are not stored (they would cost more than the 4-bit weights). With ``compress``
-    (default) the zip entries are deflated (`_deflate`); ``compress=False`` writes exactly what
-    ``torch.export.save`` writes (stored entries, memory-mappable). Returns the path.
+    themselves are not stored (they would cost more than the 4-bit weights). ``dynamic_batch``
+    (default): the program takes any batch size. ``dynamic_size``: it takes any size of the dims after
+    the second too (an image's height and width, for OCR or detection); a model that fixes them raises
+    `CoRaError`. With ``compress`` (default) the zip entries are deflated (`_deflate`); ``compress=False``
+    writes exactly what ``torch.export.save`` writes (stored entries, memory-mappable). The file appears
+    at ``path`` only once complete. Returns the path.
     """
     if example_inputs is None:
         raise TypeError("cora_fx.save needs example_inputs, e.g. save(model, path, (torch.randn(1, 3, 224, 224),))")
     report = summary(quantized)
-    program = export_converted(quantized, example_inputs, dynamic_batch)
+    program = export_converted(quantized, example_inputs, dynamic_batch, dynamic_size=dynamic_size)
     program._example_inputs = None  # not needed to run the program; would dominate the file size
     payload = {"format": FORMAT, "summary": report.to_dict(), "weights_sha256": tensors_digest(program)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    extra_files = {SUMMARY_FILE: json.dumps(payload)}
-    if not compress:
-        torch.export.save(program, path, extra_files=extra_files)
-        return path
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # same file name: same archive folder
-        plain = Path(tmp) / path.name
-        torch.export.save(program, plain, extra_files=extra_files)
-        _deflate(plain, path)
+        staged = Path(tmp) / path.name
+        torch.export.save(program, staged, extra_files={SUMMARY_FILE: json.dumps(payload)})
+        if compress:
+            deflated = staged.with_name(staged.name + ".deflated")
+            _deflate(staged, deflated)
+            staged = deflated
+        os.replace(staged, path)
     return path
 
 

@@ -174,6 +174,59 @@ def _first_image(dataset: Any, flag: str) -> torch.Tensor:
         raise UsageError(f"{flag}: cannot read the first image ({err})") from None
 
 
+class OnnxProgram(nn.Module):
+    """An ONNX file run by onnxruntime (CPU, default session options), called like a loaded .pt2 program."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        try:
+            import onnxruntime
+        except ImportError:
+            raise UsageError(f"--program {path}: scoring an ONNX file needs onnxruntime: "
+                             "pip install 'cora-fx[onnx]'") from None
+        if not path.is_file():
+            raise UsageError(f"--program: no such file: {path}")
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own types for unreadable models
+            raise UsageError(f"--program {path}: not a loadable ONNX model ({_first_line(err)})") from None
+        self.path = path
+        self.input = self.session.get_inputs()[0]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self._check_size(images)
+        try:
+            outputs = self.session.run(None, {self.input.name: images.numpy()})
+        except Exception as err:
+            raise UsageError(f"--program {self.path}: onnxruntime cannot run it on a batch of shape "
+                             f"{tuple(images.shape)} ({_first_line(err)})") from None
+        return torch.from_numpy(outputs[0])
+
+    def _check_size(self, images: torch.Tensor) -> None:
+        """Refuse images of another height or width than the file's fixed input size."""
+        fixed = list(self.input.shape[2:])  # ints, or names for symbolic dims
+        given = list(images.shape[2:])
+        if any(isinstance(f, int) and f != g for f, g in zip(fixed, given)):
+            square = len(set(fixed)) == 1 and isinstance(fixed[0], int)
+            option = f"--image-size {fixed[0]}" if square else "an --image-size that fits it"
+            raise UsageError(f"--program {self.path} takes {'x'.join(map(str, fixed))} images but the data is "
+                             f"cropped to {'x'.join(map(str, given))}: evaluate it with {option} (or export the "
+                             "program with cora-fx export --dynamic-size)")
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+
+
+def _open_program(path: Path) -> nn.Module:
+    """The program ``--program`` names: an ``.onnx`` file run by onnxruntime, else a ``.pt2`` (`cora_fx.load`)."""
+    if path.suffix.lower() == ".onnx":
+        return OnnxProgram(path)
+    from cora_fx.io.serialization import load
+
+    return load(path)
+
+
 def _evaluate(model: nn.Module, loader: Any, quiet: bool, desc: str) -> dict[int, float]:
     """Top-1 and top-5 (top-k with k = number of classes when there are fewer than 5)."""
     from tqdm.auto import tqdm
@@ -299,7 +352,7 @@ def _quantize(args: argparse.Namespace) -> int:
     if not distributed.is_main_process():
         return 0  # every process holds the same model; rank 0 writes it
     say(f"save {out}")
-    save(quantized, out, example)
+    save(quantized, out, example, dynamic_size=args.dynamic_size)
     report = summary(quantized)
     float_bytes = serialized_nbytes(model)
     nbytes = file_nbytes(out)
@@ -327,9 +380,7 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from cora_fx.io.serialization import load
-
-    program = load(args.program)
+    program = _open_program(Path(args.program))
     dataset = open_dataset(Path(args.data), args.split, args.image_size, args.resize, args.limit, "--data")
     loader = _loader(dataset, args.batch_size, shuffle=False)
     scores = {"program": _evaluate(program, loader, args.quiet, "evaluating the program")}
@@ -364,10 +415,18 @@ def _example_input(program: nn.Module, image_size: Optional[int]) -> torch.Tenso
     value = first.meta.get("val")
     if value is None:
         raise UsageError(f"{first.name}: the program does not record its input shape")
-    shape = [1] + [int(d) if isinstance(d, int) else 1 for d in value.shape[1:]]
+    shape = [1] + [_traced_size(d) for d in value.shape[1:]]
     if image_size is not None:
         shape[-2:] = [image_size, image_size]
     return torch.zeros(shape, dtype=value.dtype)
+
+
+def _traced_size(dim: Any) -> int:
+    """A dim of a recorded input shape: its size, or for a symbolic one the size it was traced at (else 1)."""
+    if isinstance(dim, int):
+        return dim
+    hint = getattr(getattr(dim, "node", None), "hint", None)
+    return int(hint) if hint is not None else 1
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -452,12 +511,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ranks", choices=("search", "heuristic"), default="search",
                    help="search the ranks or use floor(b*R)")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--dynamic-size", action="store_true",
+                   help="the saved program takes any input height and width (OCR, detection), not only "
+                        "--image-size; fails with a clear error for a model that fixes its input size")
     q.add_argument("--out", default="model.pt2", help="artifact path (.pt2); the JSON summary and plots go beside it")
     _data_options(q)
     q.set_defaults(run=cmd_quantize)
 
-    e = sub.add_parser("evaluate", parents=[common], help="top-1/top-5 of a saved program (and of the float model)")
-    e.add_argument("--program", required=True, help="a .pt2 written by cora-fx quantize / cora_fx.save")
+    e = sub.add_parser("evaluate", parents=[common],
+                       help="top-1/top-5 of a saved program or its ONNX file (and of the float model)")
+    e.add_argument("--program", required=True,
+                   help="a .pt2 written by cora-fx quantize / cora_fx.save, or an .onnx file (by its suffix; "
+                        "cora-fx export), run by onnxruntime on the CPU")
     e.add_argument("--data", required=True, help="ImageFolder directory or path,label[,split] CSV")
     e.add_argument("--limit", type=_positive_int, help="evaluate at most this many images")
     e.add_argument("--model", help="also evaluate this float model (torchvision:NAME or package.module:factory)")
@@ -469,10 +534,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("program", help="a .pt2 written by cora-fx quantize / cora_fx.save")
     x.add_argument("--format", choices=("onnx",), default="onnx", help="output format (default onnx)")
     x.add_argument("--out", help="output path (default: the program's path with .onnx)")
-    x.add_argument("--weights", choices=("auto", "codes", "int8"), default="auto",
-                   help="codes: each weight's own 4/8-bit codes (smallest file); int8: one int8 tensor per layer "
-                        "(integer kernels in onnxruntime with 8-bit activations); auto: int8 when the program "
-                        "quantizes activations, else codes")
+    x.add_argument("--weights", choices=("auto", "compact", "codes", "int8"), default="auto",
+                   help="auto / compact: each weight at its own bit width, integer kernels in onnxruntime when "
+                        "the program quantizes activations, float speed when it does not; codes: DequantizeLinear "
+                        "of the codes on every run (runtimes that read 4-bit QDQ weights); int8: one int8 tensor "
+                        "per layer (runtimes without 4-bit tensors)")
     x.add_argument("--opset", type=_int_in(21, 1 << 10), default=21, help="ONNX opset, >= 21 (default 21)")
     x.add_argument("--image-size", type=_positive_int,
                    help="side of the example input (default: the size the program was saved with)")
