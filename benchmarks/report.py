@@ -172,6 +172,16 @@ def module_command(command: str) -> str:
     return SCRIPT_COMMAND.sub(r"python\1 -m benchmarks.\2", command)
 
 
+def folded_command(command: str, width: int = 116) -> str:
+    """A long shell command folded with backslash continuations, so that no line is wider than ``width``."""
+    lines = [""]
+    for word in command.split():
+        if lines[-1] and len(lines[-1]) + len(word) + 3 > width:
+            lines.append("   ")
+        lines[-1] = f"{lines[-1]} {word}" if lines[-1] else word
+    return " \\\n".join(lines)
+
+
 #: "AIMET AdaRound (500 steps) W4": a peer re-run with a longer schedule than its own row's
 LONGER_SCHEDULE = re.compile(r"(?P<method>.+) \((?P<steps>\d+) steps\) (?P<bits>W\d+)$")
 
@@ -427,11 +437,11 @@ def deploy_section(folder: Path) -> list[str]:
         "model on the 10,000 tiny64 images (64 px: activation ranges calibrated at 224 px fit them worse), "
         "QLinearConv / QGemm: convolutions / linear layers run by integer kernels in onnxruntime's optimized graph. "
         "File sizes without torch.onnx's debugging metadata (`export_onnx` drops it; so does the float file)."),
-        "```bash\n" + "\n".join(dict.fromkeys(module_command(r.get("command", data.get("command", "")))
+        "```bash\n" + "\n".join(dict.fromkeys(folded_command(module_command(r.get("command", data.get("command", ""))))
                                 for r in data["rows"].values()))
         + "\n```"]
-    lines = ["| row | top-1 % (95% CI) | tiny64 % | bits | file MB | vs float | QLinearConv / QGemm | torch top-1 % | "
-             "agrees with torch % |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | top-1 % (95% CI) | tiny64 % | bits | file MB | vs float | QLinearConv / QGemm | torch top-1 | "
+             "= torch % |", "|---|---|---|---|---|---|---|---|---|"]
     float_bytes = data["rows"].get("float", {}).get("file_bytes")
     family = {"float": 0, "ort": 1}
     for name, r in sorted(data["rows"].items(), key=lambda item: family.get(item[0].split("-")[0], 2)):
@@ -440,8 +450,8 @@ def deploy_section(folder: Path) -> list[str]:
                      f"{r['file_bytes'] / 1e6:.2f} | {size} | {r['integer_convs']} / {r.get('integer_gemms', 0)} | "
                      f"{fmt(r.get('torch_top1'))} | {fmt(r.get('top1_agreement_vs_torch'))} |")
     parts.append("\n".join(lines))
-    parts.append(wrap("torch top-1: the converted torch model on the same 700 images; agrees with torch: the share of "
-                      "them on which the file's top-1 class is the torch model's (onnxruntime, default session)."))
+    parts.append(wrap("torch top-1: the converted torch model on the same 700 images; = torch: the share of "
+                      "them on which the file's top-1 class is the torch model's (onnxruntime, default options)."))
     parts += deploy_targets(data) + levers_section(folder)
     latency = data.get("latency_ms")
     if latency:
@@ -452,7 +462,7 @@ def deploy_section(folder: Path) -> list[str]:
             table.append(f"| {row} | " + " | ".join(
                 f"{latency[k][row]:.1f} ({latency[k][row] / latency[k]['float']:.2f})" for k in settings) + " |")
         parts += [wrap("Median milliseconds per run (224 px), the files taking turns in one process; in brackets, "
-                       "vs float."), "```bash\n" + module_command(data["latency_command"]) + "\n```",
+                       "vs float."), "```bash\n" + folded_command(module_command(data["latency_command"])) + "\n```",
                   "\n".join(table)]
     return parts
 
@@ -768,15 +778,17 @@ def gallery_section(folder: Path) -> list[str]:
 
 def gallery_onnx_section(data: dict) -> list[str]:
     """The gallery's W4A8 rows exported with `export_onnx` and run by onnxruntime (real_models.py's ONNX columns)."""
-    lines = ["| model | float | W4A8 torch | W4A8 onnxruntime | agrees with torch | file MB (vs float) | "
-             "ms, batch 1 (vs float) | QLinearConv / convs | float compute left |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | float | W4A8 torch | W4A8 file | file = torch | MB (vs float) | ms, batch 1 (vs float) | "
+             "QLinearConv / convs |", "|---|---|---|---|---|---|---|---|"]
+    notes = []
     for name, rows in data.items():
         r = rows.get("cora-w4a8") if isinstance(rows, dict) and not name.startswith("_") else None
+        if isinstance(rows, dict) and not name.startswith("_") and not r:
+            notes.append(f"{name}: no W4A8 row measured")
         if not r or "scores" not in r:
             continue
         if "onnx_bytes" not in r:
-            lines.append(f"| {name} | | | export failed: {r.get('onnx_error', '-')[:80]} | | | | | |")
+            notes.append(f"{name}: the export failed: {r.get('onnx_error', '-')[:200]}")
             continue
         key = next(iter(r["scores"]))
         agree = "; ".join(f"{k} {v:.3f}" for k, v in r.get("torch_onnx_agreement", {}).items())
@@ -784,17 +796,18 @@ def gallery_onnx_section(data: dict) -> list[str]:
             if r.get("float_onnx_bytes") else f"{r['onnx_bytes'] / 1e6:.2f}"
         ms = r.get("latency_ms", {})
         speed = f"{ms['w4a8']:.2f} ({ms['w4a8'] / ms['float']:.2f})" if "float" in ms else "-"
-        left = "; ".join(f"{op} x{sum(why.values())}: {', '.join(why)}" for op, why in r["float_ops_left"].items())
         lines.append(f"| {name} | {key} {headline(rows, 'float'):.3f} | {r['scores'][key]:.3f} | "
                      f"{r['scores_onnx'][key]:.3f} | {agree or '-'} | {size} | {speed} | "
-                     f"{r['integer_convs']} / {r['convs']} | {left or '-'} |")
+                     f"{r['integer_convs']} / {r['convs']} |")
+        notes += [f"{name}: {op} x{count} in float: {why}" for op, reasons in r["float_ops_left"].items()
+                  for why, count in reasons.items()]
     if len(lines) == 2:
         return []
     return [wrap("The W4A8 rows (`recommended(4, act_bits=8)`) as ONNX files (`export_onnx`, default weights) in "
-                 "onnxruntime's CPU provider with default session options: the model's own headline metric on the "
+                 "onnxruntime's CPU provider with its default options: the model's own headline metric on the "
                  "torch program and on the file, their agreement (the metric's agreement key, torch as reference), "
                  "file size and latency against the float model exported by torch.onnx, and what onnxruntime "
-                 "leaves in float with the reason."), "\n".join(lines)]
+                 "leaves in float with the reason."), "\n".join(lines), "\n".join(wrap(f"- {n}") for n in notes)]
 
 
 def gallery_row(name: str, row: str, r: dict) -> str:

@@ -69,7 +69,7 @@ class ConversionPlan:
 
     adapter_form: str = "parallel"
     layers: dict[str, LoweredLayer] = field(default_factory=dict)
-    integer_kernels: bool = False  # activations quantized: a folded weight is rounded to int8 (`requantized`)
+    integer_kernels: bool = False  # activations quantized: weights on INT8 grids (`quant.integer`)
 
 
 def lowered_layer(layer: CoRaConv2d, adapter_bits: Optional[int]) -> LoweredLayer:

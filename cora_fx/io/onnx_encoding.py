@@ -160,13 +160,6 @@ class _Builder:
         inputs = [codes, self.constant(f"{name}.scale", scale), *([zero_point] if zero_point else [])]
         return self.node("DequantizeLinear", inputs, output, **axis)
 
-    def rows(self, name: str, rank: int) -> str:
-        """``name`` (one value per output channel) reshaped to broadcast against a tensor of ``rank`` dims."""
-        shape = f"cora_rows_{rank}d"
-        if not any(init.name == shape for init in (*self.inits, *self.graph.initializer)):
-            self.constant(shape, np.array([-1, *[1] * (rank - 1)], np.int64))
-        return self.node("Reshape", [name, shape], f"{name}.rows")
-
     def weight(self, name: str, enc: EncodedWeight) -> None:
         """The nodes computing the float weight ``name`` from ``enc`` in its form."""
         from onnx import TensorProto
