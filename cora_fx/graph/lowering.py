@@ -41,7 +41,7 @@ from cora_fx.calibrate.activations import QUANTIZE, ActivationQuantizer, quantiz
 from cora_fx.errors import CoRaError
 from cora_fx.graph.edits import module_calls, set_submodule
 from cora_fx.graph.passes import merge_nodes
-from cora_fx.quant.integer import integer_kernel_scale, requantize_divisor
+from cora_fx.quant.integer import integer_kernel_scale, requantize_divisor, requantize_scale
 from cora_fx.quant.modules import ConvSpec, CoRaConv2d
 from cora_fx.quant.packing import field_bits, pack_codes, unpack_words, word_shifts
 from cora_fx.quant.uniform import QuantizedWeight, minmax_quantize
@@ -90,13 +90,6 @@ def conversion_plan(gm: fx.GraphModule, adapter_bits: Optional[int], adapter_for
     """The `LoweredLayer` of every CoRa branch of a prepared graph (the graph is not changed)."""
     layers = {name: lowered_layer(gm.get_submodule(name), adapter_bits) for name, *_ in merge_nodes(gm)}
     return ConversionPlan(adapter_form, layers, integer_kernels)
-
-
-def requantize_scale(weight: torch.Tensor) -> torch.Tensor:
-    """Per-output-channel scale of the symmetric 8-bit grid of ``weight``: max |w| of each row maps to 127."""
-    rows = weight.detach().reshape(weight.shape[0], -1).abs().amax(dim=1)
-    scale = (rows / 127).clamp_min(torch.finfo(torch.float32).tiny)
-    return scale.reshape(-1, *[1] * (weight.dim() - 1)).to(torch.float32)
 
 
 class _PlannedPass(PassBase):

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from cora_fx.errors import CoRaError
+from cora_fx.quant.integer import requantize_scale
 
 #: How an `EncodedWeight` is decoded in the graph (module docstring).
 FORMS = ("dequantize", "kernel", "float")
@@ -97,19 +98,16 @@ def symmetric_int8(codes: torch.Tensor, zero_point: torch.Tensor, scale: torch.T
     zero_rows = torch.as_tensor(zero_point, dtype=torch.float32).reshape(-1).expand(rows)
     signed = (codes.float() - zero_rows.reshape(shape)) * scale_rows.sign().reshape(shape)
     if float(signed.min()) < -128 or float(signed.max()) > 127:
-        return requantize_int8(signed * scale_rows.abs().reshape(shape))
+        return int8_encoding(signed * scale_rows.abs().reshape(shape))
     return EncodedWeight(signed.numpy().astype(np.int8), scale_rows.abs().numpy().astype(np.float32),
                          np.zeros(rows, np.int8), onnx.TensorProto.INT8, "kernel")
 
 
-def requantize_int8(weight: torch.Tensor, scale: Optional[torch.Tensor] = None) -> EncodedWeight:
+def int8_encoding(weight: torch.Tensor, scale: Optional[torch.Tensor] = None) -> EncodedWeight:
     """Symmetric per-output-channel INT8 codes of a float weight on the grid ``scale`` (one per row; exact for a
-    weight `quant.integer.requantize_int8` put there), by default max |w| of each row mapped to 127."""
+    weight `quant.integer.requantize_int8` put there), by default `quant.integer.requantize_scale`."""
     onnx = require_onnx()
-    rows = weight.reshape(weight.shape[0], -1)
-    if scale is None:
-        scale = (rows.abs().amax(dim=1) / 127).clamp_min(1e-12)
-    scale = scale.reshape(-1).to(torch.float32)
+    scale = (requantize_scale(weight) if scale is None else scale).reshape(-1).to(torch.float32)
     codes = torch.round(weight / scale.reshape(-1, *[1] * (weight.dim() - 1))).clamp(-127, 127)
     return EncodedWeight(codes.numpy().astype(np.int8), scale.numpy().astype(np.float32),
                          np.zeros(weight.shape[0], np.int8), onnx.TensorProto.INT8, "kernel")

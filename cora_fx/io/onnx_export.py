@@ -35,7 +35,7 @@ from cora_fx.io.onnx_encoding import (
     fold_constant_casts,
     quantize_gemm_biases,
     require_onnx,
-    requantize_int8,
+    int8_encoding,
     symmetric_int8,
 )
 from cora_fx.state import CONVERTED, get_state
@@ -354,7 +354,7 @@ def weights_as_constants(model: fx.GraphModule, example_inputs: tuple, fmt: str
     constants = _Constants(gm, interpreter.values)
     for node in computed if fmt == "int8" else []:
         scale = interpreter.values[grids[node]] if node in grids else None
-        constants.encoded(node, requantize_int8(interpreter.values[node], scale))
+        constants.encoded(node, int8_encoding(interpreter.values[node], scale))
     gm.graph.eliminate_dead_code()
     live = set(gm.graph.nodes)
     for node, parts in chains.items():

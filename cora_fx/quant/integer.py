@@ -77,6 +77,13 @@ def _(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(weight)
 
 
+def requantize_scale(weight: torch.Tensor) -> torch.Tensor:
+    """Per-output-channel scale of the symmetric 8-bit grid of ``weight``: max |w| of each row maps to 127."""
+    rows = weight.detach().reshape(weight.shape[0], -1).abs().amax(dim=1)
+    scale = (rows / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    return scale.reshape(-1, *[1] * (weight.dim() - 1)).to(torch.float32)
+
+
 def requantize_divisor(weight: torch.Tensor, base_scale: torch.Tensor) -> torch.Tensor:
     """Per-output-channel integers k (uint8, 1..127) such that the 8-bit grid ``|base_scale| / k`` holds
     ``weight`` within 127 steps: the base grid's points stay exact on it (docs/method.md section 15)."""
