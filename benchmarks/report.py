@@ -19,6 +19,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from benchmarks.report_devices import gpu_section, mixed_precision_section, scaling_plot, scaling_section
+
 RESULTS = Path(__file__).resolve().parent / "results" / "results.json"
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 WIDTH = 116  # wrap width of the page's prose and commands (lines stay <= 120)
@@ -872,6 +874,7 @@ def render_results(results: dict, plots: str = "results", folder: Path | None = 
             notes = peer_notes(sections[key], meta.get("calib_images")) if key == "peers" else ""
             parts += [notes] if notes else []
     parts += speed_section(folder)
+    parts += scaling_section(folder, plots) + mixed_precision_section(folder) + gpu_section(folder)
     parts += deploy_section(folder)
     latency = latency_summary(results)
     if latency:
@@ -1124,6 +1127,8 @@ def write_plots(results: dict, folder: Path) -> list[Path]:
     if frontier and frontier_rows(frontier):
         written.append(folder / "frontier.png")
         frontier_plot(frontier, written[-1])
+    scaling = scaling_plot(folder)
+    written += [scaling] if scaling else []
     record = results.get("CoRa recommended W4") or {}
     if "ranks" in (record.get("extra") or {}):
         written.append(folder / "ranks.png")

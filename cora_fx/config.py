@@ -24,7 +24,7 @@ from typing import Any, Callable, ClassVar, Iterable, Literal, Mapping, Optional
 from cora_fx.errors import CoRaDeprecationWarning
 
 #: Version of the `to_dict` layout; `from_dict` reads this version and the flat layout before it.
-CONFIG_VERSION = 8
+CONFIG_VERSION = 9
 
 Granularity = Literal["per_tensor", "per_channel"]
 Clipping = Literal["normal", "normal_paper", "minmax", "mse"]
@@ -49,6 +49,8 @@ ADAPTER_FORMS = get_args(AdapterForm)
 ACTIVATION_OBSERVERS = get_args(ActivationObserver)
 ACTIVATION_DTYPES = get_args(ActivationDtype)
 ALLOCATIONS = get_args(Allocation)
+#: The ``search.autocast`` precisions (torch dtype names).
+AUTOCAST_DTYPES = ("bfloat16", "float16")
 
 #: The modules `CoRaConfig.from_dict` imports a saved callable (``clipping``, ``loss``) from without being told:
 #: cora_fx's own and torch.ao's observers. Any other must be named by the caller (``allowed_modules``).
@@ -256,6 +258,9 @@ class SearchConfig(_Group):
             (section 3).
         channels_last: run the search on 4-D inputs in channels-last memory format (faster CPU convs); a
             model that cannot (a ``view`` of a 4-D activation) falls back to contiguous inputs by itself.
+        autocast: ``"bfloat16"`` or ``"float16"``: the search's forward passes (the float teacher's and the
+            soft model's) under ``torch.autocast`` at that precision, on the model's device (section 16);
+            the ranks and their gradients stay float32. None (the default): float32 throughout.
         loss: ``"ce"`` (labels) or a label-free objective against the float model's outputs (section 7):
             ``"kl"`` (class logits or probabilities along ``loss_dim``), ``"bce"`` (sigmoid probabilities),
             ``"bce_logits"`` (logits of independent labels), ``"mse"`` (raw outputs, scale-free); each sums
@@ -286,6 +291,7 @@ class SearchConfig(_Group):
     seed: int = 0
     micro_batch: Union[int, Literal["auto"], None] = "auto"
     channels_last: bool = True
+    autocast: Optional[str] = None
     allocation: Allocation = "bits"
     target_bits: Optional[float] = None
 
@@ -310,6 +316,8 @@ class SearchConfig(_Group):
             ("micro_batch", lambda v: v is None or v == "auto" or (_is_int(v) and v >= 1),
              "must be None, 'auto' or an integer >= 1"),
             ("channels_last", lambda v: isinstance(v, bool), "must be True or False"),
+            ("autocast", lambda v: v is None or _one_of(AUTOCAST_DTYPES)(v),
+             f"must be None or one of {AUTOCAST_DTYPES}"),
             ("allocation", _one_of(ALLOCATIONS), f"must be one of {ALLOCATIONS}"),
             ("target_bits", lambda v: v is None or (_is_number(v) and v > 0), "must be None or a positive number"),
         ]
@@ -385,7 +393,7 @@ FLAT_NAMES: dict[str, tuple[str, str]] = {
     "rounding_inputs": ("rounding", "inputs"), "max_block": ("rounding", "max_block"),
     **{name: ("search", name) for name in
        ("budget", "nbk_order", "penalty", "lr", "iterations", "grad_clip", "init_rank", "loss", "loss_dim", "seed",
-        "micro_batch", "channels_last", "allocation", "target_bits")},
+        "micro_batch", "channels_last", "autocast", "allocation", "target_bits")},
     **{name: ("refine", name) for name in ("bn_correction", "finetune_iterations", "finetune_lr")},
     "act_bits": ("activation", "bits"), "act_observer": ("activation", "observer"),
     "act_dtype": ("activation", "dtype"), "act_batches": ("activation", "batches"),

@@ -10,6 +10,7 @@ from torch import nn
 
 from cora_fx.allocation.plan import plan_target
 from cora_fx.config import ADAPTER_FORMS, CoRaConfig
+from cora_fx.devices import model_device
 from cora_fx.graph.lowering import (
     Cleanup,
     EmulateIntegerKernels,
@@ -57,7 +58,10 @@ def convert_cora(prepared: fx.GraphModule, *, fold_batchnorm: bool = True,
 
 def _convert_in_place(gm: fx.GraphModule, state: CoRaState, fold_batchnorm: bool = True) -> fx.GraphModule:
     layers = layer_infos(gm)
+    device = model_device(gm)
     gm = run_passes(gm, lowering_passes(gm, state.config, fold_batchnorm))
+    if device.type != "cpu":
+        gm.to(device)  # the constants the passes add (shifts, integer-kernel qparams) beside the weights
     gm.meta[META_KEY] = dataclasses.replace(state, stage=CONVERTED, skipped=dict(state.skipped), layers=layers)
     return gm
 

@@ -14,6 +14,7 @@ from cora_fx.calibrate import distributed
 from cora_fx.calibrate.activations import InsertActivationQuantizers
 from cora_fx.calibrate.checks import example_shapes
 from cora_fx.config import CoRaConfig
+from cora_fx.devices import model_device, on_device
 from cora_fx.errors import CoRaError
 from cora_fx.graph.capture import capture as capture_model
 from cora_fx.graph.capture import example_tensors
@@ -86,6 +87,8 @@ def prepare_cora(
         return model  # type: ignore[return-value]
 
     _check_layer_names(model, config)
+    device = model_device(model)  # example inputs follow the model (a GPU model may be given CPU examples)
+    example_inputs, example_kwargs = on_device(example_inputs, device), on_device(example_kwargs, device)
     source = model if inplace else copy.deepcopy(model)
     captured = capture_model(source, leaf_modules, example_inputs, example_kwargs, concrete_args, capture)
     config, edges = _with_edge_bits(captured.gm, captured.leaves, config)

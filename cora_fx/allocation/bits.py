@@ -59,7 +59,7 @@ def planned_bits(prepared: torch.fx.GraphModule, layer_bits: dict[str, int], bud
 
 def _restored(base: torch.Tensor, factors: ResidualFactors, rank: int) -> torch.Tensor:
     """[W]_n plus the best rank-``rank`` approximation of its residual: what a heuristic adapter restores."""
-    keep = (torch.arange(factors.max_rank) < rank).float()
+    keep = (torch.arange(factors.max_rank, device=factors.S.device) < rank).float()
     return base + factors.folded_delta(keep)
 
 

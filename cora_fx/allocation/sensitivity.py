@@ -10,9 +10,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cora_fx.calibrate import distributed
-from cora_fx.calibrate.batches import input_dtype, model_device, split_batch
+from cora_fx.calibrate.batches import input_dtype, split_batch
 from cora_fx.calibrate.distillation import distillation_loss
 from cora_fx.config import CoRaConfig
+from cora_fx.devices import model_device
 from cora_fx.errors import CoRaError
 from cora_fx.graph.capture import CAPTURE_OPTIONS
 
@@ -38,7 +39,9 @@ class Sensitivity:
             return [model(*x, **self.fixed) for x in inputs]
 
     def __call__(self, model: nn.Module, inputs: list[tuple[torch.Tensor, ...]], reference: list[Any]) -> list[float]:
-        return [float(self.loss(out, ref, None)) for out, ref in zip(self.outputs(model, inputs), reference)]
+        losses = [self.loss(out, ref, None).detach().reshape(()) for out, ref in zip(self.outputs(model, inputs),
+                                                                                      reference)]
+        return torch.stack(losses).cpu().tolist()  # one read-back per model, not one per batch
 
 
 def check_arguments(caller: str, model: nn.Module, target_bits: Any, max_batches: Any,

@@ -22,8 +22,9 @@ from torch.fx.passes.infra.pass_base import PassResult
 from tqdm.auto import tqdm
 
 from cora_fx.calibrate import distributed
-from cora_fx.calibrate.batches import model_device, split_batch
+from cora_fx.calibrate.batches import split_batch
 from cora_fx.config import ActivationConfig, step_config
+from cora_fx.devices import model_device
 from cora_fx.errors import CoRaError
 from cora_fx.graph.passes import folded_copy
 from cora_fx.quant.modules import FLOAT, CoRaConv2d, folded_modes
@@ -163,8 +164,9 @@ class InsertActivationQuantizers:
         marked += [x for x in dict.fromkeys(inputs) if x not in marked]
         holder = nn.Module()
         gm.add_submodule(QUANTIZERS, holder)
+        device = model_device(gm)
         for node in marked:
-            holder.add_module(node.name, ActivationQuantizer(self.config))
+            holder.add_module(node.name, ActivationQuantizer(self.config).to(device))
             with gm.graph.inserting_after(node):
                 quantized = gm.graph.call_module(f"{QUANTIZERS}.{node.name}", (node,))
             quantized.meta.update(node.meta, cora_role="activation")

@@ -8,13 +8,6 @@ import torch
 from cora_fx.errors import CoRaError
 
 
-def model_device(module: torch.nn.Module) -> torch.device:
-    """Device of the first parameter or buffer (CPU for a module without tensors)."""
-    for t in list(module.parameters()) + list(module.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
 def input_dtype(module: torch.nn.Module) -> Optional[torch.dtype]:
     """Floating dtype of the model's own parameters (the search's rank parameters excluded).
 

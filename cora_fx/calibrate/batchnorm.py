@@ -22,7 +22,8 @@ from torch import nn
 from cora_fx.config import step_config
 from cora_fx.calibrate import distributed
 from cora_fx.calibrate.activations import float_activations
-from cora_fx.calibrate.batches import model_device, split_batch
+from cora_fx.calibrate.batches import split_batch
+from cora_fx.devices import model_device
 from cora_fx.errors import CoRaError
 from cora_fx.graph.passes import folded_copy
 from cora_fx.quant.modules import FLOAT, HARD, CoRaConv2d, folded_modes

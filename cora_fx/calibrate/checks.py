@@ -12,8 +12,9 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.fx as fx
 
-from cora_fx.calibrate.batches import input_dtype, model_device, split_batch
+from cora_fx.calibrate.batches import input_dtype, split_batch
 from cora_fx.calibrate.objective import task_loss
+from cora_fx.devices import model_device
 from cora_fx.errors import CoRaError
 from cora_fx.state import get_state
 

@@ -58,8 +58,25 @@ def paired_outputs(output: Any, reference: Any) -> list[tuple[str, torch.Tensor,
     return pairs
 
 
+def checked_once(seen: dict[str, Any], path: str, ref: torch.Tensor, check: Callable[[], Any]) -> Any:
+    """``check()`` (a validation that reads values back) for every batch on the CPU, and once per output
+    ``path`` elsewhere: reading a GPU tensor back on every search step would stall the GPU each time."""
+    if ref.device.type == "cpu" or path not in seen:
+        seen[path] = check()
+    return seen[path]
+
+
 def softmax_kl(dim: int) -> Objective:
     """KL(float || quantized) of the distributions along ``dim`` (logits or probabilities)."""
+    seen: dict[str, bool] = {}
+
+    def is_distribution(ref: torch.Tensor, path: str) -> bool:
+        if _is_probability(ref) and not _is_distribution(ref):
+            raise CoRaError(f"loss='kl' over dim {dim} of {path}: its values lie in [0, 1] but do not sum to 1 along "
+                            "that dimension (independent sigmoid probabilities?); use loss='bce' for those, or set "
+                            "search.loss_dim to the dimension that holds the distribution")
+        return _is_distribution(ref)
+
     def kl(out: torch.Tensor, ref: torch.Tensor, path: str) -> torch.Tensor:
         if not -ref.dim() <= dim < ref.dim() or ref.shape[dim] < 2:
             size = "no such dimension" if not -ref.dim() <= dim < ref.dim() else "one value per distribution"
@@ -67,11 +84,7 @@ def softmax_kl(dim: int) -> Objective:
                             "Set search.loss_dim to the class dimension, or use loss='bce' (sigmoid "
                             "probabilities), 'bce_logits' or 'mse' (raw values)")
         out, ref = out.movedim(dim, -1).flatten(0, -2), ref.movedim(dim, -1).flatten(0, -2)
-        if _is_probability(ref) and not _is_distribution(ref):
-            raise CoRaError(f"loss='kl' over dim {dim} of {path}: its values lie in [0, 1] but do not sum to 1 along "
-                            "that dimension (independent sigmoid probabilities?); use loss='bce' for those, or set "
-                            "search.loss_dim to the dimension that holds the distribution")
-        if _is_distribution(ref):
+        if checked_once(seen, path, ref, lambda: is_distribution(ref, path)):
             log_q, log_p = out.clamp_min(_EPS).log(), ref.clamp_min(_EPS).log()
         else:
             log_q, log_p = F.log_softmax(out, -1), F.log_softmax(ref, -1)
@@ -89,16 +102,22 @@ def _is_distribution(ref: torch.Tensor) -> bool:
 
 def binary_kl(logits: bool) -> Objective:
     """Binary KL(float || quantized) of independent Bernoulli outputs, batch mean."""
+    seen: dict[str, bool] = {}
+
+    def check_probabilities(ref: torch.Tensor, path: str) -> bool:
+        low, high = float(ref.min()), float(ref.max())
+        if low < 0 or high > 1:
+            raise CoRaError(f"loss='bce' needs probabilities in [0, 1]; {path} has values in "
+                            f"[{low:.3g}, {high:.3g}]: use loss='bce_logits' for logits of independent "
+                            "labels, 'kl' for class logits or 'mse' for raw values")
+        return True
+
     def bce(out: torch.Tensor, ref: torch.Tensor, path: str) -> torch.Tensor:
         if logits:
             log_q, log_1q = F.logsigmoid(out), F.logsigmoid(-out)
             p = torch.sigmoid(ref)
         else:
-            low, high = float(ref.min()), float(ref.max())
-            if low < 0 or high > 1:
-                raise CoRaError(f"loss='bce' needs probabilities in [0, 1]; {path} has values in "
-                                f"[{low:.3g}, {high:.3g}]: use loss='bce_logits' for logits of independent "
-                                "labels, 'kl' for class logits or 'mse' for raw values")
+            checked_once(seen, path, ref, lambda: check_probabilities(ref, path))
             q = out.clamp(_EPS, 1 - _EPS)
             log_q, log_1q = q.log(), (1 - q).log()
             p = ref

@@ -39,12 +39,13 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
-def init_from_environment() -> bool:
-    """Initialise the default process group from ``torchrun``'s environment (gloo on CPU); True if this call
-    did (the caller then destroys it), False when there is nothing to do or a group already exists."""
+def init_from_environment(backend: str = "gloo") -> bool:
+    """Initialise the default process group from ``torchrun``'s environment (``"gloo"`` on CPU, ``"nccl"`` for a
+    model on GPUs); True if this call did (the caller then destroys it), False when there is nothing to do or a
+    group already exists."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
         return False
-    dist.init_process_group("gloo")
+    dist.init_process_group(backend)
     return True
 
 

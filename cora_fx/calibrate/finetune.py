@@ -21,8 +21,9 @@ from tqdm.auto import tqdm
 
 from cora_fx.config import step_config
 from cora_fx.calibrate import distributed
-from cora_fx.calibrate.batches import BatchCycle, input_dtype, model_device, split_batch
+from cora_fx.calibrate.batches import BatchCycle, input_dtype, split_batch
 from cora_fx.calibrate.objective import batch_loss, frozen_weights, task_loss
+from cora_fx.devices import model_device
 from cora_fx.graph.passes import folded_copy
 from cora_fx.quant.modules import TUNE, CoRaConv2d, folded_modes
 from cora_fx.state import PREPARED, get_state
@@ -75,6 +76,7 @@ def finetune(prepared: fx.GraphModule, batches: Iterable, *, progress: bool = Tr
     loss_fn = task_loss(cfg)
     device, dtype = model_device(prepared), input_dtype(prepared)
     optimizer = torch.optim.Adam(params, lr=lr)
+    losses: list[torch.Tensor] = []
     data = BatchCycle(batches)
     start = time.perf_counter()
     bar = tqdm(total=iterations, desc="cora finetune", disable=not distributed.shows_progress(progress), leave=False)
@@ -97,12 +99,14 @@ def finetune(prepared: fx.GraphModule, batches: Iterable, *, progress: bool = Tr
                 distributed.average_gradients(params)  # data-parallel: the step of the global batch
                 optimizer.step()
                 value = distributed.all_reduce_sum(loss.detach().reshape(1).clone()) / distributed.world_size()
-                result.loss.append(float(value))
+                losses.append(value)  # read back once at the end: no GPU stall per step
                 result.iterations += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{result.loss[-1]:.4f}")
+                if not bar.disable and result.iterations % 10 == 0:
+                    bar.set_postfix(loss=f"{float(value):.4f}")
     finally:
         bar.close()
+        result.loss = torch.cat(losses).cpu().tolist() if losses else []
         for w in tuned:
             w.tuned = None
         for q in factors:

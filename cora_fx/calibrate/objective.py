@@ -9,7 +9,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from cora_fx.calibrate.activations import float_activations
-from cora_fx.calibrate.distillation import distillation_loss, output_tensors
+from cora_fx.calibrate.distillation import checked_once, distillation_loss, output_tensors
 from cora_fx.config import CoRaConfig
 from cora_fx.errors import CoRaError
 from cora_fx.quant.modules import FLOAT, CoRaConv2d, folded_modes
@@ -22,6 +22,13 @@ def task_loss(cfg: CoRaConfig) -> Callable[[Any, Optional[Any], Any], torch.Tens
         return cfg.search.loss
     if cfg.search.loss != "ce":
         return distillation_loss(cfg.search.loss, cfg.search.loss_dim)
+    seen: dict[str, bool] = {}
+
+    def check_labels(labels: torch.Tensor, classes: int) -> bool:
+        low, high = (int(v) for v in torch.aminmax(labels))
+        if low < 0 or high >= classes:
+            raise CoRaError(f"labels out of range: the model has {classes} classes, got labels {low}..{high}")
+        return True
 
     def ce(output: Any, float_output: Optional[Any], labels: Any) -> torch.Tensor:
         if not isinstance(output, torch.Tensor):
@@ -31,9 +38,8 @@ def task_loss(cfg: CoRaConfig) -> Callable[[Any, Optional[Any], Any], torch.Tens
                 or labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8)):
             raise CoRaError("loss='ce' needs integer class labels in every batch (or use loss='kl')")
         classes = output.shape[-1]
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
-            raise CoRaError(f"labels out of range: the model has {classes} classes, "
-                            f"got labels {int(labels.min())}..{int(labels.max())}")
+        if labels.numel():
+            checked_once(seen, "labels", labels, lambda: check_labels(labels, classes))
         return F.cross_entropy(output, labels.long())
     return ce
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import closing
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from cora_fx.calibrate import distributed
-from cora_fx.calibrate.batches import BatchCycle, input_dtype, model_device, split_batch
+from cora_fx.calibrate.batches import BatchCycle, input_dtype, split_batch
 from cora_fx.calibrate.objective import (
     TeacherCache,
     batch_loss,
@@ -29,6 +29,7 @@ from cora_fx.calibrate.objective import (
     task_loss,
 )
 from cora_fx.config import CoRaConfig, step_config
+from cora_fx.devices import model_device
 from cora_fx.errors import CoRaError
 from cora_fx.graph.passes import search_copy
 from cora_fx.io.summary import accounting, layer_infos
@@ -101,7 +102,7 @@ def project_ranks(
         return ranks
     positive = sorted(v for v in importance.values() if v > 0)
     eps = 0.1 * positive[len(positive) // 2] if positive else 1.0
-    sigma = {n: adapters_[n].factors.S.max(dim=0).values for n in ranks}
+    sigma = {n: adapters_[n].factors.S.max(dim=0).values.cpu() for n in ranks}  # read per step below: on the host
     ref = {n: float(sigma[n][max(r, 1) - 1]) or 1.0 for n, r in ranks.items()}
     while total > budget_params:
         best, best_cost = None, math.inf
@@ -149,6 +150,10 @@ def search_ranks(prepared: fx.GraphModule, batches: Iterable, *, progress: bool 
     return search.finish(interrupted=False)
 
 
+#: The progress bar shows the loss and budget every this many steps (reading them waits for a GPU).
+POSTFIX_EVERY = 10
+
+
 class _RankSearch:
     """One run of the search loop (docs/method.md section 3) over the folded copy of a prepared model."""
 
@@ -165,6 +170,7 @@ class _RankSearch:
         self.dtype = input_dtype(prepared)
         total = max(state.conv_params, 1)
         self.ranks = [self.searchable[n].rank for n in self.names]
+        self.min_ranks = [1.0 / self.searchable[n].max_rank for n in self.names]  # 1 / R_l, host floats
         self.max_ranks = torch.tensor([self.searchable[n].max_rank for n in self.names], dtype=torch.float32,
                                       device=self.device)
         self.omega = torch.tensor([self.searchable[n].factors.params_per_rank / total for n in self.names],
@@ -174,7 +180,7 @@ class _RankSearch:
         self.importance = torch.zeros(len(self.names), device=self.device)
         self.channels_last = cfg.search.channels_last
         self.teachers = TeacherCache(False)
-        self.history = SearchHistory()
+        self.pending: list[tuple[Any, Any, Any]] = []
         self.done = 0
         self.start = time.perf_counter()
 
@@ -238,13 +244,13 @@ class _RankSearch:
                 r.grad = (gt + gp).clamp(-cfg.grad_clip, cfg.grad_clip)
         optimizer.step()
         with torch.no_grad():
-            for r, big_r in zip(self.ranks, self.max_ranks):
-                r.nan_to_num_(nan=float(1.0 / big_r))
-                r.clamp_(float(1.0 / big_r), 1.0)
-        self._record(task_value + penalty.item(), task_value, running.item(), bar)
+            for r, low in zip(self.ranks, self.min_ranks):
+                r.nan_to_num_(nan=low)
+                r.clamp_(low, 1.0)
+        self._record(task_value + penalty.detach(), task_value, running.detach(), bar)
 
     def _task_gradient(self, inputs: tuple[torch.Tensor, ...], labels: Any, index: int,
-                       position: int) -> tuple[torch.Tensor, float]:
+                       position: int) -> tuple[torch.Tensor, torch.Tensor]:
         """d task / d r_l and the task loss of one batch, over its micro-batches and all processes."""
         cfg = self.cfg.search
         if self.channels_last:
@@ -252,23 +258,41 @@ class _RankSearch:
         g_task = torch.zeros(len(self.names), device=self.device)
         task_value = torch.zeros(1, device=self.device)
         for k, (part, part_labels, weight) in enumerate(micro_batches(inputs, labels, cfg.micro_batch, cfg.loss)):
-            task = weight * batch_loss(self.search_gm, self.wrappers, self.cfg, self.loss_fn, part,
-                                       part_labels, caller="search_ranks", index=index, teachers=self.teachers,
-                                       key=(position, k))
+            with self._autocast():
+                task = weight * batch_loss(self.search_gm, self.wrappers, self.cfg, self.loss_fn, part,
+                                           part_labels, caller="search_ranks", index=index,
+                                           teachers=self.teachers, key=(position, k))
             if self.ranks and task.requires_grad:
                 grads = torch.autograd.grad(task, self.ranks, allow_unused=True)
                 g_task += torch.stack([torch.zeros((), device=self.device) if g is None else g for g in grads])
             task_value += task.detach()
         reduced = distributed.all_reduce_sum(torch.cat([g_task, task_value])) / distributed.world_size()
-        return reduced[:-1], float(reduced[-1])
+        return reduced[:-1], reduced[-1]
 
-    def _record(self, loss: float, task: float, budget: float, bar: Any) -> None:
-        self.history.loss.append(loss)
-        self.history.task_loss.append(task)
-        self.history.budget.append(budget)
+    def _autocast(self) -> Any:
+        """``torch.autocast`` at ``search.autocast`` on the model's device type, or a no-op context."""
+        precision = self.cfg.search.autocast
+        if precision is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=getattr(torch, precision))
+
+    def _record(self, loss: Any, task: Any, budget: Any, bar: Any) -> None:
+        """Keep the step's values where they are (a GPU's are read back once, in `finish`); the progress bar reads
+        them every `POSTFIX_EVERY` steps."""
+        self.pending.append((loss, task, budget))
         self.done += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", budget=f"{budget:.3f}")
+        if not bar.disable and (self.done % POSTFIX_EVERY == 0 or self.done == self.cfg.search.iterations):
+            bar.set_postfix(loss=f"{float(loss):.3f}", budget=f"{float(budget):.3f}")
+
+    def _history(self) -> SearchHistory:
+        """The per-step values as floats, read back from the device in one copy."""
+        if not self.pending:
+            return SearchHistory()
+        values = torch.stack([torch.as_tensor(v, dtype=torch.float32).reshape(()).to(self.device)
+                              for step in self.pending for v in step]).reshape(-1, 3).cpu().tolist()
+        loss, task, budget = (list(column) for column in zip(*values))
+        return SearchHistory(loss, task, budget)
 
     def restore(self) -> None:
         """Put back the ranks the model had before the search."""
@@ -296,7 +320,7 @@ class _RankSearch:
         acc = accounting(layer_infos(self.prepared), state)
         soft_params = fixed_params + sum(searchable[n].factors.params_per_rank * soft[n] for n in names)
         result = RankSearchResult(final, acc.budget, soft_params / max(state.conv_params, 1), acc.equivalent_bits,
-                                  self.history, soft, searched, {n: searchable[n].max_rank for n in names},
+                                  self._history(), soft, searched, {n: searchable[n].max_rank for n in names},
                                   self.cfg.search.budget, self.done, time.perf_counter() - self.start, interrupted)
         state.search_result = result
         return result

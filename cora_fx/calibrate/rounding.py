@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from cora_fx.calibrate import distributed
-from cora_fx.calibrate.batches import model_device, split_batch
+from cora_fx.calibrate.batches import split_batch
 from cora_fx.config import CoRaConfig, step_config
+from cora_fx.devices import model_device
 from cora_fx.errors import CoRaError
 from cora_fx.graph.passes import folded_copy
 from cora_fx.prepare import adapters, set_ranks
@@ -159,7 +160,7 @@ def _damped(h: torch.Tensor, damp: float) -> torch.Tensor:
     """H + damp * mean(diag H) * I per group, in float64; dead inputs (zero diagonal) get 1."""
     h = h.to(torch.float64, copy=True)
     diag = torch.diagonal(h, dim1=-2, dim2=-1)
-    diag[diag == 0] = 1.0
+    diag.masked_fill_(diag == 0, 1.0)
     mean = diag.mean(dim=-1, keepdim=True)
     diag += damp * mean
     return h

@@ -25,6 +25,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from cora_fx.calibrate.activations import quantized_decomposed
+from cora_fx.devices import host_copy
 from cora_fx.errors import CoRaError
 from cora_fx.graph.capture import dynamic_shapes
 from cora_fx.io.onnx_encoding import (
@@ -84,6 +85,7 @@ def export_onnx(model: fx.GraphModule, example_inputs: tuple, path: Union[str, P
     """
     onnx = require_onnx()
     fmt = _check_arguments(model, example_inputs, weights, opset)
+    model, example_inputs = host_copy(model, example_inputs)  # the file's tensors are read from the host
     gm, table = weights_as_constants(model, example_inputs, fmt)
     # a weight computed in the graph (a folded adapter) must not be constant-folded by the exporter
     computed = any(n.op == "call_function" and n.target in _LAYERS and (_weight_arg(n) or n).op != "get_attr"

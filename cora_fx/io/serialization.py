@@ -26,6 +26,7 @@ import torch
 import torch.fx as fx
 
 from cora_fx.calibrate.activations import quantized_decomposed
+from cora_fx.devices import host_copy
 from cora_fx.errors import CoRaError, CoRaLoadError
 from cora_fx.graph.capture import dynamic_shapes
 from cora_fx.io.summary import CoRaSummary, LayerInfo, summary
@@ -110,6 +111,7 @@ def save(quantized: fx.GraphModule, path: PathLike, example_inputs: Optional[tup
     if example_inputs is None:
         raise TypeError("cora_fx.save needs example_inputs, e.g. save(model, path, (torch.randn(1, 3, 224, 224),))")
     report = summary(quantized)
+    quantized, example_inputs = host_copy(quantized, example_inputs)  # a file that loads on any machine
     program = export_converted(quantized, example_inputs, dynamic_batch, dynamic_size=dynamic_size)
     program._example_inputs = None  # not needed to run the program; would dominate the file size
     payload = {"format": FORMAT, "summary": report.to_dict(), "weights_sha256": tensors_digest(program)}
@@ -210,14 +212,20 @@ def read_summary(path: PathLike) -> CoRaSummary:
     return summary_from_dict(payload["summary"])
 
 
-def load(path: PathLike) -> torch.nn.Module:
+def load(path: PathLike, device: Union[str, torch.device, None] = None) -> torch.nn.Module:
     """Load a file written by `save`: a runnable module with the same integer codes and outputs.
 
     The module is ``ExportedProgram.module()``; its ``meta["cora_fx_summary"]`` holds the
     `CoRaSummary` (``None`` for a .pt2 that cora_fx did not write). It was exported in eval
-    mode: ``eval()`` is a no-op, ``train()`` raises.
+    mode: ``eval()`` is a no-op, ``train()`` raises. `save` writes CPU tensors; ``device`` (e.g. ``"cuda"``)
+    moves the program there (``torch.export.passes.move_to_device_pass``: its weights and the devices its graph
+    names).
     """
     program, payload = _read(path)
+    if device is not None:
+        from torch.export.passes import move_to_device_pass
+
+        program = move_to_device_pass(program, torch.device(device))
     module = program.module()
     module.train = types.MethodType(_inference_only, module)  # type: ignore[method-assign]
     module.eval = types.MethodType(lambda self: _inference_only(self, False), module)  # type: ignore[method-assign]

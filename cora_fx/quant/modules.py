@@ -160,6 +160,11 @@ class LowRankAdapter(nn.Module):
     def max_rank(self) -> int:
         return self.factors.max_rank
 
+    @property
+    def cached_rank(self) -> int:
+        """The hard rank, read from the cached A's shape (g*r rows): no device-to-host copy in a forward pass."""
+        return self.weight_a.shape[0] // self.spec.groups
+
     def set_factors(self, factors: ResidualFactors) -> None:
         """Replace the residual's factors (e.g. after data-aware rounding); keeps the hard rank."""
         self.factors = factors
@@ -224,7 +229,7 @@ class LowRankAdapter(nn.Module):
         return F.conv2d(hidden, b.to(x.dtype), None, 1, 0, 1, self.spec.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if int(self.hard_rank) == 0:
+        if self.cached_rank == 0:
             return x.new_zeros(())
         return self.two_conv(x, self.weight_a, self.weight_b)
 
@@ -280,8 +285,7 @@ class CoRaConv2d(nn.Module):
         if self.mode == FLOAT:
             delta = adapter.factors.folded_delta(torch.ones_like(adapter.factors.S[0]))
         elif self.mode == HARD or not adapter.searchable:
-            rank = int(adapter.hard_rank)
-            if rank == 0:
+            if adapter.cached_rank == 0:
                 return self.quantized.effective_weight()
             delta = fold_two_conv(adapter.weight_a, adapter.weight_b, adapter.spec.groups)
         else:

@@ -70,8 +70,8 @@ def pack_codes(unsigned: torch.Tensor, bits: int) -> torch.Tensor:
     word_rows = packed_shape(tuple(unsigned.shape), bits)[0]
     matrix = unsigned.reshape(rows, cols).to(torch.int64)
     padded = torch.cat([matrix, matrix.new_zeros(per * word_rows - rows, cols)]).reshape(per, word_rows, cols)
-    words = (padded << word_shifts(bits).to(torch.int64)).sum(dim=0)  # < 2^32: exact in int64
-    byte_shifts = torch.arange(0, WORD_BITS, 8, dtype=torch.int64)
+    words = (padded << word_shifts(bits).to(padded.device, torch.int64)).sum(dim=0)  # < 2^32: exact in int64
+    byte_shifts = torch.arange(0, WORD_BITS, 8, dtype=torch.int64, device=padded.device)
     return ((words.unsqueeze(-1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(word_rows, 4 * cols)
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch.ao.quantization.observer import UniformQuantizationObserverBase
 
-from cora_fx.quant.observers import make_observer, quant_range
+from cora_fx.quant.observers import quant_range
 
 
 @dataclass
@@ -56,6 +56,7 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
 def quantize_weight(weight: torch.Tensor, observer: UniformQuantizationObserverBase, bits: int) -> QuantizedWeight:
     """Quantize ``weight`` on the n-bit grid of the range the observer reports."""
     w = weight.detach().to(torch.float32)
+    observer.to(w.device)  # its range buffers beside the weight: no copy to the host and back
     observer(w)
     scale, zero_point = observer.calculate_qparams()
     scale = scale.detach().to(torch.float32)
@@ -81,5 +82,15 @@ def _observed_range(observer: Any, w: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def minmax_quantize(weight: torch.Tensor, bits: int) -> QuantizedWeight:
-    """Per-tensor min-max quantization (the adapters' scheme, docs/method.md section 1)."""
-    return quantize_weight(weight, make_observer("minmax", bits, per_channel=False), bits)
+    """Per-tensor min-max quantization (the adapters' scheme, docs/method.md section 1).
+
+    The scale and zero point of torch.ao's ``MinMaxObserver`` (per-tensor affine), computed in tensor ops on the
+    weight's device: the observer reads them back to the host (``float(scale)``), which would stall a GPU on
+    every fine-tuning step (`fake_quantize`)."""
+    w = weight.detach().to(torch.float32)
+    qmin, qmax = quant_range(bits)
+    lo, hi = torch.aminmax(w)
+    scale = ((hi.clamp_min(0) - lo.clamp_max(0)) / float(qmax - qmin)).clamp_min(torch.finfo(torch.float32).eps)
+    zero_point = (qmin - torch.round(lo.clamp_max(0) / scale)).clamp(qmin, qmax)
+    codes = torch.clamp(torch.round(w / scale) + zero_point, qmin, qmax).to(torch.int8)
+    return QuantizedWeight(codes, scale, zero_point, bits, lo.clone(), hi.clone())

@@ -167,6 +167,29 @@ def _calibration_batches(dataset: Any, batch_size: int, quiet: bool, image_value
                      leave=False))
 
 
+def resolve_device(text: str) -> torch.device:
+    """``--device``: ``cpu``, ``cuda`` or ``cuda:N`` (any torch device); under ``torchrun`` a bare ``cuda`` is this
+    process's GPU (``LOCAL_RANK``). Refused with a clear error where torch sees no such GPU."""
+    import os
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise UsageError(f"--device {text}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {text}: torch sees no CUDA device here (torch.cuda.is_available() is False); "
+                         "use --device cpu, or a torch build with CUDA on a machine with a GPU")
+    if device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+    if device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {text}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 .. "
+                         f"cuda:{torch.cuda.device_count() - 1})")
+    torch.cuda.set_device(device)
+    return device
+
+
 def _first_image(dataset: Any, flag: str) -> torch.Tensor:
     try:
         return dataset[0][0]
@@ -218,13 +241,14 @@ def _first_line(err: Exception) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
 
 
-def _open_program(path: Path) -> nn.Module:
-    """The program ``--program`` names: an ``.onnx`` file run by onnxruntime, else a ``.pt2`` (`cora_fx.load`)."""
+def _open_program(path: Path, device: torch.device) -> nn.Module:
+    """The program ``--program`` names: an ``.onnx`` file run by onnxruntime (on the CPU, whatever ``device``),
+    else a ``.pt2`` (`cora_fx.load`) on ``device``."""
     if path.suffix.lower() == ".onnx":
         return OnnxProgram(path)
     from cora_fx.io.serialization import load
 
-    return load(path)
+    return load(path, device=None if device.type == "cpu" else device)
 
 
 def _evaluate(model: nn.Module, loader: Any, quiet: bool, desc: str) -> dict[int, float]:
@@ -233,8 +257,10 @@ def _evaluate(model: nn.Module, loader: Any, quiet: bool, desc: str) -> dict[int
 
     from cora_fx.tools.datasets import evaluate_topk
 
+    from cora_fx.devices import model_device
+
     with torch.no_grad():
-        classes = model(next(iter(loader))[0]).shape[-1]
+        classes = model(next(iter(loader))[0].to(model_device(model))).shape[-1]
     return evaluate_topk(model, tqdm(loader, desc=desc, disable=quiet, leave=False), ks=(1, min(5, classes)))
 
 
@@ -305,15 +331,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     """``cora-fx quantize``; under ``torchrun`` every process calibrates on its share and rank 0 writes."""
     from cora_fx.calibrate import distributed
 
-    started = distributed.init_from_environment()
+    device = resolve_device(args.device)
+    started = distributed.init_from_environment("nccl" if device.type == "cuda" else "gloo")
     try:
-        return _quantize(args)
+        return _quantize(args, device)
     finally:
         if started:
             torch.distributed.destroy_process_group()
 
 
-def _quantize(args: argparse.Namespace) -> int:
+def _quantize(args: argparse.Namespace, device: torch.device) -> int:
     from cora_fx.calibrate import distributed
     from cora_fx.convert import convert_cora
     from cora_fx.io.serialization import as_json, file_nbytes, save
@@ -331,7 +358,7 @@ def _quantize(args: argparse.Namespace) -> int:
     model = build_model(args.model, args.num_classes)
     if args.weights is not None:
         load_weights(model, Path(args.weights))
-    model.eval()
+    model.eval().to(device)  # every step computes where the model is; batches follow it one at a time
     dataset = open_dataset(Path(args.calib), args.split, args.image_size, args.resize, args.calib_images, "--calib")
     image = _first_image(dataset, "--calib")
     example = (torch.stack([image, image]),)  # batch 2: the exported batch dimension stays dynamic
@@ -380,7 +407,8 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    program = _open_program(Path(args.program))
+    device = resolve_device(args.device)
+    program = _open_program(Path(args.program), device)
     dataset = open_dataset(Path(args.data), args.split, args.image_size, args.resize, args.limit, "--data")
     loader = _loader(dataset, args.batch_size, shuffle=False)
     scores = {"program": _evaluate(program, loader, args.quiet, "evaluating the program")}
@@ -388,7 +416,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         model = build_model(args.model, args.num_classes)
         if args.weights is not None:
             load_weights(model, Path(args.weights))
-        scores["float"] = _evaluate(model.eval(), loader, args.quiet, "evaluating the float model")
+        scores["float"] = _evaluate(model.eval().to(device), loader, args.quiet, "evaluating the float model")
     elif args.weights is not None:
         raise UsageError("--weights needs --model to build the float model")
     for name, s in scores.items():
@@ -511,6 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ranks", choices=("search", "heuristic"), default="search",
                    help="search the ranks or use floor(b*R)")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", default="cpu",
+                   help="where the model calibrates: cpu (default), cuda, cuda:N; the .pt2 is written from a CPU copy")
     q.add_argument("--dynamic-size", action="store_true",
                    help="the saved program takes any input height and width (OCR, detection), not only "
                         "--image-size; fails with a clear error for a model that fixes its input size")
@@ -527,6 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=_positive_int, help="evaluate at most this many images")
     e.add_argument("--model", help="also evaluate this float model (torchvision:NAME or package.module:factory)")
     e.add_argument("--weights", help="state dict of the float model")
+    e.add_argument("--device", default="cpu", help="where a .pt2 program and the float model run: cpu (default), "
+                                                  "cuda, cuda:N (an .onnx file runs on onnxruntime's CPU)")
     _data_options(e)
     e.set_defaults(run=cmd_evaluate)
 

@@ -9,6 +9,8 @@ from typing import Callable, Optional, Union
 import torch
 from torch.utils.data import Dataset
 
+from cora_fx.devices import model_device
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -80,8 +82,9 @@ def evaluate_topk(model: torch.nn.Module, loader, ks: tuple[int, ...] = (1, 5)) 
     correct = {k: 0 for k in ks}
     total = 0
     model.eval()
+    device = model_device(model)
     for images, labels in loader:
-        top = model(images).topk(max(ks), dim=1).indices
+        top = model(images.to(device)).topk(max(ks), dim=1).indices.cpu()
         hits = top == labels.unsqueeze(1)
         for k in ks:
             correct[k] += int(hits[:, :k].any(dim=1).sum())
