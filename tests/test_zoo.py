@@ -18,6 +18,8 @@ pytestmark = pytest.mark.benchmark  # drives a benchmark script on small inputs
 
 ZOO = zoo()
 SLOW = [name for name in ZOO if name not in FAST]
+#: The fast tier's largest models (over 10 s each on 2 cores): with -m slow, to keep the default run short.
+HEAVY = {"vgg11", "densenet121", "inception_v3"}
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +40,7 @@ def check(row: ZooRow) -> None:
         assert "CoRa" in row.reason and row.reason.split(":", 1)[1].strip()
 
 
-@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in FAST])
 def test_zoo_fast(name):
     row = sweep_model(ZOO[name])
     assert row.status == "pass", f"{name}: {row.reason}"
