@@ -255,9 +255,8 @@ def _evaluate(model: nn.Module, loader: Any, quiet: bool, desc: str) -> dict[int
     """Top-1 and top-5 (top-k with k = number of classes when there are fewer than 5)."""
     from tqdm.auto import tqdm
 
-    from cora_fx.tools.datasets import evaluate_topk
-
     from cora_fx.devices import model_device
+    from cora_fx.tools.datasets import evaluate_topk
 
     with torch.no_grad():
         classes = model(next(iter(loader))[0].to(model_device(model))).shape[-1]
