@@ -146,6 +146,8 @@ def test_load_moves_a_program_to_the_device_asked_for(small_net, tmp_path):
     path = save(quantized, tmp_path / "m.pt2", (x,))
     restored = load(path, device="cpu")
     torch.testing.assert_close(restored(x), quantized(x), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="load: device='gpu0' is not a torch device"):
+        load(path, device="gpu0")
 
 
 # ------------------------------------------------------------------ on a GPU

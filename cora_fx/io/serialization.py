@@ -221,11 +221,16 @@ def load(path: PathLike, device: Union[str, torch.device, None] = None) -> torch
     moves the program there (``torch.export.passes.move_to_device_pass``: its weights and the devices its graph
     names).
     """
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"load: device={device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from None
     program, payload = _read(path)
     if device is not None:
         from torch.export.passes import move_to_device_pass
 
-        program = move_to_device_pass(program, torch.device(device))
+        program = move_to_device_pass(program, device)
     module = program.module()
     module.train = types.MethodType(_inference_only, module)  # type: ignore[method-assign]
     module.eval = types.MethodType(lambda self: _inference_only(self, False), module)  # type: ignore[method-assign]
