@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import agreement, batches, data_paths, load_split, mobilenet_v2, predict, topk_with_ci
-from cora_fx import CoRaConfig, convert_cora, prepare_cora, run_pipeline, summary
+from benchmarks.common import agreement, batches, data_paths, load_split, mobilenet_v2, predict, topk_with_ci, uniform
+from cora_fx import convert_cora, prepare_cora, run_pipeline, summary
 
 RESULTS = Path(__file__).resolve().parent / "results" / "activation_levers.json"
 #: Lever -> the changes to ``CoRaConfig.recommended(4, act_bits=8)`` it measures.
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     command = "python -m benchmarks.activation_levers " + " ".join(sys.argv[1:] if argv is None else argv)
     for lever in args.levers:
         start = time.perf_counter()
-        prepared = prepare_cora(model, CoRaConfig.recommended(4, act_bits=8).replace(**LEVERS[lever]), progress=False)
+        prepared = prepare_cora(model, uniform(4, act_bits=8).replace(**LEVERS[lever]), progress=False)
         run_pipeline(prepared, calib, progress=False)
         converted = convert_cora(prepared)
         seconds = time.perf_counter() - start

@@ -27,7 +27,7 @@ OUT = Path(__file__).resolve().parent / "results" / "adapter_efficiency.json"
 
 def singular_values(model, calib: list, bits: int) -> dict[str, tuple[torch.Tensor, int, int]]:
     """Per searchable conv: (whitened singular values, weight count, adapter params per rank) at ``bits``."""
-    cfg = CoRaConfig.recommended(bits)
+    cfg = CoRaConfig.recommended(bits, target_bits=None)
     prepared = prepare_cora(model, cfg, example_inputs=(calib[0][0][:1],), progress=False)
     calibrate_rounding(prepared, calib, progress=False)
     return {n: (a.factors.S.double().flatten(), math.prod(a.factors.weight_shape), a.factors.params_per_rank)

@@ -42,7 +42,7 @@ def _model_and_calib(data: str | None):
 def measure(budget: float, n_batches: int, out: Path, data: str | None) -> None:
     """KL growth of each candidate conv on each of the first ``n_batches`` calibration batches."""
     model, calib, _, _ = _model_and_calib(data)
-    cfg = CoRaConfig.recommended(4, budget=budget)
+    cfg = CoRaConfig.recommended(4, budget=budget, target_bits=None)
     prepared = prepare_cora(model, cfg)
     start = planned_bits(prepared, dict(cfg.quant.layer_bits), cfg.search.budget)
     candidates, saved = demotion_candidates(prepared, cfg, 3, start)
@@ -75,7 +75,7 @@ def evaluate(budget: float, ks: list[int], out: Path, data: str | None) -> None:
     eval_images, eval_labels = load_split(labels_csv, "eval")
     tiny = load_split(tiny_csv, None, image_size=64, resize=64)[0]
     float_tiny = predict(model, tiny)[:, 0]
-    cfg = CoRaConfig.recommended(4, budget=budget)
+    cfg = CoRaConfig.recommended(4, budget=budget, target_bits=None)
     results, seen = {}, {}
     for k, plan in plans(measured, ks).items():
         estimate = sum(max(mean_all[n], 0.0) for n in plan)  # the plan's loss on all measured batches

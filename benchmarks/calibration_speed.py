@@ -3,7 +3,7 @@
     python -m benchmarks.calibration_speed --bits 4 3 --threads 2
 
 Each row runs the public API on the shared split's 1,600 calibration images at batch 32
-(prepare_cora -> calibrate_rounding -> search_ranks -> convert_cora), times every step, and scores the
+(prepare_cora -> run_pipeline's steps -> convert_cora), times every step, and scores the
 result: top-1 on the 700 evaluation images with its bootstrap interval and top-1 agreement with the float
 model on the tiny64 images. Blocks of float forward+backward steps (batch 32, all weights trainable) run
 before and after each row in the same process; the row's wall time is reported as a ratio to 250 of
@@ -30,11 +30,12 @@ import torch.nn.functional as F
 import torchvision
 
 from benchmarks.common import agreement, batches, data_paths, load_split, mobilenet_v2, predict, topk_with_ci
-from cora_fx import CoRaConfig, convert_cora, prepare_cora, search_ranks, summary
+from cora_fx import CoRaConfig, convert_cora, prepare_cora, run_pipeline, search_ranks, summary
 from cora_fx.calibrate.rounding import calibrate_rounding
 
-#: Search settings per schedule name: ``recommended`` is what `CoRaConfig.recommended` ships (250 steps from
-#: init_rank 0.9); ``start-budget-200`` starts every rank on the budget and stops after 200 steps.
+#: Search settings per schedule name: ``recommended`` is what `CoRaConfig.recommended` ships (its joint plan; with
+#: ``target_bits=None``, 250 search steps from init_rank 0.9); ``start-budget-200`` starts every rank on the budget
+#: and stops after 200 steps (a searched schedule).
 SCHEDULES = {
     "recommended": {},
     "start-budget-200": {"init_rank": "budget", "iterations": 200},
@@ -88,18 +89,17 @@ def prepare_seconds(arch: str) -> dict:
 
 
 def timed_calibration(model: torch.nn.Module, cfg: CoRaConfig, calib: list) -> tuple[dict, Any, torch.nn.Module]:
-    """prepare_cora -> calibrate_rounding -> search_ranks -> convert_cora: seconds per step and in all, the
-    search's result and the converted model."""
+    """prepare_cora -> run_pipeline (each of its steps timed) -> convert_cora: seconds per step and in all, the
+    pipeline's result and the converted model."""
     seconds = {}
     start = time.perf_counter()
     prepared = prepare_cora(model, cfg, progress=False)
     seconds["prepare_cora"] = time.perf_counter() - start
-    mark = time.perf_counter()
-    calibrate_rounding(prepared, calib, progress=False)
-    seconds["calibrate_rounding"] = time.perf_counter() - mark
-    mark = time.perf_counter()
-    result = search_ranks(prepared, calib, progress=False)
-    seconds["search_ranks"] = time.perf_counter() - mark
+    marks: list[tuple[str, float]] = []
+    result = run_pipeline(prepared, calib, progress=False,
+                          on_step=lambda step: marks.append((step, time.perf_counter())))
+    marks.append(("", time.perf_counter()))
+    seconds.update({step: end - begin for (step, begin), (_, end) in zip(marks, marks[1:])})
     mark = time.perf_counter()
     converted = convert_cora(prepared)
     seconds["convert_cora"] = time.perf_counter() - mark
@@ -109,11 +109,12 @@ def timed_calibration(model: torch.nn.Module, cfg: CoRaConfig, calib: list) -> t
 
 def run_row(model: torch.nn.Module, bits: int, schedule: str, calib: list) -> tuple[dict, torch.nn.Module]:
     """recommended(bits) with the schedule's search settings; seconds per step and in all."""
-    cfg = CoRaConfig.recommended(bits)
+    cfg = CoRaConfig.recommended(bits, **({} if schedule == "recommended" else {"target_bits": None}))
     cfg = cfg.replace(search=dataclasses.replace(cfg.search, **SCHEDULES[schedule]))
     seconds, result, converted = timed_calibration(model, cfg, calib)
     row = dict(bits=bits, schedule=schedule, search=dict(SCHEDULES[schedule]), seconds=seconds,
-               iterations=result.iterations, equivalent_bits=summary(converted).equivalent_bits)
+               iterations=result.search.iterations if result.search is not None else 0,
+               steps=result.steps, equivalent_bits=summary(converted).equivalent_bits)
     return row, converted
 
 
@@ -161,7 +162,8 @@ def main(argv=None) -> int:
         results[f"prepare_cora {arch}"] = prepare_seconds(arch)
         print(f"prepare_cora {arch}: {results[f'prepare_cora {arch}']}", flush=True)
     if args.profile:
-        prepared = prepare_cora(model, CoRaConfig.recommended(args.bits[0] if args.bits else 4), progress=False)
+        searched = CoRaConfig.recommended(args.bits[0] if args.bits else 4, target_bits=None)
+        prepared = prepare_cora(model, searched, progress=False)
         rounding = profile_top(lambda: calibrate_rounding(prepared, calib, progress=False))
         search_ranks(prepared, calib[:2], iterations=2, progress=False)  # the float outputs of both batches cached
         search = profile_top(lambda: search_ranks(prepared, calib[:2], iterations=8, progress=False), 8)

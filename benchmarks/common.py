@@ -5,7 +5,7 @@ import hashlib
 import os
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -123,3 +123,11 @@ def timed(fn: Callable, *args, **kwargs):
     start = time.perf_counter()
     out = fn(*args, **kwargs)
     return out, time.perf_counter() - start
+
+
+def uniform(bits: int, **changes: Any) -> Any:
+    """The uniform recipe: `CoRaConfig.recommended` with every conv at ``bits`` and its ranks searched under the adapter
+    budget (``target_bits=None``), as the benchmarks that time or compare the search measure it."""
+    from cora_fx import CoRaConfig
+
+    return CoRaConfig.recommended(bits, target_bits=None, **changes)

@@ -33,7 +33,7 @@ def run(bits: int, data: str | None, processes: int) -> dict:
     labels_csv, tiny_csv = data_paths(data)
     model = mobilenet_v2(labels_csv)
     calib = distributed.shard(batches(*load_split(labels_csv, "calib"), GLOBAL_BATCH // processes))
-    seconds, result, converted = timed_calibration(model, CoRaConfig.recommended(bits), calib)
+    seconds, result, converted = timed_calibration(model, CoRaConfig.recommended(bits, target_bits=None), calib)
     row = dict(processes=processes, threads=torch.get_num_threads(), batch_per_process=GLOBAL_BATCH // processes,
                seconds=seconds, iterations=result.iterations, ranks=result.ranks)
     if distributed.is_main_process():

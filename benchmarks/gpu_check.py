@@ -54,7 +54,7 @@ def float_step_seconds(model: torch.nn.Module, batch: tuple, steps: int, device:
 def timed_recommended(model: torch.nn.Module, calib: list, device: torch.device, iterations: int,
                       autocast: str | None) -> dict:
     """recommended(4) step by step on ``device``: seconds per step, ranks, peak memory."""
-    cfg = CoRaConfig.recommended(4).replace(iterations=iterations, autocast=autocast)
+    cfg = CoRaConfig.recommended(4, target_bits=None).replace(iterations=iterations, autocast=autocast)
     seconds: dict[str, float] = {}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

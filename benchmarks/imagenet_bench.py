@@ -22,7 +22,7 @@ import torch
 import torchvision
 
 from benchmarks.common import (agreement, batches, data_paths, load_split, mobilenet_v2, normalize, predict,
-                               topk_with_ci)
+                               topk_with_ci, uniform)
 from benchmarks.methods import MethodRun, cora, cora_mixed, state_dict_bytes
 from cora_fx import CoRaConfig
 
@@ -58,7 +58,7 @@ def plan(quick: bool) -> list[tuple[str, int, callable]]:
                                   ranks="search")),
             (LATENCY_METHOD, 4,
              lambda m, c, x: cora(LATENCY_METHOD, m,
-                                  CoRaConfig.recommended(4).replace(iterations=3, rounding_batches=1, bn_correction=1,
+                                  uniform(4).replace(iterations=3, rounding_batches=1, bn_correction=1,
                                                                     finetune_iterations=2),
                                   c, x, ranks="search")),
         ]
@@ -82,29 +82,29 @@ def plan(quick: bool) -> list[tuple[str, int, callable]]:
             name = f"CoRa recommended heuristic-ranks W{bits} b={budget}"
             runs.append((name, bits,
                          lambda m, c, x, b=bits, bu=budget, n=name:
-                             cora(n, m, CoRaConfig.recommended(b).replace(budget=bu), c, x, ranks="heuristic")))
+                             cora(n, m, uniform(b).replace(budget=bu), c, x, ranks="heuristic")))
         name = f"CoRa recommended heuristic-ranks+finetune W{bits}"  # no search, own budget, 100 fine-tuning steps
         runs.append((name, bits,
                      lambda m, c, x, b=bits, n=name:
-                         cora(n, m, CoRaConfig.recommended(b, finetune_iterations=FINETUNE), c, x, ranks="heuristic")))
+                         cora(n, m, uniform(b, finetune_iterations=FINETUNE), c, x, ranks="heuristic")))
     for bits in (4, 3, 5):
         for budget in (0.02, 0.05, 0.10):
             name = f"CoRa recommended W{bits} b={budget}"
             runs.append((name, bits,
                          lambda m, c, x, b=bits, bu=budget, n=name:
-                             cora(n, m, CoRaConfig.recommended(b).replace(budget=bu), c, x, ranks="search")))
+                             cora(n, m, uniform(b).replace(budget=bu), c, x, ranks="search")))
         name = f"CoRa recommended W{bits} + finetune"  # the search, then 100 fine-tuning steps (not in recommended())
         runs.append((name, bits,
                      lambda m, c, x, b=bits, n=name:
-                         cora(n, m, CoRaConfig.recommended(b, finetune_iterations=FINETUNE), c, x, ranks="search")))
+                         cora(n, m, uniform(b, finetune_iterations=FINETUNE), c, x, ranks="search")))
         name = f"CoRa recommended W{bits}"  # its own budget: <= bits + 0.5 equivalent bits
         runs.append((name, bits,
-                     lambda m, c, x, b=bits, n=name: cora(n, m, CoRaConfig.recommended(b), c, x, ranks="search")))
+                     lambda m, c, x, b=bits, n=name: cora(n, m, uniform(b), c, x, ranks="search")))
     for budget in MIXED_BUDGETS:  # mixed W3/W4 base (allocate_bits) at <= 4.0 equivalent bits, as the 4-bit peers
         for ranks, label in (("heuristic", "heuristic-ranks "), ("search", "")):
             name = f"CoRa recommended {label}W4 mixed @4.0 b={budget}"
             runs.append((name, 4, lambda m, c, x, bu=budget, r=ranks, n=name: cora_mixed(
-                n, m, CoRaConfig.recommended(4, budget=bu), c, x, target_bits=4.0, ranks=r)))
+                n, m, uniform(4, budget=bu), c, x, target_bits=4.0, ranks=r)))
     return runs
 
 

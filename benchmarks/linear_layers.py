@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import batches, data_paths, load_split, mobilenet_v2, normalize
+from benchmarks.common import batches, data_paths, load_split, mobilenet_v2, normalize, uniform
 from benchmarks.frontier import outputs, samples, scores, versus
-from cora_fx import CoRaConfig, calibrate_rounding, convert_cora, prepare_cora, search_ranks, summary
+from cora_fx import calibrate_rounding, convert_cora, prepare_cora, search_ranks, summary
 from cora_fx.quant.residual import ResidualFactors
 
 RESULTS = Path(__file__).resolve().parent / "results" / "linear_layers.json"
@@ -47,7 +47,7 @@ def round_linears_to_nearest(prepared: torch.fx.GraphModule, nearest: dict) -> N
 
 def quantize(model: torch.nn.Module, row: str, calib: list, example: tuple, loss: str = "kl",
              loss_dim: int = 1, leaf_modules: list | None = None) -> tuple[torch.fx.GraphModule, dict]:
-    config = CoRaConfig.recommended(4, loss=loss, loss_dim=loss_dim).replace(adapter_linear=row.endswith("adapters"))
+    config = uniform(4, loss=loss, loss_dim=loss_dim).replace(adapter_linear=row.endswith("adapters"))
     start = time.perf_counter()
     prepared = prepare_cora(model, config, example_inputs=example, leaf_modules=leaf_modules or ())
     linears = {n: m for n, m in prepared.named_modules() if getattr(m, "kind", None) == "linear"}

@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     rows, kept = {}, {}
     for precision in (None, "bfloat16"):
         before = float_steps(model, calib[0], 3)
-        config = CoRaConfig.recommended(4).replace(autocast=precision)
+        config = CoRaConfig.recommended(4, target_bits=None).replace(autocast=precision)
         start = time.perf_counter()
         converted = quantize_cora(model, calib, config, progress=False)
         seconds = time.perf_counter() - start

@@ -128,7 +128,7 @@ def cora_row(row: str, model: torch.nn.Module, calib: list, path: Path, done: di
         return {"equivalent_bits": summary(converted).equivalent_bits, "weights": weights, "converted": converted}
     bits = int(row.split("-w")[1][0])
     act_bits = None if row.endswith("a32") else 8
-    config = CoRaConfig.recommended(bits, act_bits=act_bits)
+    config = CoRaConfig.recommended(bits, act_bits=act_bits, target_bits=None)
     start = time.perf_counter()
     prepared = prepare_cora(model, config, progress=False)
     zero = {name: 0 for name, adapter in adapters(prepared).items() if adapter.searchable}

@@ -103,8 +103,6 @@ def quantize(row: str, entry: gallery.GalleryModel, model: torch.nn.Module, cali
     else:
         cfg = CoRaConfig.recommended(bits, act_bits=act_bits, loss=entry.objective,
                                      loss_dim=LOSS_DIM.get(entry.name, 1), iterations=iterations)
-        if _planned_bits(model, cfg, example) > bits + 0.5:  # many small depthwise convs: keep them at n bits
-            cfg = cfg.replace(depthwise="skip")
         if row.endswith("-exact"):
             cfg = cfg.replace(max_block=gallery.max_fan_in(model))
         quantized = quantize_cora(model, calib, cfg, example, progress=False, **_capture_options(model))
@@ -115,15 +113,6 @@ def quantize(row: str, entry: gallery.GalleryModel, model: torch.nn.Module, cali
                        "depthwise": cfg.quant.depthwise, "rounding_notes": info.rounding_notes,
                        "capture": info.capture,
                        "concrete_args": info.concrete_args}
-
-
-def _planned_bits(model: torch.nn.Module, cfg, example: tuple) -> float:
-    """Equivalent bits of ``cfg`` on ``model`` with the whole adapter budget spent."""
-    from cora_fx import prepare_cora
-    from cora_fx.allocation.bits import planned_bits
-
-    prepared = prepare_cora(model, cfg, example_inputs=example, **_capture_options(model))
-    return planned_bits(prepared, dict(cfg.quant.layer_bits), cfg.search.budget)
 
 
 def _zero_ranks(model: torch.nn.Module, cfg, example: tuple):

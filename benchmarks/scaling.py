@@ -131,7 +131,7 @@ def measure_steps(model: torch.nn.Module, calib: list, export_dir: Path) -> tupl
     """Seconds and peak extra bytes of every step of recommended(4, act_bits=8) on ``model``; extras."""
     seconds: dict = {}
     memory: dict = {}
-    cfg = CoRaConfig.recommended(4, act_bits=8)
+    cfg = CoRaConfig.recommended(4, act_bits=8, target_bits=None)
     prepared = timed(lambda: prepare_cora(model, cfg, progress=False), seconds, memory, "prepare")
     timed(lambda: calibrate_activations(prepared, calib, progress=False), seconds, memory, "activations")
     timed(lambda: calibrate_rounding(prepared, calib, progress=False), seconds, memory, "rounding")
@@ -186,7 +186,7 @@ def pipeline_child(arch: str, batch: int, size: int, calib_batches: int, iterati
     torch.manual_seed(0)
     model = getattr(torchvision.models, arch)().eval()
     calib = random_batches(calib_batches, batch, size)
-    cfg = CoRaConfig.recommended(4).replace(iterations=iterations)
+    cfg = CoRaConfig.recommended(4, target_bits=None).replace(iterations=iterations)
     start = time.perf_counter()
     converted = quantize_cora(model, calib, cfg, progress=False)
     seconds = time.perf_counter() - start

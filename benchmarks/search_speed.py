@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     model = getattr(torchvision.models, args.arch)().eval()
     batches = [(torch.randn(args.batch, 3, args.size, args.size), torch.randint(0, 1000, (args.batch,)))
                for _ in range(2)]
-    cfg = CoRaConfig.recommended(4).replace(rounding="nearest", svd="weight")
+    cfg = CoRaConfig.recommended(4, target_bits=None).replace(rounding="nearest", svd="weight")
     prepared = prepare_cora(model, cfg, progress=False)
     float_step(model, batches[0], 1)
     rows = []

@@ -32,7 +32,7 @@ from cora_fx.prepare import prepare_cora, set_ranks
 from cora_fx.quant.observers import NormalObserver
 from cora_fx.tools.plots import plot_ranks, plot_search
 
-__version__ = "0.10.0"
+__version__ = "0.11.0"
 
 __all__ = [
     # configuration

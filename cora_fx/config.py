@@ -24,7 +24,7 @@ from typing import Any, Callable, ClassVar, Iterable, Literal, Mapping, Optional
 from cora_fx.errors import CoRaDeprecationWarning
 
 #: Version of the `to_dict` layout; `from_dict` reads this version and the flat layout before it.
-CONFIG_VERSION = 9
+CONFIG_VERSION = 10
 
 Granularity = Literal["per_tensor", "per_channel"]
 Clipping = Literal["normal", "normal_paper", "minmax", "mse"]
@@ -272,10 +272,13 @@ class SearchConfig(_Group):
             ``"bits"`` (`allocate_bits` demotes layers with ``budget`` spent in full, then this search picks the
             ranks) or ``"joint"`` (`allocate_jointly` picks every layer's bits and rank together under the one
             bit budget, buying a rank only where it removes more loss per bit than precision; no search).
-        target_bits: the equivalent bits `quantize_cora` and ``cora-fx quantize`` plan for before the other
-            steps (``--target-bits``): each searchable conv at ``quant.bits`` or ``quant.bits - 1``, as
-            ``allocation`` says (`plan_target`). None (the default): every conv at its ``quant`` bits.
-            `prepare_cora` refuses a config with a target (the plan needs calibration data).
+        target_bits: the equivalent bits `run_pipeline` (and so `quantize_cora`, ``cora-fx quantize
+            --target-bits``) plans for before the other steps (`plan_target`): with ``"joint"`` each searchable
+            conv at ceil(t) - 1 or ceil(t) bits (`plan_widths`), with ``"bits"`` at ``quant.bits`` or one less.
+            None (the default): every conv at its ``quant`` bits. `CoRaConfig.recommended(n)` sets n + 0.5.
+        plan_widths: how many main bit-widths the joint plan offers each searchable conv: 2 (ceil(t) - 1 and
+            ceil(t)) or 3 (and ceil(t) + 1: one more rounding pass).
+        plan_adapters: whether the joint plan may buy adapter ranks; False plans bits only (every rank 0).
     """
 
     GROUP: ClassVar[str] = "search"
@@ -294,6 +297,8 @@ class SearchConfig(_Group):
     autocast: Optional[str] = None
     allocation: Allocation = "bits"
     target_bits: Optional[float] = None
+    plan_widths: int = 2
+    plan_adapters: bool = True
 
     @property
     def start_rank(self) -> float:
@@ -320,6 +325,8 @@ class SearchConfig(_Group):
              f"must be None or one of {AUTOCAST_DTYPES}"),
             ("allocation", _one_of(ALLOCATIONS), f"must be one of {ALLOCATIONS}"),
             ("target_bits", lambda v: v is None or (_is_number(v) and v > 0), "must be None or a positive number"),
+            ("plan_widths", _int_in(2, 3), "must be 2 or 3"),
+            ("plan_adapters", lambda v: isinstance(v, bool), "must be True or False"),
         ]
 
 
@@ -393,7 +400,8 @@ FLAT_NAMES: dict[str, tuple[str, str]] = {
     "rounding_inputs": ("rounding", "inputs"), "max_block": ("rounding", "max_block"),
     **{name: ("search", name) for name in
        ("budget", "nbk_order", "penalty", "lr", "iterations", "grad_clip", "init_rank", "loss", "loss_dim", "seed",
-        "micro_batch", "channels_last", "autocast", "allocation", "target_bits")},
+        "micro_batch", "channels_last", "autocast", "allocation", "target_bits", "plan_widths",
+        "plan_adapters")},
     **{name: ("refine", name) for name in ("bn_correction", "finetune_iterations", "finetune_lr")},
     "act_bits": ("activation", "bits"), "act_observer": ("activation", "observer"),
     "act_dtype": ("activation", "dtype"), "act_batches": ("activation", "batches"),
@@ -493,36 +501,35 @@ class CoRaConfig:
 
     @classmethod
     def recommended(cls, bits: int = 4, **changes: Any) -> "CoRaConfig":
-        """The configuration that measured best in benchmarks/RESULTS.md (MobileNetV2, ImageNet).
+        """The measured best recipe for about ``bits`` bits per conv weight (benchmarks/RESULTS.md).
 
-        Per-channel MSE-optimal ranges, depthwise convs at 8 bits, GPTQ base rounding whose residual the
-        adapters reclaim, output-aware (activation) adapters, the label-free KL search, adapters lowered in
-        the folded form; a budget that keeps MobileNetV2 at or below ``bits + 0.5`` equivalent bits with its
-        depthwise convs counted at 8 bits. No BatchNorm correction or fine-tuning: after GPTQ they did not help
-        (`benchmarks/ablation.py` measures them). A target bit-width (``cora-fx quantize --target-bits``) is met by
-        the joint plan of bits and ranks (``allocation="joint"``, `allocate_jointly`): on MobileNetV2, at every
-        measured bit-width, its output is closer to the float model's than precision alone (GPTQ, no adapters) or
-        the budget-first plan (benchmarks/RESULTS.md, "Frontier"). With ``act_bits`` (an
-        integer runtime) the 8-bit weights are symmetric (``symmetric_int8``), the first and last layers are at 8
-        bits (``edge_bits``) and the BatchNorm statistics are corrected on 8 batches (``bn_correction``): the two
-        levers that helped W4A8 MobileNetV2 (benchmarks/RESULTS.md, "Deployment"). ``changes`` are applied with
-        `replace`. ``CoRaConfig()`` stays the paper's.
+        Per-channel MSE-optimal ranges, GPTQ base rounding, output-aware (activation) adapters lowered in the
+        folded form, depthwise convs at 8 bits, and the joint plan of bits and ranks (`allocate_jointly`) for
+        ``target_bits = bits + 0.5`` equivalent bits (adapters and 8-bit layers counted; docs/method.md s.8):
+        each searchable conv at ``bits`` or ``bits + 1`` with the rank that removes the most loss per stored bit,
+        decided on the user's model from its own calibration data. Where even every searchable conv at ``bits``
+        misses the target (a small model with many depthwise convs), the depthwise convs are offered
+        ``bits + 1`` too. Pass ``target_bits`` for an exact budget (``recommended(4, target_bits=4.0)``: a file at
+        the peers' 4 bits, convs at 3 or 4 bits), or ``target_bits=None`` for every conv at ``bits`` with ranks
+        searched under ``budget`` (the uniform recipe). Linear layers are rounded at ``bits`` by GPTQ. The plan
+        runs first in `run_pipeline` / `quantize_cora`.
 
-        ``recommended(2)`` is the 3-bit base with ``target_bits=2.5``: the joint plan puts about half the searchable
-        weights at 2 bits and buys ranks where they pay (61.9% top-1 on MobileNetV2 at 2.5 bits, against 32.7%
-        for every conv at 2 bits with searched adapters at 2.42 bits). Use it through `quantize_cora` or the CLI,
-        which plan first (`plan_target`).
+        With ``act_bits`` (an integer runtime) the 8-bit weights are symmetric (``symmetric_int8``), the first
+        and last layers are at 8 bits (``edge_bits``) and the BatchNorm statistics are corrected on 8 batches
+        (``bn_correction``): the levers that helped W4A8 MobileNetV2 (benchmarks/RESULTS.md, "Deployment").
+        ``changes`` are applied with `replace`. ``CoRaConfig()`` stays the paper's.
         """
-        if bits == 2:
-            return cls.recommended(3, target_bits=2.5, **changes)
+        if not _is_int(bits) or not 2 <= bits <= 8:
+            raise ValueError(f"CoRaConfig.recommended: bits={bits!r} must be an integer in 2..8")
+        changes = {"target_bits": bits + 0.5, **changes}
         if changes.get("act_bits") is not None:
             changes = {"symmetric_int8": True, "edge_bits": 8, "bn_correction": 8, **changes}
-        budget = {3: 0.044, 4: 0.045}.get(bits, 0.05)
+        budget = {2: 0.03, 3: 0.044, 4: 0.045}.get(bits, 0.05)
         base = cls(quant=QuantConfig(bits=bits, granularity="per_channel", clipping="mse", depthwise="int8"),
                    adapter=AdapterConfig(svd="activation", form="folded"),
                    rounding=RoundingConfig(method="gptq", batches=8),
                    search=SearchConfig(budget=budget, loss="kl", allocation="joint"))
-        return base.replace(**changes) if changes else base
+        return base.replace(**changes)
 
     @property
     def needs_rounding_data(self) -> bool:

@@ -8,7 +8,6 @@ from typing import Any, Iterable, Mapping, Optional
 import torch.fx as fx
 from torch import nn
 
-from cora_fx.allocation.plan import plan_target
 from cora_fx.config import ADAPTER_FORMS, CoRaConfig
 from cora_fx.devices import model_device
 from cora_fx.graph.lowering import (
@@ -23,7 +22,7 @@ from cora_fx.graph.passes import run_passes
 from cora_fx.io.summary import layer_infos
 from cora_fx.pipeline import run_pipeline
 from cora_fx.prepare import RankSpec, prepare_cora
-from cora_fx.state import CONVERTED, META_KEY, PREPARED, CoRaState, get_state
+from cora_fx.state import CONVERTED, META_KEY, PREPARED, CoRaState, get_state, step_state
 
 
 def lowering_passes(gm: fx.GraphModule, config: CoRaConfig, fold_batchnorm: bool = True) -> list:
@@ -46,7 +45,7 @@ def convert_cora(prepared: fx.GraphModule, *, fold_batchnorm: bool = True,
     ``adapter_form`` (``"parallel"`` / ``"folded"``) overrides the config's
     ``config.adapter.form`` for this conversion.
     """
-    state = get_state(prepared, PREPARED, "prepared")
+    state = step_state(prepared, "convert_cora")
     if adapter_form is not None:
         try:
             config = state.config.replace(adapter_form=adapter_form)
@@ -77,15 +76,11 @@ def quantize_cora(
     ``ranks`` and ``skip`` are `run_pipeline`'s; ``leaf_modules``, ``example_kwargs``, ``concrete_args``
     and ``capture`` are `prepare_cora`'s. The steps' results are kept in
     ``result.meta["cora_fx"].pipeline`` (a `PipelineResult`) and the search's in ``.search_result``.
-    With ``config.search.target_bits`` the bits (and with ``allocation="joint"`` the ranks, unless ``ranks``
-    names other ones) are planned first (`plan_target`).
+    With ``config.search.target_bits`` (`CoRaConfig.recommended`) the bits, and with ``allocation="joint"`` the
+    ranks unless ``ranks`` names other ones, are planned first (`plan_target`, `run_pipeline`'s first step).
     """
-    capture_options = dict(example_inputs=example_inputs, leaf_modules=leaf_modules, example_kwargs=example_kwargs,
-                           concrete_args=concrete_args, capture=capture)
-    if isinstance(config, CoRaConfig) and config.search.target_bits is not None:
-        config, planned = plan_target(model, batches, config, progress=progress, **capture_options)
-        ranks = planned if planned is not None and ranks == "search" else ranks
-    prepared = prepare_cora(model, config, progress=progress, **capture_options)
+    prepared = prepare_cora(model, config, example_inputs, leaf_modules=leaf_modules, progress=progress,
+                            example_kwargs=example_kwargs, concrete_args=concrete_args, capture=capture)
     if not isinstance(prepared, fx.GraphModule):
         return prepared  # no Conv2d: prepare_cora warned and returned the model unchanged
     state = get_state(prepared, PREPARED)

@@ -1,9 +1,9 @@
 """The data-aware steps between `prepare_cora` and `convert_cora`, in one visible order.
 
-``prepare_cora`` -> `calibrate_activations` (with ``act_bits``) -> `calibrate_rounding` -> `search_ranks`
-(or `set_ranks`) -> `correct_batchnorm` -> `finetune` -> ``convert_cora``. Each step is a public function a
-user may call alone; `run_pipeline` runs the ones the config asks for, and `quantize_cora` (the CLI and the
-benchmarks through it) runs the whole chain. Nothing else writes this order out.
+``prepare_cora`` -> `plan_target` (with ``target_bits``) -> `calibrate_activations` (with ``act_bits``) ->
+`calibrate_rounding` -> `search_ranks` (or `set_ranks`) -> `correct_batchnorm` -> `finetune` -> ``convert_cora``.
+Each step is a public function a user may call alone; `run_pipeline` runs the ones the config asks for, and
+`quantize_cora` (the CLI and the benchmarks through it) runs the whole chain. Nothing else writes this order out.
 """
 from __future__ import annotations
 
@@ -18,12 +18,13 @@ from cora_fx.calibrate.checks import check_batches
 from cora_fx.calibrate.finetune import FinetuneResult, finetune
 from cora_fx.calibrate.rank_search import RankSearchResult, search_ranks
 from cora_fx.calibrate.rounding import calibrate_rounding
+from cora_fx.allocation.plan import plan_target
 from cora_fx.config import CoRaConfig
 from cora_fx.prepare import RankSpec, set_ranks
 from cora_fx.state import PREPARED, get_state
 
 #: The steps `run_pipeline` knows, in the order it runs them; `skip=` takes these names.
-STEPS = ("calibrate_activations", "calibrate_rounding", "search_ranks", "correct_batchnorm", "finetune")
+STEPS = ("plan_target", "calibrate_activations", "calibrate_rounding", "search_ranks", "correct_batchnorm", "finetune")
 
 
 @dataclass
@@ -31,13 +32,16 @@ class PipelineResult:
     """What `run_pipeline` did.
 
     Attributes:
-        steps: the names of the steps that ran, in order (``set_ranks`` stands where the ranks were given).
+        steps: the names of the steps that ran, in order (``set_ranks`` stands where the ranks were given or
+            planned).
+        planned_ranks: the ranks `plan_target` chose (``allocation="joint"``), else None.
         search: the `RankSearchResult` when the ranks were searched, else None.
         finetune: the `FinetuneResult` when `finetune` ran, else None.
         batchnorm_layers: how many BatchNorm layers `correct_batchnorm` re-estimated (0 if it did not run).
     """
 
     steps: list[str] = field(default_factory=list)
+    planned_ranks: Optional[dict[str, int]] = None
     search: Optional[RankSearchResult] = None
     finetune: Optional[FinetuneResult] = None
     batchnorm_layers: int = 0
@@ -49,7 +53,9 @@ def wanted_steps(config: CoRaConfig, ranks: RankSpec = "search", skip: Iterable[
     unknown = skip - set(STEPS)
     if unknown:
         raise ValueError(f"run_pipeline: skip={sorted(unknown)}: unknown step(s); the steps are {STEPS}")
+    planned = config.search.target_bits is not None and "plan_target" not in skip
     enabled: dict[str, bool] = {
+        "plan_target": planned,
         "calibrate_activations": config.activation.bits is not None,
         "calibrate_rounding": config.needs_rounding_data,
         "search_ranks": True,
@@ -57,7 +63,8 @@ def wanted_steps(config: CoRaConfig, ranks: RankSpec = "search", skip: Iterable[
         "finetune": config.refine.finetune_iterations > 0,
     }
     steps = [name for name in STEPS if enabled[name] and name not in skip]
-    return ["set_ranks" if name == "search_ranks" and ranks != "search" else name for name in steps]
+    given = ranks != "search" or (planned and config.search.allocation == "joint")
+    return ["set_ranks" if name == "search_ranks" and given else name for name in steps]
 
 
 def run_pipeline(prepared: fx.GraphModule, batches: Iterable, *, ranks: RankSpec = "search",
@@ -66,8 +73,11 @@ def run_pipeline(prepared: fx.GraphModule, batches: Iterable, *, ranks: RankSpec
     """Run the data-aware steps the config of ``prepared`` asks for, in `STEPS` order, on ``batches``.
 
     ``ranks="search"`` runs `search_ranks`; ``"heuristic"``, ``"full"`` or a ``{layer: rank}`` dict calls
-    `set_ranks` instead. ``skip`` names steps to leave out. ``batches`` must be re-iterable (a list or a
-    DataLoader) when more than one step reads them. ``on_step(name)`` is called before each step.
+    `set_ranks` instead. With ``config.search.target_bits`` the first step, `plan_target`, plans each conv's bits
+    (and with ``allocation="joint"`` the ranks, set unless ``ranks`` names others) on ``batches`` and prepares the
+    float model again with them, in place of ``prepared``'s layers. ``skip`` names steps to leave out. ``batches``
+    must be re-iterable (a list or a DataLoader) when more than one step reads them. ``on_step(name)`` is called
+    before each step.
     """
     config = get_state(prepared, PREPARED, "prepared").config
     result = PipelineResult()
@@ -84,14 +94,16 @@ def run_pipeline(prepared: fx.GraphModule, batches: Iterable, *, ranks: RankSpec
 
 def _run_step(name: str, prepared: fx.GraphModule, batches: Iterable, ranks: RankSpec, progress: bool,
               config: CoRaConfig, result: PipelineResult) -> None:
-    if name == "calibrate_activations":
+    if name == "plan_target":
+        result.planned_ranks = plan_target(prepared, batches, progress=progress)[1]
+    elif name == "calibrate_activations":
         calibrate_activations(prepared, batches, progress=progress)
     elif name == "calibrate_rounding":
         calibrate_rounding(prepared, batches, progress=progress)
     elif name == "search_ranks":
         result.search = search_ranks(prepared, batches, progress=progress)
     elif name == "set_ranks":
-        set_ranks(prepared, ranks)
+        set_ranks(prepared, ranks if ranks != "search" else result.planned_ranks)
     elif name == "correct_batchnorm":
         result.batchnorm_layers = correct_batchnorm(prepared, batches)
     elif name == "finetune":

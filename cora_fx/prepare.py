@@ -23,7 +23,7 @@ from cora_fx.graph.lifting import Conv1dAsConv2d, LiftFunctionalLayers, LinearAs
 from cora_fx.graph.passes import RewriteConvs, run_passes
 from cora_fx.graph.tracer import LeafSpec
 from cora_fx.quant.modules import CONV_KINDS, LINEAR, CoRaConv2d, LowRankAdapter
-from cora_fx.state import META_KEY, PREPARED, CoRaState, get_state
+from cora_fx.state import META_KEY, PREPARED, CoRaState, get_state, step_state
 
 #: the layer modules cora_fx quantizes (with their subclasses and functional forms, `lifting`)
 LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -66,17 +66,15 @@ def prepare_cora(
             ``"auto"``: symbolic, then export if that fails (docs/method.md section 12).
         progress: a progress bar over the convs while they are quantized and their residuals factored.
     Returns:
-        A `torch.fx.GraphModule` whose adapters start at rank ceil(init_rank * R).
+        A `torch.fx.GraphModule` whose adapters start at rank ceil(init_rank * R). With
+        ``config.search.target_bits`` (`CoRaConfig.recommended`) every conv is at its ``quant`` bits until
+        `run_pipeline` plans the target on calibration data (a float copy of the model is kept until then).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepare_cora: model must be a torch.nn.Module, got {type(model).__name__}")
     config = CoRaConfig() if config is None else config
     if not isinstance(config, CoRaConfig):
         raise TypeError(f"prepare_cora: config must be a CoRaConfig, got {type(config).__name__}")
-    if config.search.target_bits is not None:
-        raise ValueError(f"prepare_cora: config.search.target_bits={config.search.target_bits} needs calibration "
-                         "data to plan each conv's bits; call quantize_cora(model, calib, config), or plan first "
-                         "(config, ranks = plan_target(model, calib, config)) and prepare with that config")
     if example_inputs is not None and not isinstance(example_inputs, tuple):
         raise TypeError("prepare_cora: example_inputs must be a tuple of inputs, e.g. (x,)")
     _refuse_cora_models(model)
@@ -87,8 +85,11 @@ def prepare_cora(
         return model  # type: ignore[return-value]
 
     _check_layer_names(model, config)
+    leaf_modules = tuple(leaf_modules)
     device = model_device(model)  # example inputs follow the model (a GPU model may be given CPU examples)
     example_inputs, example_kwargs = on_device(example_inputs, device), on_device(example_kwargs, device)
+    # a target is planned on calibration data by `run_pipeline`, which prepares this float copy again
+    plan_source = copy.deepcopy(model) if config.search.target_bits is not None else None
     source = model if inplace else copy.deepcopy(model)
     captured = capture_model(source, leaf_modules, example_inputs, example_kwargs, concrete_args, capture)
     config, edges = _with_edge_bits(captured.gm, captured.leaves, config)
@@ -96,6 +97,11 @@ def prepare_cora(
     skipped, floats = float_weights(gm, skipped, config.quant.quantize_linear)
     config = _check_layer_bits(gm, config, skipped, optional=edges)
     gm.meta[META_KEY] = _state(gm, config, skipped, floats, captured, example_shapes(example_inputs))
+    if plan_source is not None:
+        gm.meta[META_KEY].plan_source = plan_source
+        gm.meta[META_KEY].capture_options = dict(example_inputs=example_inputs, leaf_modules=leaf_modules,
+                                                 example_kwargs=example_kwargs, concrete_args=concrete_args,
+                                                 capture=capture)
     warn_float(type(model).__name__, skipped)
     gm.train(source.training)
     if example_inputs is not None:
@@ -229,7 +235,7 @@ def set_ranks(prepared: fx.GraphModule, ranks: RankSpec) -> dict[str, int]:
     layers missing from the dict keep their rank. Depthwise layers keep their policy's rank.
     Returns the ranks now in force.
     """
-    state = get_state(prepared, PREPARED, "prepared")
+    state = step_state(prepared, "set_ranks")
     layers = adapters(prepared)
     searchable = {n: a for n, a in layers.items() if a.searchable}
     if isinstance(ranks, str):
@@ -254,3 +260,19 @@ def set_ranks(prepared: fx.GraphModule, ranks: RankSpec) -> dict[str, int]:
     for name, rank in wanted.items():
         layers[name].set_hard_rank(rank)
     return {n: int(a.hard_rank) for n, a in layers.items()}
+
+
+def adopt(prepared: fx.GraphModule, other: fx.GraphModule) -> None:
+    """Make ``prepared`` the model ``other`` is: its submodules, graph and state (the user keeps one object while
+    `run_pipeline` prepares the model again with a planned config)."""
+    for name, _ in list(prepared.named_children()):
+        delattr(prepared, name)
+    for name, child in other.named_children():
+        setattr(prepared, name, child)
+    for name, buffer in other.named_buffers(recurse=False):
+        prepared.register_buffer(name, buffer)
+    for name, param in other.named_parameters(recurse=False):
+        prepared.register_parameter(name, param)
+    prepared.graph = other.graph
+    prepared.meta[META_KEY] = get_state(other)
+    prepared.train(other.training)

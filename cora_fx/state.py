@@ -24,7 +24,9 @@ class CoRaState:
     ``layers`` is filled at conversion with the per-layer records `summary` reports;
     ``pipeline`` holds the `PipelineResult` when `quantize_cora` ran the steps;
     ``capture`` is how the model was captured and ``concrete_args`` the arguments fixed then;
-    ``rounding_notes`` names the layers whose calibrated rounding took a fallback, and which.
+    ``rounding_notes`` names the layers whose calibrated rounding took a fallback, and which;
+    ``plan_source`` and ``capture_options`` keep a float copy of the model and how it was prepared while the
+    config's ``target_bits`` waits to be planned (`run_pipeline`'s first step).
     """
 
     config: CoRaConfig
@@ -42,6 +44,8 @@ class CoRaState:
     concrete_args: dict[str, Any] = field(default_factory=dict)
     rounding_notes: dict[str, str] = field(default_factory=dict)
     example_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    plan_source: Optional[Any] = None
+    capture_options: dict[str, Any] = field(default_factory=dict)
 
 
 def get_state(gm: Any, expected: Optional[str] = None, argument: str = "model") -> CoRaState:
@@ -55,4 +59,15 @@ def get_state(gm: Any, expected: Optional[str] = None, argument: str = "model") 
     if expected is not None and state.stage != expected:
         hint = "call prepare_cora on the original float model" if state.stage == CONVERTED else ""
         raise CoRaError(f"{argument} is already {state.stage}, expected a {expected} model. {hint}".strip())
+    return state
+
+
+def step_state(prepared: Any, step: str) -> CoRaState:
+    """The `CoRaState` of a prepared model for the data-aware ``step``: a clear error while the config's
+    ``target_bits`` is not planned yet (the step would quantize every conv at ``quant.bits`` instead)."""
+    state = get_state(prepared, PREPARED, "prepared")
+    if state.plan_source is not None:
+        raise CoRaError(f"{step}: config.search.target_bits={state.config.search.target_bits} is not planned yet; "
+                        "call cora_fx.plan_target(prepared, calib) first, or run_pipeline(prepared, calib), which "
+                        "starts with it")
     return state

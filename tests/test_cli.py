@@ -75,7 +75,8 @@ def workspace(tmp_path_factory) -> Path:
 def test_quantize_summary_evaluate_end_to_end(workspace):
     out = workspace / "out" / "tiny.pt2"
     proc = run("quantize", "--model", "tinymodel:make", "--weights", "tiny.pth", "--calib", "labels.csv",
-               "--split", "calib", "--bits", "4", "--budget", "0.1", "--iterations", "4", "--finetune-iterations", "2",
+               "--split", "calib", "--bits", "4", "--target-bits", "none", "--budget", "0.1", "--iterations", "4",
+               "--finetune-iterations", "2",
                "--batch-size", "4", "--image-size", "16", "--resize", "18", "--out", str(out), "--quiet",
                cwd=workspace, extra_path=workspace)
     assert proc.returncode == 0, proc.stderr
@@ -109,7 +110,7 @@ def test_quantize_summary_evaluate_end_to_end(workspace):
 def test_quantize_with_heuristic_ranks_on_an_imagefolder(workspace):
     out = workspace / "heur.pt2"
     proc = run("quantize", "--model", "tinymodel:make", "--calib", "images", "--bits", "3", "--per-channel", "--ranks",
-               "heuristic", "--image-size", "16", "--resize", "16", "--out", str(out), "--quiet",
+               "heuristic", "--target-bits", "none", "--image-size", "16", "--resize", "16", "--out", str(out), "--quiet",
                cwd=workspace, extra_path=workspace)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.with_suffix(".json").read_text())
@@ -121,7 +122,7 @@ def test_quantize_with_heuristic_ranks_on_an_imagefolder(workspace):
 def test_quantize_with_a_target_bit_width_mixes_precision(workspace, allocation):
     out = workspace / "mixed.pt2"
     proc = run("quantize", "--model", "tinymodel:make", "--calib", "labels.csv", "--split", "calib", "--bits", "4",
-               "--budget", "0.05", "--target-bits", "4.2", "--iterations", "2", "--batch-size", "4",
+               "--budget", "0.05", "--target-bits", "4.0", "--iterations", "2", "--batch-size", "4",
                "--allocation", allocation, "--image-size", "16", "--resize", "16", "--out", str(out), "--quiet",
                cwd=workspace, extra_path=workspace)
     assert proc.returncode == 0, proc.stderr
@@ -129,7 +130,7 @@ def test_quantize_with_a_target_bit_width_mixes_precision(workspace, allocation)
     assert report["layer_bits"] and set(report["layer_bits"].values()) == {3}
     assert {layer["name"]: layer["bits"] for layer in report["layers"]
             if layer["name"] in report["layer_bits"]} == report["layer_bits"]
-    assert report["equivalent_bits"] <= 4.2 + 1e-9
+    assert report["equivalent_bits"] <= 4.0 + 1e-9
     assert report["config"]["search"]["allocation"] == allocation
     assert report["ranks_from"] == ("joint allocation" if allocation == "joint" else "search")
 
@@ -214,6 +215,7 @@ def test_quantize_defaults_to_the_recommended_config_and_options_override_it():
     assert quantize_config(args(config="paper", target_bits=4.0)) == CoRaConfig().replace(target_bits=4.0)
     # --bits 2: recommended's W2 is a planned target; --target-bits replaces it, --allocation bits takes b = 0.02
     assert quantize_config(args(bits=2)) == CoRaConfig.recommended(2)
+    assert quantize_config(args(target_bits="none")) == CoRaConfig.recommended(4, target_bits=None)  # uniform
     assert quantize_config(args(bits=2, target_bits=2.25)).search.target_bits == 2.25
     assert quantize_config(args(bits=2, allocation="bits")).search.budget == MIXED_BUDGET
     plain = quantize_config(args(finetune_iterations=0, adapter_form="parallel"))

@@ -118,7 +118,7 @@ def test_same_padding_subclasses_quantize_like_plain_convs(conv):
     with torch.no_grad():
         torch.testing.assert_close(same(x), plain(x))  # stride 1, odd kernel: "same" is padding 1 either way
     calib = random_batches(3, size=16)
-    config = CoRaConfig.recommended(4, iterations=5)
+    config = CoRaConfig.recommended(4, iterations=5, target_bits=None)
     results = {}
     for name, model in (("same", same), ("plain", plain)):
         with warnings.catch_warnings():
@@ -260,10 +260,10 @@ def test_conv1d_is_a_conv2d_with_a_unit_dimension():
     with torch.no_grad():
         torch.testing.assert_close(exact(x), model(x), rtol=1e-4, atol=1e-4)  # Theorem 1 holds for Conv1d
     calib = [(torch.randn(8, 2, 40), None) for _ in range(3)]
-    q = quantize_cora(model, calib, CoRaConfig.recommended(4, iterations=5), example_inputs=(x,), progress=False)
+    q = quantize_cora(model, calib, CoRaConfig.recommended(4), example_inputs=(x,), progress=False)  # planned
     report = summary(q)
     assert {layer.kind for layer in report.layers} == {"conv1d", "linear"} and not report.skipped
-    assert report.equivalent_bits < 8 and report.linear_equivalent_bits == pytest.approx(4.0)
+    assert report.equivalent_bits <= 4.5 + 1e-9 and report.linear_equivalent_bits == pytest.approx(4.0)
     with torch.no_grad():
         assert kl(q(x), model(x)) < 0.05
 
@@ -271,7 +271,7 @@ def test_conv1d_is_a_conv2d_with_a_unit_dimension():
 def test_conv1d_gets_gptq_rounding():
     model = AudioNet().eval()
     calib = [(torch.randn(8, 2, 40), None) for _ in range(3)]
-    config = CoRaConfig.recommended(3, iterations=5)
+    config = CoRaConfig.recommended(3, iterations=5, target_bits=None)
     prepared = prepare_quietly(model, config, example_inputs=(calib[0][0],))
     before = prepared.get_submodule("convs.2").quantized.weight_codes.clone()
     calibrate_rounding(prepared, calib, progress=False)
@@ -287,7 +287,8 @@ def test_conv1d_and_subclass_models_save_load_and_export(tmp_path):
     for model, x in ((AudioNet().eval(), torch.randn(2, 2, 40)),
                      (SameNet(StaticSameConv, stride=2).eval(), torch.randn(2, 3, 16, 16))):
         calib = [(torch.randn(4, *x.shape[1:]), None) for _ in range(2)]
-        q = quantize_cora(model, calib, CoRaConfig.recommended(4, iterations=3), example_inputs=(x,), progress=False)
+        config = CoRaConfig.recommended(4, iterations=3, target_bits=None)
+        q = quantize_cora(model, calib, config, example_inputs=(x,), progress=False)
         path = save(q, tmp_path / f"{type(model).__name__}.pt2", (x,))
         torch.testing.assert_close(load(path)(x), q(x), rtol=1e-5, atol=1e-5)
         onnx_path = export_onnx(q, (x,), tmp_path / f"{type(model).__name__}.onnx")
@@ -299,7 +300,7 @@ def test_conv1d_and_subclass_models_save_load_and_export(tmp_path):
 # ---------------------------------------------------------------- Linear
 def test_linear_layers_get_gptq_and_optional_adapters(small_net):
     calib = random_batches(4)
-    config = CoRaConfig.recommended(3, iterations=5)
+    config = CoRaConfig.recommended(3, iterations=5, target_bits=None)
     prepared = prepare_quietly(small_net, config)
     head = prepared.get_submodule("head")
     assert head.kind == "linear" and head.adapter.policy == "off"
@@ -391,7 +392,8 @@ def test_chosen_float_layers_are_reported_without_warning(small_net):
 # ---------------------------------------------------------------- calibration data that does not fit
 def test_calibration_batches_that_do_not_fit_are_refused_at_once(small_net):
     x = torch.randn(1, 3, 16, 16)
-    prepared = prepare_quietly(small_net, CoRaConfig.recommended(4, iterations=5), example_inputs=(x,))
+    config = CoRaConfig.recommended(4, iterations=5, target_bits=None)
+    prepared = prepare_quietly(small_net, config, example_inputs=(x,))
     from cora_fx import run_pipeline
 
     with pytest.raises(CoRaError, match=r"batch 0, input 0, has shape \(8, 1, 16, 16\); the model expects "
@@ -400,7 +402,8 @@ def test_calibration_batches_that_do_not_fit_are_refused_at_once(small_net):
     with pytest.raises(CoRaError, match="add the batch dimension"):
         run_pipeline(prepared, [(torch.randn(3, 16, 16), None)], progress=False)
     with pytest.raises(CoRaError, match="calibration batches are empty"):
-        quantize_cora(small_net, [], CoRaConfig.recommended(4, iterations=5), example_inputs=(x,), progress=False)
+        quantize_cora(small_net, [], CoRaConfig.recommended(4, iterations=5, target_bits=None), example_inputs=(x,),
+                      progress=False)
 
 
 def test_kl_on_sigmoid_outputs_is_refused_before_the_search():

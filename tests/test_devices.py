@@ -154,7 +154,8 @@ def test_load_moves_a_program_to_the_device_asked_for(small_net, tmp_path):
 
 def _workflow(model: torch.nn.Module, device: str, batches: list) -> dict:
     """Every public step on ``device``: the prepared model after each, the converted model and its outputs."""
-    config = CoRaConfig.recommended(4, act_bits=8).replace(iterations=12, finetune_iterations=3, rounding_batches=2)
+    config = CoRaConfig.recommended(4, act_bits=8, target_bits=None).replace(iterations=12, finetune_iterations=3,
+                                                                             rounding_batches=2)
     model = copy.deepcopy(model).to(device)
     x = batches[0][0][:2]
     prepared = prepare_cora(model, config, example_inputs=(x,), progress=False)

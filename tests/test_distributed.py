@@ -23,7 +23,7 @@ WORLD = 2
 def _config() -> CoRaConfig:
     """Every data-parallel step: GPTQ + activation SVD, the search, BatchNorm correction, fine-tuning (and,
     before them, `allocate_bits`)."""
-    return CoRaConfig.recommended(4).replace(rounding_batches=2, iterations=4, bn_correction=2,
+    return CoRaConfig.recommended(4, target_bits=None).replace(rounding_batches=2, iterations=4, bn_correction=2,
                                              finetune_iterations=3, budget=0.2)
 
 

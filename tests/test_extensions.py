@@ -181,12 +181,15 @@ def test_pipeline_runs_the_data_aware_steps_in_order_and_converts(small_net):
 
 
 def test_recommended_config_is_valid_and_distinct_from_the_paper():
-    for bits in (3, 4, 5, 8):
+    for bits in (2, 3, 4, 5, 8):
         cfg = CoRaConfig.recommended(bits)
         assert cfg.quant.bits == bits and cfg.needs_rounding_data and cfg.quant.granularity == "per_channel"
-        assert cfg.search.target_bits is None
-    w2 = CoRaConfig.recommended(2)  # a 3-bit base planned down to 2.5 equivalent bits
-    assert (w2.quant.bits, w2.search.target_bits, w2.search.allocation) == (3, 2.5, "joint")
+        assert (cfg.search.target_bits, cfg.search.allocation) == (bits + 0.5, "joint")
+    assert CoRaConfig.recommended(4, target_bits=4.0).search.target_bits == 4.0
+    assert CoRaConfig.recommended(4, target_bits=None).search.target_bits is None  # the uniform recipe
+    for bad in (1, 9, 4.5, True):
+        with pytest.raises(ValueError, match="recommended: bits="):
+            CoRaConfig.recommended(bad)
     assert all(CoRaConfig.recommended(bits).quant.clipping == "mse" for bits in (2, 3, 4, 5))
     assert CoRaConfig.recommended(4, budget=0.1).search.budget == 0.1
     assert CoRaConfig() != CoRaConfig.recommended(4)

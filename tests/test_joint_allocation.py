@@ -8,10 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cora_fx import CoRaConfig, CoRaError, convert_cora, prepare_cora, quantize_cora, run_pipeline, summary
+from cora_fx import CoRaConfig, CoRaError, convert_cora, prepare_cora, run_pipeline, summary
 from cora_fx.allocation.bits import planned_bits
 from cora_fx.allocation.joint import Option, allocate_jointly, cheapest_options, layer_options
-from cora_fx.allocation.plan import plan_target
 
 from .conftest import SmallNet, random_batches
 
@@ -59,7 +58,7 @@ def test_the_plan_is_the_cheapest_one_brute_force_finds(layers, share):
 def test_joint_plan_meets_the_target_and_converts_to_its_accounting():
     net = SmallNet().eval()
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    cfg = CoRaConfig.recommended(4, rounding_batches=1, allocation="joint")
+    cfg = CoRaConfig.recommended(4, rounding_batches=1, target_bits=None)
     batches = random_batches(3)
     full = planned_bits(prepare_cora(net, cfg, progress=False), {}, 0.0)  # every searchable conv at 4, no adapter
     for target in (full + 0.1, full - 0.25, full - 0.6):
@@ -86,29 +85,14 @@ def test_joint_allocation_errors_name_the_argument():
         allocate_jointly(net, random_batches(2), cfg, 4.0, low_bits=4, progress=False)
     with pytest.raises(ValueError, match="allocate_jointly: target_bits=nan"):
         allocate_jointly(net, random_batches(2), cfg, float("nan"), progress=False)
-    with pytest.raises(CoRaError, match="allocate_jointly: Sequential has no nn.Conv2d"):
-        allocate_jointly(torch.nn.Sequential(torch.nn.Linear(4, 4)), random_batches(1), cfg, 4.0, progress=False)
+    with pytest.raises(CoRaError, match="allocate_jointly: Sequential has no searchable conv"):
+        allocate_jointly(torch.nn.Sequential(torch.nn.Linear(4, 4)), [(torch.randn(8, 4), torch.zeros(8).long())],
+                         cfg, 4.0, progress=False)
     with pytest.raises(CoRaError, match="empty"):
         allocate_jointly(net, [], cfg, 4.0, progress=False)
+    with pytest.raises(ValueError, match="bits=.*two or more integers in 2..8"):
+        allocate_jointly(net, random_batches(2), cfg, 4.0, bits=(4,), progress=False)
     with pytest.raises(ValueError, match="allocation"):
         cfg.replace(allocation="greedy")
-
-
-@pytest.mark.parametrize("allocation", ["joint", "bits"])
-def test_a_config_target_is_planned_by_quantize_cora_and_refused_by_prepare_cora(allocation):
-    net = SmallNet().eval()
-    batches = random_batches(3)
-    cfg = CoRaConfig.recommended(4, rounding_batches=1, allocation=allocation, iterations=2)
-    full = planned_bits(prepare_cora(net, cfg, progress=False), {}, 0.0)
-    targeted = cfg.replace(target_bits=full - 0.25)
-    with pytest.raises(ValueError, match="target_bits=.*quantize_cora"):
-        prepare_cora(net, targeted, progress=False)
-    planned, ranks = plan_target(net, batches, targeted, progress=False)
-    assert planned.search.target_bits is None and set(planned.quant.layer_bits.values()) == {3}
-    assert (ranks is not None) == (allocation == "joint")
-    quantized = quantize_cora(net, batches, targeted, progress=False)
-    s = summary(quantized)
-    assert s.equivalent_bits <= full - 0.25 + 1e-9
-    if allocation == "joint":
-        assert {layer.name: layer.rank for layer in s.layers if layer.name in ranks} == ranks
-    assert plan_target(net, batches, cfg, progress=False) == (cfg, None)  # no target: nothing planned
+    with pytest.raises(ValueError, match="plan_widths"):
+        cfg.replace(plan_widths=4)

@@ -117,8 +117,8 @@ def test_allocation_demotes_the_layer_the_output_does_not_feel_and_meets_the_tar
         allocate_bits(net, random_batches(1), cfg, 3.5, low_bits=4, progress=False)
     with pytest.raises(ValueError, match="target_bits"):
         allocate_bits(net, random_batches(1), cfg, float("nan"), progress=False)
-    with pytest.raises(CoRaError, match="no nn.Conv2d"):
-        allocate_bits(nn.Sequential(nn.Linear(4, 4)), random_batches(1), cfg, 4.0, progress=False)
+    with pytest.raises(CoRaError, match="allocate_bits: Sequential has no conv layer"):
+        allocate_bits(nn.Sequential(nn.Linear(4, 4)), [(torch.randn(8, 4), None)], cfg, 4.0, progress=False)
     with pytest.raises(CoRaError, match="empty"):
         allocate_bits(net, [], cfg, base - one / 2, progress=False)
 
@@ -179,7 +179,7 @@ def test_allocation_averages_the_first_batches_and_reads_no_further():
 
 
 def test_allocated_plan_searches_converts_and_round_trips_within_the_target(small_net, tmp_path):
-    cfg = CoRaConfig.recommended(4, rounding_batches=1, iterations=4)
+    cfg = CoRaConfig.recommended(4, rounding_batches=1, iterations=4, target_bits=None)
     batches = random_batches(3)
     prepared = prepare_cora(small_net, cfg)
     target = planned_bits(prepared, {}, cfg.search.budget) - 0.3

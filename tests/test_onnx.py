@@ -313,7 +313,7 @@ def test_a_linear_on_a_sequence_exports_and_matches(weights, act_bits, tmp_path)
 
 def w4a8(model, bits=4, act_bits=8):
     """The recommended W4A8 (or W3A8, or weight-only) model with heuristic ranks: folded adapters, no search."""
-    config = CoRaConfig.recommended(bits, act_bits=act_bits).replace(rounding_batches=2)
+    config = CoRaConfig.recommended(bits, act_bits=act_bits, target_bits=None).replace(rounding_batches=2)
     return quantize_cora(model, random_batches(2), config, ranks="heuristic", progress=False)
 
 

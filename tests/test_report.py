@@ -96,11 +96,12 @@ def test_readme_block_is_replaced_between_the_markers(tmp_path, results, capsys)
     assert report.main([str(report.RESULTS), "--no-plots", "--page", str(page), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert "old table" not in text
-    assert text.startswith(f"# Title\n\nintro\n\n{report.README_START}\n\n| method |")
+    assert text.startswith(f"# Title\n\nintro\n\n{report.README_START}\n\n| network | method |")
     assert text.endswith(f"(benchmarks/RESULTS.md).\n\n{report.README_END}\n\n## Next\n")
-    assert report.headline_table(results) in text and "(benchmarks/RESULTS.md)" in text
-    assert report.headline_table(results) in page.read_text()  # the page went to --page, not into the repository
-    report.update_readme(readme, results)
+    headline = report.headline_table(results, report.RESULTS.parent)  # from the frontier files beside results.json
+    assert headline in text and "(benchmarks/RESULTS.md)" in text and "`recommended(4)`" in headline
+    assert headline in page.read_text()  # the page went to --page, not into the repository
+    report.update_readme(readme, results, report.RESULTS.parent)
     assert readme.read_text() == text  # idempotent
 
 
@@ -168,12 +169,14 @@ def test_frontier_rows_compare_with_the_base_and_check_the_targets(tmp_path):
     assert "| 3.5 | joint | +1.00 (-0.50, +1.50) | **+1.00 (+0.50, +1.50)** | **-0.020 (-0.030, -0.010)** |" in table
     assert "| 2.5 | joint | +1.00 (-0.50, +1.50) | **+1.00 (+0.50, +1.50)** | -0.020 (-0.050, +0.010) |" in table
     targets = "\n".join(report.frontier_targets(data))
-    met = "| joint below base's KL, outside the interval, at every point | 1 of 1 points (2 measured) | yes |"
-    assert met in targets
-    assert "| W3 at <= 3.5 bits: top-1 >= float - 2.5 (76.90) | 77.00 (joint @3.5) | yes |" in targets
-    tie = {**data, "joint @3.5": row("joint", 3.5, 3.49, 77.0, [-0.02, -0.03, 0.001])}
-    assert "| 0 of 1 points (2 measured) | **no** |" in "\n".join(report.frontier_targets(tie))
-    assert "| W2 at <= 2.5 bits: top-1 >= float - 10.0 (69.40) | 60.00 (joint @2.5) | **no** |" in targets
+    met = "| joint below base's KL, outside the interval, at every point measured with both | 1 of 2 points | **no** |"
+    assert met in targets  # joint @2.5's KL interval reaches +0.01: a tie
+    assert ("| recommended(3) at <= 3.5 bits: top-1 >= float - 1.5 (77.90) | 77.00 (joint @3.5, 3.490 bits) "
+            "| **no** |") in targets
+    assert "| recommended(2) at <= 2.5 bits: top-1 >= float - 10.0 (69.40) | 60.00 (joint @2.5, 2.490" in targets
+    other = "\n".join(report.frontier_targets(data, "EfficientNet-Lite0"))
+    assert "bits: top-1 >= float - 3.0 (76.40) | 77.00 (joint @3.5, 3.490 bits) | yes |" in other
+    assert "| recommended(2) at <= 2.5 bits: measured | 60.00 (19.40 below float) | yes |" in other
     peer = {**row("brevitas", 3.0, 3.6, 70.0), "vs_joint": {"row": "joint @3.5", "hit": [-7.0, -9.0, -5.0],
                                                             "agree": [-1.0, -2.0, 0.5], "kl": [0.1, 0.05, 0.2]}}
     with_peer = report.frontier_table({**data, "brevitas @3.0": peer})

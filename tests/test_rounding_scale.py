@@ -54,7 +54,7 @@ def _batches(n: int = 2) -> list:
 @pytest.mark.parametrize("groups", [1, 2])
 def test_blocks_are_the_diagonal_blocks_of_the_exact_second_moment(groups):
     model = Wide(groups).eval()
-    cfg = CoRaConfig.recommended(4)
+    cfg = CoRaConfig.recommended(4, target_bits=None)
     exact = collect_input_moments(prepare_cora(model, cfg), _batches(), 2)["conv"]
     blocked = collect_input_moments(prepare_cora(model, cfg.replace(max_block=50)), _batches(), 2)["conv"]
     assert exact.exact and not blocked.exact
@@ -94,7 +94,7 @@ def test_block_whitened_factors_are_exact_at_full_rank():
 
 def test_calibration_with_blocks_is_reported_and_stays_exact_at_full_rank():
     model = Wide().eval()
-    cfg = CoRaConfig.recommended(4).replace(max_block=50, adapter_bits=None, quantize_linear=False)
+    cfg = CoRaConfig.recommended(4, target_bits=None).replace(max_block=50, adapter_bits=None, quantize_linear=False)
     prepared = prepare_cora(model, cfg)
     calibrate_rounding(prepared, _batches(), progress=False)
     notes = summary(prepared).rounding_notes
@@ -115,7 +115,8 @@ def test_blocks_cost_little_on_a_small_net():
     batches = random_batches(2)
     errors = {}
     for block in (4096, 9):
-        prepared = prepare_cora(model, CoRaConfig.recommended(3).replace(max_block=block, quantize_linear=False))
+        config = CoRaConfig.recommended(3, target_bits=None).replace(max_block=block, quantize_linear=False)
+        prepared = prepare_cora(model, config)
         calibrate_rounding(prepared, batches, progress=False)
         x = batches[0][0]
         with torch.no_grad():

@@ -14,7 +14,7 @@ from cora_fx.quant.residual import thin_svd
 from tests.conftest import random_batches, summation_tolerance
 
 # the recommended search settings, without data-aware rounding (not what is tested here)
-CFG = CoRaConfig.recommended(3).replace(bits=2, rounding="nearest", svd="weight", budget=0.05)
+CFG = CoRaConfig.recommended(2, target_bits=None).replace(rounding="nearest", svd="weight", budget=0.05)
 
 
 ITERATIONS = 4

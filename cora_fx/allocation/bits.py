@@ -31,6 +31,7 @@ from cora_fx.allocation.sensitivity import (
 from cora_fx.calibrate import distributed
 from cora_fx.calibrate.checks import check_batches
 from cora_fx.config import CoRaConfig
+from cora_fx.errors import CoRaError
 from cora_fx.io.summary import is_conv, layer_infos
 from cora_fx.prepare import adapters, heuristic_rank, prepare_cora
 from cora_fx.quant.modules import CONV_KINDS
@@ -103,6 +104,8 @@ def allocate_bits(
     check_arguments("allocate_bits", model, target_bits, max_batches, capture_options)
     config = config.replace(target_bits=None)  # this is the plan; its own preparations are plain
     prepared = prepare_cora(model, config, progress=progress, **capture_options)
+    if not get_state(prepared).conv_params:
+        raise CoRaError(f"allocate_bits: {type(model).__name__} has no conv layer to allocate bits to")
     check_batches(prepared, batches, "allocate_bits")
     start = planned_bits(prepared, dict(config.quant.layer_bits), config.search.budget)
     if start <= target_bits:
@@ -155,7 +158,7 @@ def batch_sensitivities(reference_model: nn.Module, prepared: torch.fx.GraphModu
         rank = heuristic_rank(adapter, config.search.budget)
         # at its own bits the prepared layer already holds [W]_n and its residual's SVD; only the demotion is new
         return [_restored(prepared.get_submodule(name).quantized.weight, adapter.factors, rank),
-                _demoted(conv.weight.data, conv.groups, config, low_bits, rank)]
+                _demoted(conv.weight.data, adapter.factors.groups, config, low_bits, rank)]
 
     losses = swapped_losses(reference_model, list(candidates), weights, inputs, reference, sensitivity,
                             progress, "bit allocation")

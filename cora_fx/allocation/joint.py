@@ -43,12 +43,17 @@ from cora_fx.calibrate.checks import check_batches
 from cora_fx.calibrate.rounding import calibrate_rounding
 from cora_fx.config import CoRaConfig
 from cora_fx.errors import CoRaError
+from cora_fx.io.summary import is_conv, layer_infos
 from cora_fx.prepare import adapters, prepare_cora
-from cora_fx.quant.modules import CONV_KINDS
+from cora_fx.quant.modules import CONV_KINDS, OFF
 from cora_fx.state import get_state
 
 #: The ranks a layer may take (up to its R): every rank where the first singular values dominate, coarser above.
 RANK_CHOICES = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+class NothingToPlan(CoRaError):
+    """The model has no searchable conv at ``quant.bits``: no bits or ranks to choose."""
 
 
 @dataclass(frozen=True)
@@ -107,14 +112,16 @@ def _demotion_losses(model: nn.Module, high: torch.fx.GraphModule, low: torch.fx
 
 
 def layer_options(errors: dict[int, list[float]], growth: float, params: int, per_rank: int,
-                  adapter_bits: int, ranks: Sequence[int] = RANK_CHOICES) -> list[Option]:
+                  adapter_bits: int, ranks: Sequence[int] = RANK_CHOICES,
+                  pair: Optional[Sequence[int]] = None) -> list[Option]:
     """Every (bits, rank) of one layer with its cost in bits and predicted loss s * E(bits, rank).
 
     ``errors`` maps each bit-width to the output error left at each rank; the sensitivity s is the
     loss ``growth`` of the lower bit-width over the error it adds (0 when the demotion measured harmless);
-    ``ranks`` are the ranks offered (those up to the layer's R).
+    ``ranks`` are the ranks offered (those up to the layer's R); ``pair`` the two bit-widths whose demotion
+    ``growth`` measured (default: the lowest and highest in ``errors``).
     """
-    low, high = min(errors), max(errors)
+    low, high = sorted(pair) if pair is not None else (min(errors), max(errors))
     added = errors[low][0] - errors[high][0]
     scale = max(growth, 0.0) / added if added > 0 else 0.0
     options = []
@@ -156,44 +163,115 @@ def cheapest_options(options: dict[str, list[Option]], budget: float, resolution
     return plan
 
 
+def offered_bits(target_bits: float, widths: int = 2) -> tuple[int, ...]:
+    """The main bit-widths the joint plan offers each searchable conv for ``target_bits`` (docs/method.md s.8):
+    ceil(t) - 1 and ceil(t) (at least 2 and 3), and ceil(t) + 1 too with ``widths=3``; never above 8."""
+    high = min(max(3, math.ceil(target_bits - 1e-9)), 8)
+    return tuple(range(high - 1, min(high - 1 + widths, 9)))
+
+
+def _planned_names(probe: torch.fx.GraphModule, config: CoRaConfig) -> list[str]:
+    """The searchable convs the plan may move: at ``quant.bits``, not named in the prepared ``layer_bits``."""
+    fixed = get_state(probe).config.quant.layer_bits  # the user's and `edge_bits`' choices
+    return [n for n, a in adapters(probe, CONV_KINDS).items()
+            if a.searchable and n not in fixed and config.quant.bits_for(n) == config.quant.bits]
+
+
+def _movable_convs(probe: torch.fx.GraphModule, names: list[str], top: int) -> list[str]:
+    """The other quantized convs above ``top`` bits that no ``layer_bits`` entry fixes (depthwise convs at 8 bits):
+    offered ``top`` bits when the target cannot be met with them where they are."""
+    fixed = get_state(probe).config.quant.layer_bits
+    return [layer.name for layer in layer_infos(probe) if is_conv(layer.kind) and layer.name not in names
+            and layer.name not in fixed and layer.policy == OFF and layer.bits > top]
+
+
+def _reachable(probe: torch.fx.GraphModule, names: list[str], user_bits: dict[str, int], widths: tuple[int, ...],
+               target_bits: float, lower_if_needed: bool) -> tuple[tuple[int, ...], list[str]]:
+    """The widths to offer and the other convs to move (`_movable_convs`): none while every planned conv at the
+    lowest width meets the target; with ``lower_if_needed``, widths one bit lower while even the moved convs miss."""
+    while True:
+        movable = _movable_convs(probe, names, widths[-1])
+        floor = planned_bits(probe, {**user_bits, **{n: widths[0] for n in names}}, 0.0)
+        if floor <= target_bits:
+            return widths, []
+        moved = planned_bits(probe, {**user_bits, **{n: widths[0] for n in names},
+                                     **{m: widths[-1] for m in movable}}, 0.0)
+        if moved <= target_bits or not lower_if_needed or widths[0] <= 2:
+            return widths, movable
+        widths = tuple(w - 1 for w in widths)
+
+
+def _bit_options(growth: float, params: int, bits: tuple[int, int]) -> list[Option]:
+    """A layer with no adapter offered two bit-widths: the lower one predicted to add ``growth`` (measured)."""
+    low, high = sorted(bits)
+    return [Option(high, 0, high * params, 0.0), Option(low, 0, low * params, max(growth, 0.0))]
+
+
 def allocate_jointly(model: nn.Module, batches: Iterable, config: CoRaConfig, target_bits: float, *,
-                     low_bits: Optional[int] = None, max_batches: int = ALLOCATION_BATCHES, progress: bool = True,
+                     low_bits: Optional[int] = None, bits: Optional[Sequence[int]] = None,
+                     lower_if_needed: bool = False, max_batches: int = ALLOCATION_BATCHES, progress: bool = True,
                      ranks: Sequence[int] = RANK_CHOICES, **capture_options: Any) -> JointPlan:
-    """Bits in {``low_bits``, ``config.quant.bits``} and ranks for every searchable conv, at most ``target_bits``
-    equivalent bits (docs/method.md section 8). Arguments as `allocate_bits`; ``ranks`` are the ranks offered
-    to every layer (``(0,)``: bits only, the same loss model without adapters). The model is not modified."""
+    """Bits and ranks for every searchable conv at ``quant.bits``, at most ``target_bits`` equivalent bits
+    (docs/method.md section 8). The model is not modified.
+
+    ``bits`` are the main bit-widths offered (default ``(low_bits, quant.bits)``, ``low_bits`` defaulting to
+    ``quant.bits - 1``; `plan_target` passes `offered_bits`); the sensitivity is measured between the two lowest.
+    When even every planned conv at the lowest width misses the target, the other quantized convs above the
+    highest width (depthwise convs at 8 bits) are offered that width too, each with its measured loss; and with
+    ``lower_if_needed`` (`plan_target`), where even that misses, every width is lowered by one bit (down to 2).
+    ``ranks`` are the ranks offered (``(0,)``: bits only); the other arguments are `allocate_bits`'.
+    """
     if not ranks or 0 not in ranks or any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in ranks):
         raise ValueError(f"allocate_jointly: ranks={ranks!r} must be integers >= 0 including 0")
-    high = config.quant.bits
-    low = high - 1 if low_bits is None else low_bits
-    if not isinstance(low, int) or not 2 <= low < high:
-        raise ValueError(f"allocate_jointly: low_bits={low!r} must be an integer in 2..{high - 1}")
+    widths = _widths(config, low_bits, bits)
     check_arguments("allocate_jointly", model, target_bits, max_batches, capture_options)
     config = config.replace(target_bits=None)  # this is the plan; its own preparations are plain
     show = distributed.shows_progress(progress)
-    rounded = {high: _rounded(model, config, dict(config.quant.layer_bits), batches, show, capture_options)}
-    convs = adapters(rounded[high], CONV_KINDS)
-    names = [n for n, a in convs.items() if a.searchable and config.quant.bits_for(n) == high]
+    probe = prepare_cora(model, config, progress=False, **capture_options)
+    check_batches(probe, batches, "allocate_jointly")
+    names = _planned_names(probe, config)
     if not names:
-        raise CoRaError(f"allocate_jointly: {type(model).__name__} has no searchable conv at {high} bits")
-    rounded[low] = _rounded(model, config, {**config.quant.layer_bits, **{n: low for n in names}}, batches,
-                            show, capture_options)
-    growth = _demotion_losses(model, rounded[high], rounded[low], names, config,
-                              first_inputs(model, batches, max_batches, "allocate_jointly"), show)
-    errors = {bits: _errors(prepared, names) for bits, prepared in rounded.items()}
-    layers = adapters(rounded[high])
+        raise NothingToPlan(f"allocate_jointly: {type(model).__name__} has no searchable conv at "
+                            f"{config.quant.bits} bits to plan")
+    total = max(get_state(probe).conv_params, 1)
+    user_bits = dict(config.quant.layer_bits)
+    widths, movable = _reachable(probe, names, user_bits, widths, target_bits, lower_if_needed)
+    rounded = {k: _rounded(model, config, {**user_bits, **{n: k for n in names},
+                                           **({m: widths[-1] for m in movable} if k == widths[0] else {})},
+                           batches, show, capture_options) for k in widths}
+    inputs = first_inputs(model, batches, max_batches, "allocate_jointly")
+    growth = _demotion_losses(model, rounded[widths[1]], rounded[widths[0]], names + movable, config, inputs, show)
+    errors = {k: _errors(prepared, names) for k, prepared in rounded.items()}
+    layers = adapters(rounded[widths[0]])
     adapter_bits = 32 if config.adapter.bits is None else config.adapter.bits
-    options = {n: layer_options({b: errors[b][n] for b in errors}, growth[n], math.prod(layers[n].factors.weight_shape),
-                                layers[n].factors.params_per_rank, adapter_bits, ranks) for n in names}
-    state = get_state(rounded[high])
-    total = max(state.conv_params, 1)
+    options = {n: layer_options({k: errors[k][n] for k in widths}, growth[n],
+                                math.prod(layers[n].factors.weight_shape), layers[n].factors.params_per_rank,
+                                adapter_bits, ranks, pair=widths[:2]) for n in names}
+    own_bits = {layer.name: layer.bits for layer in layer_infos(probe)}
+    options.update({m: _bit_options(growth[m], math.prod(layers[m].factors.weight_shape), (widths[-1], own_bits[m]))
+                    for m in movable})
     # every bit outside the planned layers: other convs, fixed (depthwise) adapters, float convs
-    fixed = planned_bits(rounded[high], {**config.quant.layer_bits, **{n: 0 for n in names}}, 0.0) * total
+    fixed = planned_bits(probe, {**user_bits, **{n: 0 for n in options}}, 0.0) * total
     floor = fixed + sum(min(o.cost for o in opts) for opts in options.values())
     if floor > target_bits * total:
         raise ValueError(f"allocate_jointly: target_bits={target_bits} is below {floor / total:.3f}, the "
-                         f"equivalent bits with every searchable conv at {low} bits and no adapter")
+                         f"equivalent bits with every searchable conv at {widths[0]} bits, no adapter and "
+                         f"every other quantized conv at {widths[-1]} bits or fewer")
     plan = cheapest_options(options, target_bits * total - fixed)
     spent = fixed + sum(o.cost for o in plan.values())
-    return JointPlan({**config.quant.layer_bits, **{n: o.bits for n, o in plan.items() if o.bits != high}},
-                     {n: o.rank for n, o in plan.items()}, spent / total)
+    chosen = {n: o.bits for n, o in plan.items() if o.bits != own_bits[n]}
+    return JointPlan({**user_bits, **chosen}, {n: plan[n].rank for n in names}, spent / total)
+
+
+def _widths(config: CoRaConfig, low_bits: Optional[int], bits: Optional[Sequence[int]]) -> tuple[int, ...]:
+    """The sorted main bit-widths `allocate_jointly` offers, checked."""
+    high = config.quant.bits
+    if bits is None:
+        low = high - 1 if low_bits is None else low_bits
+        if not isinstance(low, int) or not 2 <= low < high:
+            raise ValueError(f"allocate_jointly: low_bits={low!r} must be an integer in 2..{high - 1}")
+        return (low, high)
+    widths = tuple(sorted(set(bits)))
+    if len(widths) < 2 or any(isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 8 for b in widths):
+        raise ValueError(f"allocate_jointly: bits={bits!r} must be two or more integers in 2..8")
+    return widths

@@ -51,8 +51,6 @@ def check_arguments(caller: str, model: nn.Module, target_bits: Any, max_batches
         raise ValueError(f"{caller}: max_batches={max_batches!r} must be an integer >= 1")
     if not isinstance(target_bits, (int, float)) or isinstance(target_bits, bool) or not target_bits > 0:
         raise ValueError(f"{caller}: target_bits={target_bits!r} must be a positive number")
-    if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
-        raise CoRaError(f"{caller}: {type(model).__name__} has no nn.Conv2d layer to allocate bits to")
     unknown = set(capture_options) - CAPTURE_OPTIONS
     if unknown:
         raise TypeError(f"{caller}: unexpected argument(s) {sorted(unknown)}; "
@@ -83,18 +81,35 @@ def mean_growth(per_batch: dict[str, tuple[list[float], list[float]]]) -> dict[s
 
 
 def swapped_losses(reference_model: nn.Module, names: Iterable[str],
-                   weights: Callable[[str, nn.Conv2d], list[torch.Tensor]], inputs: list, reference: list[Any],
+                   weights: Callable[[str, Any], list[torch.Tensor]], inputs: list, reference: list[Any],
                    sensitivity: Sensitivity, progress: bool, desc: str) -> dict[str, list[list[float]]]:
     """Per layer, the objective on each batch with each of ``weights(name, conv)`` in place of the conv's weight
     of ``reference_model`` (the weights are built first, from the float weight; it is put back after)."""
     out = {}
     for name in tqdm(names, desc=desc, disable=not progress, leave=False):
-        conv = reference_model.get_submodule(name)
-        original = conv.weight.data
+        parameter = float_weight(reference_model, name)
+        original = parameter.data
         values = []
-        for weight in weights(name, conv):
-            conv.weight.data = weight.to(original.dtype)
+        for weight in weights(name, _AsConv(original)):
+            # a Conv1d, Linear or functional weight is quantized as a conv's: same values, other shape
+            parameter.data = weight.to(original.dtype).reshape(original.shape)
             values.append(sensitivity(reference_model, inputs, reference))
-        conv.weight.data = original
+        parameter.data = original
         out[name] = values
     return out
+
+
+def float_weight(model: nn.Module, name: str) -> nn.Parameter:
+    """The float weight of layer ``name``: its module's ``weight``, or the parameter itself (functional layers)."""
+    try:
+        return model.get_submodule(name).weight
+    except AttributeError:
+        return model.get_parameter(name)
+
+
+class _AsConv:
+    """What the ``weights`` callbacks read of a layer: its float weight as a Conv2d's (a Conv1d's gains a unit
+    dimension, docs/method.md s.12)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight.unsqueeze(2) if weight.dim() == 3 else weight

@@ -29,7 +29,7 @@ from cora_fx.errors import CoRaError
 from cora_fx.graph.passes import folded_copy
 from cora_fx.quant.modules import FLOAT, CoRaConv2d, folded_modes
 from cora_fx.quant.observers import quant_range as signed_range
-from cora_fx.state import PREPARED, get_state
+from cora_fx.state import step_state
 
 #: Quantizer states: pass-through (before calibration), observing (during it), fake-quantizing (after it).
 IDLE, OBSERVE, QUANTIZE = "idle", "observe", "quantize"
@@ -195,7 +195,7 @@ def calibrate_activations(prepared: fx.GraphModule, batches: Iterable, *, progre
     `torch.distributed` each process observes its own batches and the ranks' frozen scales and zero points are
     rank 0's (broadcast), so every process fake-quantizes identically. Returns the number of quantizers calibrated.
     """
-    state = get_state(prepared, PREPARED, "prepared")
+    state = step_state(prepared, "calibrate_activations")
     found = quantizers(prepared)
     if not found:
         raise CoRaError("calibrate_activations: the model has no activation quantizers; prepare it with "

@@ -27,7 +27,7 @@ from cora_fx.devices import model_device
 from cora_fx.errors import CoRaError
 from cora_fx.graph.passes import folded_copy
 from cora_fx.quant.modules import FLOAT, HARD, CoRaConv2d, folded_modes
-from cora_fx.state import PREPARED, get_state
+from cora_fx.state import step_state
 
 
 def _batch_mean(x: torch.Tensor) -> torch.Tensor:
@@ -48,7 +48,7 @@ def correct_batchnorm(prepared: fx.GraphModule, batches: Iterable, **overrides: 
     it after the ranks are final (`run_pipeline` does, when ``refine.bn_correction`` is set); `convert_cora`
     keeps the corrected statistics.
     """
-    cfg = step_config(get_state(prepared, PREPARED, "prepared").config, "correct_batchnorm", overrides)
+    cfg = step_config(step_state(prepared, "correct_batchnorm").config, "correct_batchnorm", overrides)
     max_batches = cfg.refine.bn_correction
     if max_batches == 0:
         raise CoRaError("correct_batchnorm: refine.bn_correction is 0 (no batches); pass bn_correction=16, or set "

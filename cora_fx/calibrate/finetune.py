@@ -26,7 +26,7 @@ from cora_fx.calibrate.objective import batch_loss, frozen_weights, task_loss
 from cora_fx.devices import model_device
 from cora_fx.graph.passes import folded_copy
 from cora_fx.quant.modules import TUNE, CoRaConv2d, folded_modes
-from cora_fx.state import PREPARED, get_state
+from cora_fx.state import step_state
 
 
 @dataclass
@@ -55,7 +55,7 @@ def finetune(prepared: fx.GraphModule, batches: Iterable, *, progress: bool = Tr
     batch or KeyboardInterrupt leaves it as it was). Changing a rank afterwards
     (`set_ranks`, `search_ranks`) drops that layer's tuned A and B.
     """
-    state = get_state(prepared, PREPARED, "prepared")
+    state = step_state(prepared, "finetune")
     cfg = step_config(state.config, "finetune", overrides)
     iterations, lr = cfg.refine.finetune_iterations, cfg.refine.finetune_lr
     gm = folded_copy(prepared)

@@ -35,7 +35,7 @@ from cora_fx.graph.passes import search_copy
 from cora_fx.io.summary import accounting, layer_infos
 from cora_fx.prepare import adapters
 from cora_fx.quant.modules import CoRaConv2d, LowRankAdapter
-from cora_fx.state import PREPARED, get_state
+from cora_fx.state import step_state
 
 
 @dataclass
@@ -132,7 +132,7 @@ def search_ranks(prepared: fx.GraphModule, batches: Iterable, *, progress: bool 
     so far are projected and set, the result is kept in ``prepared.meta["cora_fx"].search_result``, and the
     interrupt is re-raised.
     """
-    state = get_state(prepared, PREPARED, "prepared")
+    state = step_state(prepared, "search_ranks")
     cfg = step_config(state.config, "search_ranks", overrides)
     if cfg.needs_rounding_data and not state.rounding_calibrated:
         raise CoRaError("search_ranks: the config asks for data-aware rounding or adapters (rounding.method="

@@ -36,7 +36,7 @@ from cora_fx.quant.modules import FLOAT, HARD, OFF, ConvSpec, CoRaConv2d, folded
 from cora_fx.quant.observers import quant_range
 from cora_fx.quant.residual import ResidualFactors
 from cora_fx.quant.uniform import QuantizedWeight
-from cora_fx.state import PREPARED, get_state
+from cora_fx.state import get_state, step_state
 
 
 def im2col(x: torch.Tensor, spec: ConvSpec, kernel: tuple[int, int]) -> torch.Tensor:
@@ -241,7 +241,7 @@ def calibrate_rounding(prepared: fx.GraphModule, batches: Iterable, *, progress:
     docs/method.md sections 5-6. The float weight is recovered exactly from [W]_n plus the full-rank
     residual (Theorem 1). Hard ranks are kept (clamped to the new R). Runs before `search_ranks`.
     """
-    state = get_state(prepared, PREPARED, "prepared")
+    state = step_state(prepared, "calibrate_rounding")
     cfg = step_config(state.config, "calibrate_rounding", overrides)
     count = cfg.rounding.batches
     moments = collect_input_moments(prepared, batches, count, FLOAT, progress)

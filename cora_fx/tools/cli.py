@@ -48,6 +48,22 @@ def _positive_int(text: str) -> int:
     return _int_in(1, 1 << 30)(text)
 
 
+#: ``--target-bits none``: no plan, every conv at ``--bits`` with searched ranks (the uniform recipe)
+NO_TARGET = "none"
+
+
+def _target_bits(text: str) -> Any:
+    if text.strip().lower() == NO_TARGET:
+        return NO_TARGET
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or 'none'") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} must be positive")
+    return value
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -303,10 +319,12 @@ def quantize_config(args: argparse.Namespace) -> "CoRaConfig":
                    "adapter_form", "act_bits", "allocation", "target_bits"):
         if getattr(args, option, None) is not None:
             changes[option] = getattr(args, option)
+    if changes.get("target_bits") == NO_TARGET:
+        changes["target_bits"] = None
     if args.per_channel or args.per_tensor:
         changes["granularity"] = "per_channel" if args.per_channel else "per_tensor"
     joint = (getattr(args, "allocation", None) or base.search.allocation) == "joint"
-    targeted = args.target_bits is not None or base.search.target_bits is not None
+    targeted = changes.get("target_bits", base.search.target_bits) is not None
     if targeted and args.budget is None and args.config == "recommended" and not joint:
         from cora_fx.allocation.bits import MIXED_BUDGET
 
@@ -316,7 +334,7 @@ def quantize_config(args: argparse.Namespace) -> "CoRaConfig":
 
 def _plan(model: nn.Module, calibration: Iterable, config: "CoRaConfig",
           progress: bool) -> tuple["CoRaConfig", Optional[dict[str, int]]]:
-    """``search.target_bits`` (``--target-bits`` or the recommended W2 config): `plan_target`'s config with the
+    """``search.target_bits`` (``--target-bits`` or the recommended config's): `plan_target`'s config with the
     planned ``layer_bits``, and the planned ranks with ``allocation="joint"`` (None: searched or ``--ranks``)."""
     from cora_fx.allocation.plan import plan_target
 
@@ -365,7 +383,7 @@ def _quantize(args: argparse.Namespace, device: torch.device) -> int:
     ranks = "search" if args.ranks == "search" else "heuristic"
     if config.search.target_bits is not None:
         config, planned = _plan(model, calibration, config, not args.quiet)
-        ranks = planned or ranks
+        ranks = planned if planned is not None and args.ranks == "search" else ranks
     prepared = prepare_cora(model, config, example_inputs=example, progress=not args.quiet)
     if not hasattr(prepared, "meta") or "cora_fx" not in prepared.meta:
         raise UsageError(f"--model {args.model}: no conv or linear layer to quantize")
@@ -505,7 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--weights", help="state dict of the float model (torch.save); loaded with weights_only=True")
     q.add_argument("--calib", required=True, help="calibration data: ImageFolder directory or path,label[,split] CSV")
     q.add_argument("--calib-images", type=_positive_int, help="use at most this many calibration images")
-    q.add_argument("--bits", type=_int_in(2, 8), default=4, help="weight bits of the main convs, 2..8 (default 4)")
+    q.add_argument("--bits", type=_int_in(2, 8), default=4,
+                   help="weight bits n, 2..8 (default 4): recommended plans each conv at n or n + 1 bits for n + 0.5 "
+                        "equivalent bits; Linear layers at n")
     q.add_argument("--config", choices=("recommended", "paper"), default="recommended",
                    help="base settings: CoRaConfig.recommended(bits) (default) or the paper's CoRaConfig(); "
                         "the options below override it when given")
@@ -523,10 +543,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--adapter-form", choices=("parallel", "folded"),
                    help="lowered adapter: a parallel two-conv branch (paper) or folded into the conv weight "
                         "(recommended)")
-    q.add_argument("--target-bits", type=float, metavar="BITS",
-                   help="mixed precision: the equivalent bits, adapters included, are at most BITS (e.g. --bits 4 "
-                        "--target-bits 4.0), some convs at --bits - 1 (see --allocation); the recommended config "
-                        "at --bits 2 plans 2.5 on a 3-bit base by itself")
+    q.add_argument("--target-bits", type=_target_bits, metavar="BITS",
+                   help="the equivalent bits, adapters and 8-bit layers included, are at most BITS (e.g. --bits 4 "
+                        "--target-bits 4.0: each conv at 3 or 4 bits; see --allocation); the recommended config "
+                        "plans --bits + 0.5 by itself; 'none': every conv at --bits, ranks searched")
     q.add_argument("--allocation", choices=("bits", "joint"),
                    help="with --target-bits: plan every conv's bits and rank together, a rank only where it beats a "
                         "bit of precision (joint, recommended's), or demote the convs the output feels least with "
