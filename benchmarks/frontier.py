@@ -143,7 +143,7 @@ FAMILIES: dict[str, tuple[str, Callable]] = {
     "joint": ("CoRa, bits and ranks planned jointly", joint_family),
     "joint3": ("the joint plan offered three bit-widths per conv (plan_widths=3)", joint3_family),
     "rtn": ("plain per-channel min-max rounding of every conv and Linear (integer points only)", rtn_family),
-    "bitsonly": ("the joint plan offered rank 0 only: its loss model, no adapters (the quick recipe)",
+    "bitsonly": ("the joint plan offered rank 0 only (`plan_adapters=False`): its loss model, no adapters",
                  bitsonly_family),
     "uniform": ("every conv at n bits (the point rounded down), ranks searched under an adapter budget",
                 uniform_family),

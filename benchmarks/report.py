@@ -168,8 +168,8 @@ def headline_table(results: dict, folder: Path | None = None) -> str:
 
 
 #: The headline's rows per network, in order: (row key in the frontier file, label).
-HEADLINE_ROWS = (("float", "float"), ("rtn @4.0", "plain per-channel rounding W4"),
-                 ("joint @4.5", "cora_fx `recommended(4)`"),
+HEADLINE_ROWS = (("float", "float"), ("joint @5.5", "cora_fx `recommended(5)`"),
+                 ("rtn @4.0", "plain per-channel rounding W4"), ("joint @4.5", "cora_fx `recommended(4)`"),
                  ("joint @4.0", "cora_fx `recommended(4, target_bits=4.0)`"),
                  ("brevitas @4.0", "brevitas GPTQ W4"), ("aimet @4.0", "AIMET AdaRound W4"),
                  ("torchao @4.0", "torchao RTN W4"), ("joint @3.5", "cora_fx `recommended(3)`"),
@@ -309,9 +309,16 @@ def intro(results: dict) -> str:
             f"calibrating on {calib} labelled ImageNet images, then measures top-1 and top-5 accuracy on {evals} other "
             "labelled ImageNet images (Resize 256, CenterCrop 224) and the top-1 agreement with the float model on "
             f"{tiny} tiny64 images (64 px: a larger-sample fidelity measure, not comparable to top-1). "
-            "Activations stay float. The rows of this table, 'Deployment', 'Calibration time' and 'Frontier' were "
-            "measured before cora_fx 0.7.0, which rounded the Linear classifier to nearest; 0.7.0 rounds it by GPTQ "
-            "like the convs, and 'Linear layers' measures that change on `recommended(4)`: a tie on every measure.")
+            "Activations stay float. The frontier sections (and the headline drawn from them) do the same for each "
+            "network, EfficientNet-Lite0 at its own preprocessing. The older tables below, 'Deployment' and the "
+            "frontier rows whose commands say `benchmarks/frontier.py` were measured before cora_fx 0.7.0, which "
+            "rounded the Linear classifier to nearest; 0.7.0 rounds it by GPTQ like the convs, and 'Linear layers' "
+            "measures that change on the uniform recipe: a tie on every measure. The frontier rows whose commands "
+            "say `python -m benchmarks.frontier` (every EfficientNet-Lite0 row, and MobileNetV2's `joint` at 2.5, "
+            "3.5 and 4.5 with the `uniform`, `joint3` and `bitsonly` rows beside them) and `recommended(4)` in "
+            "'Calibration time' are cora_fx 0.11.0's; MobileNetV2's other `joint` rows come from an earlier release's "
+            "plan of the convs, with the Linear classifier at the point rounded up (3, 4, 4 and 5 bits at 3.0, 3.25, "
+            "4.0 and 4.25; `recommended` now keeps it at the point rounded down).")
     columns = [
         f"top-1 % (95% CI): on the {evals} images, 95% bootstrap interval over images (up to +-{top1:.1f} "
         "points here); rows whose difference lies inside the interval are ties.",
@@ -588,8 +595,9 @@ def frontier_table(data: dict) -> str:
              f"{paired(vs.get('agree'), 2)} | {paired(vs.get('kl'), 3)} |"
              for _, r in frontier_rows(data) for reference, vs in (r.get("paired") or {}).items()]
     if pairs:
-        table += ("\n\nThe recommended plan (`joint`) minus the uniform recipe it replaced, and the three-width plan "
-                  "and the quick recipe (`bitsonly`) minus `joint`, at the same point, image by image:\n\n"
+        table += ("\n\n" + wrap("The recommended plan (`joint`) minus the uniform recipe it replaced, and the "
+                                 "three-width plan and the bits-only plan minus `joint`, at the same point, image by "
+                                 "image:") + "\n\n"
                   "| bits | family | minus | top-1 points | tiny64 agr. points | tiny64 KL |\n"
                   "|---|---|---|---|---|---|\n" + "\n".join(pairs))
     peers = [f"| {r['family']} @{r['target_bits']} | {vs['row']} | {paired(vs.get('hit'), 1)} | "
@@ -710,7 +718,7 @@ def frontier_plot(data: dict, path: Path, network: str = "MobileNetV2") -> None:
     handles, labels = top.get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=2)
     fig.suptitle(f"{network}: adapters against precision at equal bits")
-    fig.tight_layout(rect=(0, 0.21, 1, 1))
+    fig.tight_layout(rect=(0, 0.25, 1, 1))
     fig.savefig(path, dpi=120, metadata={"Software": None})
     plt.close(fig)
 
@@ -727,8 +735,9 @@ def speed_section(folder: Path) -> list[str]:
         "the 1,600 calibration images at batch 32, 2 threads, each step timed: the joint plan (`plan_target`), "
         "the GPTQ rounding of the planned model, and its ranks (set from the plan, or searched); the ratio divides "
         "the total by 250 float forward+backward steps at batch 32 measured in the same process before and after "
-        "the row. `start-budget-200` is the uniform recipe (`target_bits=None`) whose search starts every rank on "
-        "the budget and stops after 200 steps."),
+        "the row. `uniform-250` and `start-budget-200` are the uniform recipe (`target_bits=None`, 250 search steps; "
+        "then every rank started on the budget and 200 steps), measured by earlier releases when it was what "
+        "`recommended(n)` returned (recommended(4) took 256 s then, a ratio of 0.27 to that run's float steps)."),
         "```bash\n" + "\n".join(map(module_command, data["_meta"]["commands"])) + "\n```"]
     lines = ["| row | prep. s | plan s | round. s | ranks s | conv. s | total s | float s | ratio "
              "| top-1 % (95% CI) | tiny64 | bits |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -110,8 +110,8 @@ def test_quantize_summary_evaluate_end_to_end(workspace):
 def test_quantize_with_heuristic_ranks_on_an_imagefolder(workspace):
     out = workspace / "heur.pt2"
     proc = run("quantize", "--model", "tinymodel:make", "--calib", "images", "--bits", "3", "--per-channel", "--ranks",
-               "heuristic", "--target-bits", "none", "--image-size", "16", "--resize", "16", "--out", str(out), "--quiet",
-               cwd=workspace, extra_path=workspace)
+               "heuristic", "--target-bits", "none", "--image-size", "16", "--resize", "16", "--out", str(out),
+               "--quiet", cwd=workspace, extra_path=workspace)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["ranks_from"] == "heuristic" and all(layer["bits"] == 3 for layer in report["layers"])
@@ -142,8 +142,8 @@ def test_evaluate_scores_the_exported_onnx_file_like_the_program(workspace):
     pytest.importorskip("onnxruntime", reason="onnxruntime (the [onnx] extra) is not installed")
     out = workspace / "ship.pt2"
     proc = run("quantize", "--model", "tinymodel:make", "--weights", "tiny.pth", "--calib", "labels.csv", "--split",
-               "calib", "--bits", "4", "--ranks", "heuristic", "--image-size", "16", "--resize", "18",
-               "--dynamic-size", "--out", str(out), "--quiet", cwd=workspace, extra_path=workspace)
+               "calib", "--bits", "4", "--ranks", "heuristic", "--target-bits", "none", "--image-size", "16",
+               "--resize", "18", "--dynamic-size", "--out", str(out), "--quiet", cwd=workspace, extra_path=workspace)
     assert proc.returncode == 0, proc.stderr
     proc = run("export", str(out), "--quiet", cwd=workspace)  # fixed 16 x 16: the size the program was traced at
     assert proc.returncode == 0, proc.stderr
