@@ -127,7 +127,7 @@ def timed(fn: Callable, *args, **kwargs):
 
 def uniform(bits: int, **changes: Any) -> Any:
     """The uniform recipe: `CoRaConfig.recommended` with every conv at ``bits`` and its ranks searched under the adapter
-    budget (``target_bits=None``), as the benchmarks that time or compare the search measure it."""
+    budget (``target_bits=None``), no reconstruction: as the benchmarks that time or compare the search measure it."""
     from cora_fx import CoRaConfig
 
-    return CoRaConfig.recommended(bits, target_bits=None, **changes)
+    return CoRaConfig.recommended(bits, **{"target_bits": None, "reconstruct_iterations": 0, **changes})

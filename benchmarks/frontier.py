@@ -7,11 +7,13 @@ at int8, n the point rounded up, some convs at n - 1):
 - ``base``: that base with no adapter at all (`allocate_bits`, every rank 0): the bits go to precision only;
 - ``cora``: CoRa budget first (``--allocation bits``): `allocate_bits` with the adapter budget ``MIXED_BUDGET``
   spent in full, then the rank search;
-- ``joint``: bits and ranks chosen together under one budget (``search.allocation="joint"``, section 8);
+- ``joint``: bits and ranks chosen together under one budget (``search.allocation="joint"``, section 8), without
+  reconstruction (every family but ``recon`` runs without it);
+- ``recon``: the joint plan followed by block-wise reconstruction (`reconstruct`, section 17);
 - ``bitsonly``: the joint plan offered rank 0 only (its loss model without adapters: what the adapters add);
 - ``uniform``: every searchable conv at n = the point rounded down, on the same base, ranks searched under the
   adapter budget ``UNIFORM_BUDGETS[n]`` (`recommended(3)` and `recommended(4)` as they ship; it lands where its
-  budget puts it). ``joint @2.5`` is `recommended(2)`;
+  budget puts it);
 - peers at W3 / W4 (the integer points only), with the depthwise convs, the first conv and the classifier at 8
   bits as their docs advise for a depthwise net: ``torchao`` (round-to-nearest), ``brevitas`` (GPTQ) and
   ``aimet`` (AdaRound), the last two on ``PEER_CALIB_BATCHES`` of the calibration batches and AdaRound with
@@ -46,6 +48,7 @@ from benchmarks.common import CACHE, batches, data_paths, load_split, mobilenet_
 from benchmarks.methods import MethodRun, cora, cora_mixed
 from cora_fx import CoRaConfig
 from cora_fx.allocation.bits import MIXED_BUDGET
+from cora_fx.config import RECONSTRUCT_ITERATIONS
 
 POINTS = (3.0, 3.25, 3.5, 4.0, 4.25, 4.5)
 RESULTS = Path(__file__).resolve().parent / "results" / "frontier.json"
@@ -60,6 +63,9 @@ PEER_CALIB_BATCHES = 2
 #: AdaRound optimization steps per layer (AIMET's default below 8 bits is 15,000)
 ADAROUND_STEPS = 80
 PEERS = ("torchao", "brevitas", "aimet")
+#: every cora_fx family but ``recon`` (``RECONSTRUCT_ITERATIONS`` steps per block, recommended(2)'s) runs without
+#: reconstruction
+NO_RECONSTRUCTION = {"reconstruct_iterations": 0}
 #: the uniform family's adapter budget at n bits (recommended's at 3 and 4; 0.03 keeps n = 2 within 2.5 bits)
 UNIFORM_BUDGETS = {2: 0.03, 3: 0.044, 4: 0.045}
 
@@ -71,20 +77,28 @@ def main_bits(target: float) -> int:
 
 def base_family(model, calib, example, target: float) -> MethodRun:
     n = main_bits(target)
-    cfg = CoRaConfig.recommended(n, budget=NO_ADAPTERS, allocation="bits", target_bits=None)
+    cfg = CoRaConfig.recommended(n, budget=NO_ADAPTERS, allocation="bits", target_bits=None, **NO_RECONSTRUCTION)
     return cora_mixed(f"base @{target}", model, cfg, calib, example, target_bits=target, ranks="rtn")
 
 
 def cora_family(model, calib, example, target: float) -> MethodRun:
     n = main_bits(target)
-    cfg = CoRaConfig.recommended(n, budget=MIXED_BUDGET, allocation="bits", target_bits=None)
+    cfg = CoRaConfig.recommended(n, budget=MIXED_BUDGET, allocation="bits", target_bits=None, **NO_RECONSTRUCTION)
     return cora_mixed(f"cora @{target}", model, cfg, calib, example, target_bits=target, ranks="search")
 
 
 def joint_family(model, calib, example, target: float, widths: int = 2) -> MethodRun:
-    """`recommended(n, target_bits=target)`, n = the point rounded down: what a user of the library gets."""
-    cfg = CoRaConfig.recommended(max(2, math.floor(target)), target_bits=target, plan_widths=widths)
+    """`recommended(n, target_bits=target)` without reconstruction, n = the point rounded down."""
+    cfg = CoRaConfig.recommended(max(2, math.floor(target)), target_bits=target, plan_widths=widths,
+                                 **NO_RECONSTRUCTION)
     return cora(f"{'joint' if widths == 2 else 'joint3'} @{target}", model, cfg, calib, example, ranks="search")
+
+
+def recon_family(model, calib, example, target: float) -> MethodRun:
+    """The joint plan followed by block-wise reconstruction (`reconstruct`, ``RECONSTRUCT_ITERATIONS`` per block)."""
+    cfg = CoRaConfig.recommended(max(2, math.floor(target)), target_bits=target,
+                                 reconstruct_iterations=RECONSTRUCT_ITERATIONS)
+    return cora(f"recon @{target}", model, cfg, calib, example, ranks="search")
 
 
 def joint3_family(model, calib, example, target: float) -> MethodRun:
@@ -92,7 +106,8 @@ def joint3_family(model, calib, example, target: float) -> MethodRun:
 
 
 def bitsonly_family(model, calib, example, target: float) -> MethodRun:
-    cfg = CoRaConfig.recommended(max(2, math.floor(target)), target_bits=target, plan_adapters=False)
+    cfg = CoRaConfig.recommended(max(2, math.floor(target)), target_bits=target, plan_adapters=False,
+                                 **NO_RECONSTRUCTION)
     return cora(f"bitsonly @{target}", model, cfg, calib, example, ranks="search")
 
 
@@ -104,7 +119,7 @@ def rtn_family(model, calib, example, target: float) -> MethodRun:
 
 def uniform_family(model, calib, example, target: float) -> MethodRun:
     n = math.floor(target)
-    cfg = CoRaConfig.recommended(n, target_bits=None, budget=UNIFORM_BUDGETS[n])
+    cfg = CoRaConfig.recommended(n, target_bits=None, budget=UNIFORM_BUDGETS[n], **NO_RECONSTRUCTION)
     return cora(f"uniform @{target}", model, cfg, calib, example, ranks="search")
 
 
@@ -141,6 +156,8 @@ FAMILIES: dict[str, tuple[str, Callable]] = {
     "base": ("GPTQ base, no adapters", base_family),
     "cora": (f"CoRa b={MIXED_BUDGET}, searched ranks", cora_family),
     "joint": ("CoRa, bits and ranks planned jointly", joint_family),
+    "recon": (f"the joint plan, then block-wise reconstruction of the rounding ({RECONSTRUCT_ITERATIONS} steps per "
+              "block)", recon_family),
     "joint3": ("the joint plan offered three bit-widths per conv (plan_widths=3)", joint3_family),
     "rtn": ("plain per-channel min-max rounding of every conv and Linear (integer points only)", rtn_family),
     "bitsonly": ("the joint plan offered rank 0 only (`plan_adapters=False`): its loss model, no adapters",
@@ -209,9 +226,10 @@ def sample_path(key: str) -> Path:
     return SAMPLES / f"{key.replace(' ', '_').replace('@', 'at')}.pt"
 
 
-#: The rows each family is paired with at its point besides ``base``: the recommended plan against the uniform
-#: recipe it replaced, the three-width plan and the quick recipe against the recommended plan.
-REFERENCES = {"joint": ("uniform",), "joint3": ("joint",), "bitsonly": ("joint",), "uniform": ()}
+#: The rows each family is paired with at its point besides ``base``: the joint plan against the uniform recipe it
+#: replaced; the three-width plan, the quick recipe and reconstruction against the joint plan.
+REFERENCES = {"joint": ("uniform",), "joint3": ("joint",), "bitsonly": ("joint",), "recon": ("joint",),
+              "uniform": ()}
 
 
 def compare_all(results: dict) -> None:

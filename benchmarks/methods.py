@@ -85,6 +85,9 @@ def cora(name: str, model: nn.Module, cfg: CoRaConfig, calib: list, example: tor
         iterations = steps.search.iterations
     if steps.finetune is not None:
         extra["finetune_iterations"] = steps.finetune.iterations
+    if steps.reconstruct is not None:
+        extra["reconstruct_seconds"] = steps.reconstruct.seconds
+        extra["reconstruct_changed_codes"] = steps.reconstruct.changed_codes
     converted = convert_cora(prepared)
     seconds = time.perf_counter() - start
     s = summary(converted)

@@ -167,14 +167,23 @@ def headline_table(results: dict, folder: Path | None = None) -> str:
     return "\n".join(lines)
 
 
-#: The headline's rows per network, in order: (row key in the frontier file, label).
-HEADLINE_ROWS = (("float", "float"), ("joint @5.5", "cora_fx `recommended(5)`"),
-                 ("rtn @4.0", "plain per-channel rounding W4"), ("joint @4.5", "cora_fx `recommended(4)`"),
-                 ("joint @4.0", "cora_fx `recommended(4, target_bits=4.0)`"),
-                 ("brevitas @4.0", "brevitas GPTQ W4"), ("aimet @4.0", "AIMET AdaRound W4"),
-                 ("torchao @4.0", "torchao RTN W4"), ("joint @3.5", "cora_fx `recommended(3)`"),
-                 ("joint @3.0", "cora_fx `recommended(3, target_bits=3.0)`"), ("brevitas @3.0", "brevitas GPTQ W3"),
-                 ("joint @2.5", "cora_fx `recommended(2)`"))
+def recommended_family(bits: int) -> str:
+    """The frontier family that is `recommended(bits)` as it ships: ``recon`` where the recipe reconstructs."""
+    from cora_fx import CoRaConfig
+
+    return "recon" if CoRaConfig.recommended(bits).reconstruct.iterations else "joint"
+
+
+def frontier_headline_rows() -> tuple[tuple[str, str], ...]:
+    """The headline's rows per network, in order: (row key in the frontier file, label)."""
+    family = recommended_family
+    return (("float", "float"), (f"{family(5)} @5.5", "cora_fx `recommended(5)`"),
+            ("rtn @4.0", "plain per-channel rounding W4"), (f"{family(4)} @4.5", "cora_fx `recommended(4)`"),
+            (f"{family(4)} @4.0", "cora_fx `recommended(4, target_bits=4.0)`"),
+            ("brevitas @4.0", "brevitas GPTQ W4"), ("aimet @4.0", "AIMET AdaRound W4"),
+            ("torchao @4.0", "torchao RTN W4"), (f"{family(3)} @3.5", "cora_fx `recommended(3)`"),
+            (f"{family(3)} @3.0", "cora_fx `recommended(3, target_bits=3.0)`"), ("brevitas @3.0", "brevitas GPTQ W3"),
+            (f"{family(2)} @2.5", "cora_fx `recommended(2)`"))
 
 
 def frontier_headline(networks: list[tuple[str, str, dict]]) -> str:
@@ -183,7 +192,7 @@ def frontier_headline(networks: list[tuple[str, str, dict]]) -> str:
     lines = ["| network | method | eq. bits | top-1 % (95% CI) | tiny64 agreement % | tiny64 KL | size MB |",
              "|---|---|---|---|---|---|---|"]
     for _, network, data in networks:
-        for key, label in HEADLINE_ROWS:
+        for key, label in frontier_headline_rows():
             r = data.get(key)
             if not r:
                 continue
@@ -315,10 +324,11 @@ def intro(results: dict) -> str:
             "rounded the Linear classifier to nearest; 0.7.0 rounds it by GPTQ like the convs, and 'Linear layers' "
             "measures that change on the uniform recipe: a tie on every measure. The frontier rows whose commands "
             "say `python -m benchmarks.frontier` (every EfficientNet-Lite0 row, and MobileNetV2's `joint` at 2.5, "
-            "3.5 and 4.5 with the `uniform`, `joint3` and `bitsonly` rows beside them) and `recommended(4)` in "
-            "'Calibration time' are cora_fx 0.11.0's; MobileNetV2's other `joint` rows come from an earlier release's "
-            "plan of the convs, with the Linear classifier at the point rounded up (3, 4, 4 and 5 bits at 3.0, 3.25, "
-            "4.0 and 4.25; `recommended` now keeps it at the point rounded down).")
+            "3.0, 3.5 and 4.5 with the `uniform`, `joint3`, `bitsonly` and `recon` rows beside them) and "
+            "'Calibration time' are cora_fx 0.11.0's and 0.12.0's (the `recon` rows, `joint @3.0` and "
+            "`recommended(2)`'s timing: the releases plan alike); MobileNetV2's other `joint` rows come from an "
+            "earlier release's plan of the convs, with the Linear classifier at the point rounded up (4, 4 and 5 bits "
+            "at 3.25, 4.0 and 4.25; `recommended` now keeps it at the point rounded down).")
     columns = [
         f"top-1 % (95% CI): on the {evals} images, 95% bootstrap interval over images (up to +-{top1:.1f} "
         "points here); rows whose difference lies inside the interval are ties.",
@@ -555,8 +565,9 @@ def levers_section(folder: Path) -> list[str]:
 
 
 FRONTIER_TOP1_FLOOR = 50.0  # lowest top-1 the frontier plot shows
-FRONTIER_ORDER = ("rtn", "base", "bitsonly", "uniform", "cora", "joint", "joint3", "torchao", "brevitas", "aimet")
-FRONTIER_MARKERS = "xosD^vhPX*"
+FRONTIER_ORDER = ("rtn", "base", "bitsonly", "uniform", "cora", "joint", "recon", "joint3", "torchao", "brevitas",
+                  "aimet")
+FRONTIER_MARKERS = "xosD^vhpPX*"
 
 
 def frontier_rows(data: dict) -> list[tuple[str, dict]]:
@@ -595,9 +606,9 @@ def frontier_table(data: dict) -> str:
              f"{paired(vs.get('agree'), 2)} | {paired(vs.get('kl'), 3)} |"
              for _, r in frontier_rows(data) for reference, vs in (r.get("paired") or {}).items()]
     if pairs:
-        table += ("\n\n" + wrap("The recommended plan (`joint`) minus the uniform recipe it replaced, and the "
-                                 "three-width plan and the bits-only plan minus `joint`, at the same point, image by "
-                                 "image:") + "\n\n"
+        table += ("\n\n" + wrap("The joint plan (`joint`) minus the uniform recipe it replaced, and the "
+                                 "three-width plan, the bits-only plan and block-wise reconstruction (`recon`) minus "
+                                 "`joint`, at the same point, image by image:") + "\n\n"
                   "| bits | family | minus | top-1 points | tiny64 agr. points | tiny64 KL |\n"
                   "|---|---|---|---|---|---|\n" + "\n".join(pairs))
     peers = [f"| {r['family']} @{r['target_bits']} | {vs['row']} | {paired(vs.get('hit'), 1)} | "
@@ -631,9 +642,9 @@ def frontier_targets(data: dict, network: str = "MobileNetV2") -> list[str]:
         checks.append(("joint below base's KL, outside the interval, at every point measured with both",
                        f"{len(wins)} of {len(joint)} points", len(wins) == len(joint)))
     targets = RECOMMENDED_TARGETS.get(network, RECOMMENDED_TARGETS["other"])
-    recommended = {r["target_bits"]: (k, r) for k, r in rows if r["family"] == "joint"}
     for bits in (4, 3, 2):
-        found = recommended.get(bits + 0.5)
+        found = next(((k, r) for k, r in rows
+                      if r["family"] == recommended_family(bits) and r["target_bits"] == bits + 0.5), None)
         if found is None or float_top1 is None:
             continue
         name, r = found
@@ -672,9 +683,11 @@ def frontier_section(folder: Path, plots: str = "results") -> list[str]:
         parts += [f"## Frontier: {network}, adapters against precision at equal bits", wrap(
             f"{network} at equal equivalent bits (conv weights and adapters, depthwise at 8 bits counted); float "
             f"top-1 {data.get('float', {}).get('top1', float('nan')):.2f}. `joint @t` is `recommended(n, "
-            "target_bits=t)` as it ships (GPTQ, per-channel MSE ranges, int8 depthwise, each searchable conv at "
-            "ceil(t) - 1 or ceil(t) bits with planned ranks; Linear layers at n = t rounded down): `joint @n.5` is "
-            "`recommended(n)`. `base` and `cora` use n = the point rounded up, some layers one bit lower. "
+            "target_bits=t)` without reconstruction (GPTQ, per-channel MSE ranges, int8 depthwise, each searchable "
+            "conv at ceil(t) - 1 or ceil(t) bits with planned ranks; Linear layers at n = t rounded down), `recon @t` "
+            "the same followed by block-wise reconstruction; `recommended(n)` is "
+            + ", ".join(f"`{recommended_family(n)} @{n}.5`" for n in (2, 3, 4, 5)) + " for n = 2, 3, 4, 5. "
+            "`base` and `cora` use n = the point rounded up, some layers one bit lower. "
             + "; ".join(f"`{k}`: {v}" for k, v in families.items()) + ". "
             f"Top-1 on the {meta.get('eval_images', 700)} eval images; top-1 agreement and mean KL(float || "
             f"quantized) on the {meta.get('tiny_images', 10000):,} tiny64 images (64 px: every KL is large, the "
@@ -699,7 +712,7 @@ def frontier_plot(data: dict, path: Path, network: str = "MobileNetV2") -> None:
                      key=lambda p: p[0])
         if not pts:
             continue
-        style = dict(marker=FRONTIER_MARKERS[index], color=colors[index])
+        style = dict(marker=FRONTIER_MARKERS[index], color=colors[index % len(colors)])
         x = [p[0] for p in pts]
         err = [[p[1]["top1"] - p[1]["top1_lo"] for p in pts], [p[1]["top1_hi"] - p[1]["top1"] for p in pts]]
         label = textwrap.fill(f"{family}: {names.get(family, family)}", 64)
@@ -733,22 +746,24 @@ def speed_section(folder: Path) -> list[str]:
     parts = ["## Calibration time", wrap(
         "`recommended(n)` on MobileNetV2 through the public API (prepare_cora -> run_pipeline -> convert_cora) on "
         "the 1,600 calibration images at batch 32, 2 threads, each step timed: the joint plan (`plan_target`), "
-        "the GPTQ rounding of the planned model, and its ranks (set from the plan, or searched); the ratio divides "
+        "the GPTQ rounding of the planned model, its ranks (set from the plan, or searched) and, where the recipe "
+        "has it, block-wise reconstruction (`reconstruct`); the ratio divides "
         "the total by 250 float forward+backward steps at batch 32 measured in the same process before and after "
         "the row. `uniform-250` and `start-budget-200` are the uniform recipe (`target_bits=None`, 250 search steps; "
         "then every rank started on the budget and 200 steps), measured by earlier releases when it was what "
         "`recommended(n)` returned (recommended(4) took 256 s then, a ratio of 0.27 to that run's float steps)."),
         "```bash\n" + "\n".join(map(module_command, data["_meta"]["commands"])) + "\n```"]
-    lines = ["| row | prep. s | plan s | round. s | ranks s | conv. s | total s | float s | ratio "
-             "| top-1 % (95% CI) | tiny64 | bits |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | prep. s | plan s | round. s | ranks s | recon. s | conv. s | total s | float s | ratio "
+             "| top-1 % (95% CI) | tiny64 | bits |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in data.items():
         if name.startswith("recommended"):
             t = r["seconds"]
             label = f"recommended({r['bits']})" + ("" if r["schedule"] == "recommended" else f" {r['schedule']}")
             plan = f"{t['plan_target']:.0f}" if "plan_target" in t else "-"
             ranks = t.get("search_ranks", t.get("set_ranks", 0.0))
+            recon = f"{t['reconstruct']:.0f}" if "reconstruct" in t else "-"
             lines.append(f"| {label} | {t['prepare_cora']:.1f} | {plan} | {t['calibrate_rounding']:.1f} | "
-                         f"{ranks:.0f} | {t['convert_cora']:.1f} | {t['total']:.0f} | "
+                         f"{ranks:.0f} | {recon} | {t['convert_cora']:.1f} | {t['total']:.0f} | "
                          f"{r['float_step_seconds']:.2f} | {r['ratio_to_250_float_steps']:.2f} | {top1_ci(r)} | "
                          f"{r['tiny_agreement']:.1f} | {r['equivalent_bits']:.2f} |")
     parts.append("\n".join(lines))

@@ -2,9 +2,9 @@
 
 Pipeline (torch.ao style, docs/method.md; the package layout in docs/architecture.md): ``prepare_cora`` ->
 ``calibrate_activations`` (with ``act_bits``) -> ``calibrate_rounding`` -> ``search_ranks`` (or ``set_ranks``)
--> ``correct_batchnorm`` -> ``finetune`` -> ``convert_cora``. ``run_pipeline`` runs the data-aware steps the
-config asks for, in that order; ``quantize_cora`` runs the whole chain (planning a target bit-width first with
-``plan_target``). The public names are listed in docs/api.md.
+-> ``reconstruct`` -> ``correct_batchnorm`` -> ``finetune`` -> ``convert_cora``. ``run_pipeline`` runs the
+data-aware steps the config asks for, in that order; ``quantize_cora`` runs the whole chain (planning a target
+bit-width first with ``plan_target``). The public names are listed in docs/api.md.
 """
 from cora_fx.allocation.plan import plan_target
 from cora_fx.calibrate import distributed
@@ -12,12 +12,14 @@ from cora_fx.calibrate.activations import calibrate_activations
 from cora_fx.calibrate.batchnorm import correct_batchnorm
 from cora_fx.calibrate.finetune import FinetuneResult, finetune
 from cora_fx.calibrate.rank_search import RankSearchResult, SearchHistory, search_ranks
+from cora_fx.calibrate.reconstruct import ReconstructResult, reconstruct
 from cora_fx.calibrate.rounding import calibrate_rounding
 from cora_fx.config import (
     ActivationConfig,
     AdapterConfig,
     CoRaConfig,
     QuantConfig,
+    ReconstructConfig,
     RefineConfig,
     RoundingConfig,
     SearchConfig,
@@ -32,17 +34,18 @@ from cora_fx.prepare import prepare_cora, set_ranks
 from cora_fx.quant.observers import NormalObserver
 from cora_fx.tools.plots import plot_ranks, plot_search
 
-__version__ = "0.11.0"
+__version__ = "0.12.0"
 
 __all__ = [
     # configuration
     "CoRaConfig", "QuantConfig", "AdapterConfig", "RoundingConfig", "SearchConfig", "RefineConfig", "ActivationConfig",
-    "NormalObserver",
+    "ReconstructConfig", "NormalObserver",
     # workflow
-    "prepare_cora", "calibrate_activations", "calibrate_rounding", "search_ranks", "set_ranks", "correct_batchnorm",
-    "finetune", "convert_cora", "run_pipeline", "quantize_cora", "plan_target", "STEPS",
+    "prepare_cora", "calibrate_activations", "calibrate_rounding", "search_ranks", "set_ranks", "reconstruct",
+    "correct_batchnorm", "finetune", "convert_cora", "run_pipeline", "quantize_cora", "plan_target", "STEPS",
     # results and reports
-    "PipelineResult", "RankSearchResult", "SearchHistory", "FinetuneResult", "summary", "CoRaSummary", "LayerInfo",
+    "PipelineResult", "RankSearchResult", "SearchHistory", "FinetuneResult", "ReconstructResult",
+    "summary", "CoRaSummary", "LayerInfo",
     "plot_ranks", "plot_search",
     # artifacts
     "save", "load", "read_summary", "export_onnx",

@@ -23,8 +23,11 @@ from typing import Any, Callable, ClassVar, Iterable, Literal, Mapping, Optional
 
 from cora_fx.errors import CoRaDeprecationWarning
 
+#: Steps per block of the block-wise reconstruction `CoRaConfig.recommended(2)` runs (docs/method.md section 17).
+RECONSTRUCT_ITERATIONS = 200
+
 #: Version of the `to_dict` layout; `from_dict` reads this version and the flat layout before it.
-CONFIG_VERSION = 10
+CONFIG_VERSION = 11
 
 Granularity = Literal["per_tensor", "per_channel"]
 Clipping = Literal["normal", "normal_paper", "minmax", "mse"]
@@ -356,6 +359,44 @@ class RefineConfig(_Group):
 
 
 @dataclass(frozen=True)
+class ReconstructConfig(_Group):
+    """Block-wise output reconstruction once the ranks are fixed (`reconstruct`, docs/method.md section 17);
+    0 iterations (the default) skips it.
+
+    Block by block, the rounding of every base weight below 8 bits (each code may move one step from its
+    GPTQ value), and with ``adapter_lr`` the adapters' A_r, B_r, are learned so that the block's output on the
+    quantized model's own inputs matches the float block's output; ranks, bits and grids do not change.
+
+    Attributes:
+        iterations: learning steps per block (0: the step is off).
+        samples: calibration samples whose block inputs and float outputs are held in memory.
+        batch_size: samples per step.
+        lr: signed-gradient step of the rounding offsets at the first iteration (decays linearly to 0).
+        adapter_lr: Adam learning rate of the adapters' A_r, B_r; 0 (the default, the better of the two on
+            benchmarks/RESULTS.md's paired comparison) keeps them as they are while the rounding moves.
+        min_layers: quantized layers per block at least (consecutive short segments are merged).
+    """
+
+    GROUP: ClassVar[str] = "reconstruct"
+    iterations: int = 0
+    samples: int = 512
+    batch_size: int = 16
+    lr: float = 0.005
+    adapter_lr: float = 0.0
+    min_layers: int = 3
+
+    def _rules(self) -> list:
+        return [
+            ("iterations", _int_in(0), "must be an integer >= 0 (0 turns reconstruction off)"),
+            ("samples", _int_in(1), "must be an integer >= 1"),
+            ("batch_size", _int_in(1), "must be an integer >= 1"),
+            ("lr", lambda v: _is_number(v) and v > 0, "must be > 0"),
+            ("adapter_lr", lambda v: _is_number(v) and v >= 0, "must be >= 0 (0 keeps the adapters)"),
+            ("min_layers", _int_in(1), "must be an integer >= 1"),
+        ]
+
+
+@dataclass(frozen=True)
 class ActivationConfig(_Group):
     """Activation quantizers for integer runtimes, calibrated by `calibrate_activations` (docs/method.md s.14).
 
@@ -387,7 +428,8 @@ class ActivationConfig(_Group):
 
 
 GROUPS: dict[str, type] = {"quant": QuantConfig, "adapter": AdapterConfig, "rounding": RoundingConfig,
-                           "search": SearchConfig, "refine": RefineConfig, "activation": ActivationConfig}
+                           "search": SearchConfig, "refine": RefineConfig, "reconstruct": ReconstructConfig,
+                           "activation": ActivationConfig}
 
 #: The single-field names `CoRaConfig.replace` and the steps' overrides take (`step_config`): name -> (group, field).
 FLAT_NAMES: dict[str, tuple[str, str]] = {
@@ -403,6 +445,8 @@ FLAT_NAMES: dict[str, tuple[str, str]] = {
         "micro_batch", "channels_last", "autocast", "allocation", "target_bits", "plan_widths",
         "plan_adapters")},
     **{name: ("refine", name) for name in ("bn_correction", "finetune_iterations", "finetune_lr")},
+    **{f"reconstruct_{name}": ("reconstruct", name) for name in
+       ("iterations", "samples", "batch_size", "lr", "adapter_lr", "min_layers")},
     "act_bits": ("activation", "bits"), "act_observer": ("activation", "observer"),
     "act_dtype": ("activation", "dtype"), "act_batches": ("activation", "batches"),
 }
@@ -415,6 +459,7 @@ STEP_OVERRIDES: dict[str, tuple[str, ...]] = {
     "search_ranks": tuple(f.name for f in dataclasses.fields(SearchConfig)),
     "correct_batchnorm": ("bn_correction",),
     "finetune": ("finetune_iterations", "finetune_lr"),
+    "reconstruct": tuple(f"reconstruct_{f.name}" for f in dataclasses.fields(ReconstructConfig)),
 }
 
 
@@ -452,19 +497,21 @@ class CoRaConfig:
     rounding: RoundingConfig
     search: SearchConfig
     refine: RefineConfig
+    reconstruct: ReconstructConfig
     activation: ActivationConfig
 
     def __init__(self, quant: Optional[QuantConfig] = None, adapter: Optional[AdapterConfig] = None,
                  rounding: Optional[RoundingConfig] = None, search: Optional[SearchConfig] = None,
                  refine: Optional[RefineConfig] = None, activation: Optional[ActivationConfig] = None,
-                 act_bits: Optional[int] = None, **flat: Any) -> None:
+                 act_bits: Optional[int] = None, reconstruct: Optional[ReconstructConfig] = None,
+                 **flat: Any) -> None:
         if flat or isinstance(rounding, str):
             names = sorted(flat) + (["rounding"] if isinstance(rounding, str) else [])
             raise TypeError(f"CoRaConfig({', '.join(f'{k}=...' for k in names)}): fields are set through their "
                             f"group (CoRaConfig(quant=QuantConfig(bits=3))) or by name with "
                             f"CoRaConfig().replace({', '.join(f'{k}=...' for k in names)})")
         given = {"quant": quant, "adapter": adapter, "rounding": rounding, "search": search, "refine": refine,
-                 "activation": activation}
+                 "reconstruct": reconstruct, "activation": activation}
         if act_bits is not None:  # the shorthand CoRaConfig(act_bits=8)
             given["activation"] = dataclasses.replace(activation or ActivationConfig(), bits=act_bits)
         for name, value in given.items():
@@ -512,7 +559,9 @@ class CoRaConfig:
         ``bits + 1`` too. Pass ``target_bits`` for an exact budget (``recommended(4, target_bits=4.0)``: a file at
         the peers' 4 bits, convs at 3 or 4 bits), or ``target_bits=None`` for every conv at ``bits`` with ranks
         searched under ``budget`` (the uniform recipe). Linear layers are rounded at ``bits`` by GPTQ. The plan
-        runs first in `run_pipeline` / `quantize_cora`.
+        runs first in `run_pipeline` / `quantize_cora`. At ``bits=2`` the ranks are followed by block-wise
+        reconstruction of the rounding (`reconstruct`, ``RECONSTRUCT_ITERATIONS`` steps per block); from 3 bits up
+        it measured a tie and is off (``reconstruct_iterations=`` sets it either way).
 
         With ``act_bits`` (an integer runtime) the 8-bit weights are symmetric (``symmetric_int8``), the first
         and last layers are at 8 bits (``edge_bits``) and the BatchNorm statistics are corrected on 8 batches
@@ -528,7 +577,8 @@ class CoRaConfig:
         base = cls(quant=QuantConfig(bits=bits, granularity="per_channel", clipping="mse", depthwise="int8"),
                    adapter=AdapterConfig(svd="activation", form="folded"),
                    rounding=RoundingConfig(method="gptq", batches=8),
-                   search=SearchConfig(budget=budget, loss="kl", allocation="joint"))
+                   search=SearchConfig(budget=budget, loss="kl", allocation="joint"),
+                   reconstruct=ReconstructConfig(iterations=RECONSTRUCT_ITERATIONS if bits == 2 else 0))
         return base.replace(**changes)
 
     @property

@@ -1,7 +1,8 @@
 """The data-aware steps between `prepare_cora` and `convert_cora`, in one visible order.
 
 ``prepare_cora`` -> `plan_target` (with ``target_bits``) -> `calibrate_activations` (with ``act_bits``) ->
-`calibrate_rounding` -> `search_ranks` (or `set_ranks`) -> `correct_batchnorm` -> `finetune` -> ``convert_cora``.
+`calibrate_rounding` -> `search_ranks` (or `set_ranks`) -> `reconstruct` -> `correct_batchnorm` -> `finetune` ->
+``convert_cora``.
 Each step is a public function a user may call alone; `run_pipeline` runs the ones the config asks for, and
 `quantize_cora` (the CLI and the benchmarks through it) runs the whole chain. Nothing else writes this order out.
 """
@@ -17,6 +18,7 @@ from cora_fx.calibrate.batchnorm import correct_batchnorm
 from cora_fx.calibrate.checks import check_batches
 from cora_fx.calibrate.finetune import FinetuneResult, finetune
 from cora_fx.calibrate.rank_search import RankSearchResult, search_ranks
+from cora_fx.calibrate.reconstruct import ReconstructResult, reconstruct
 from cora_fx.calibrate.rounding import calibrate_rounding
 from cora_fx.allocation.plan import plan_target
 from cora_fx.config import CoRaConfig
@@ -24,7 +26,8 @@ from cora_fx.prepare import RankSpec, set_ranks
 from cora_fx.state import PREPARED, get_state
 
 #: The steps `run_pipeline` knows, in the order it runs them; `skip=` takes these names.
-STEPS = ("plan_target", "calibrate_activations", "calibrate_rounding", "search_ranks", "correct_batchnorm", "finetune")
+STEPS = ("plan_target", "calibrate_activations", "calibrate_rounding", "search_ranks", "reconstruct",
+         "correct_batchnorm", "finetune")
 
 
 @dataclass
@@ -36,6 +39,7 @@ class PipelineResult:
             planned).
         planned_ranks: the ranks `plan_target` chose (``allocation="joint"``), else None.
         search: the `RankSearchResult` when the ranks were searched, else None.
+        reconstruct: the `ReconstructResult` when `reconstruct` ran, else None.
         finetune: the `FinetuneResult` when `finetune` ran, else None.
         batchnorm_layers: how many BatchNorm layers `correct_batchnorm` re-estimated (0 if it did not run).
     """
@@ -43,6 +47,7 @@ class PipelineResult:
     steps: list[str] = field(default_factory=list)
     planned_ranks: Optional[dict[str, int]] = None
     search: Optional[RankSearchResult] = None
+    reconstruct: Optional[ReconstructResult] = None
     finetune: Optional[FinetuneResult] = None
     batchnorm_layers: int = 0
 
@@ -59,6 +64,7 @@ def wanted_steps(config: CoRaConfig, ranks: RankSpec = "search", skip: Iterable[
         "calibrate_activations": config.activation.bits is not None,
         "calibrate_rounding": config.needs_rounding_data,
         "search_ranks": True,
+        "reconstruct": config.reconstruct.iterations > 0,
         "correct_batchnorm": config.refine.bn_correction > 0,
         "finetune": config.refine.finetune_iterations > 0,
     }
@@ -104,6 +110,8 @@ def _run_step(name: str, prepared: fx.GraphModule, batches: Iterable, ranks: Ran
         result.search = search_ranks(prepared, batches, progress=progress)
     elif name == "set_ranks":
         set_ranks(prepared, ranks if ranks != "search" else result.planned_ranks)
+    elif name == "reconstruct":
+        result.reconstruct = reconstruct(prepared, batches, progress=progress)
     elif name == "correct_batchnorm":
         result.batchnorm_layers = correct_batchnorm(prepared, batches)
     elif name == "finetune":

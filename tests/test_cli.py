@@ -197,7 +197,8 @@ def test_quantize_defaults_to_the_recommended_config_and_options_override_it():
     def args(**kw):
         base = dict(config="recommended", bits=4, seed=0, adapter_bits=None, budget=None, clipping=None, depthwise=None,
                     loss=None, iterations=None, per_channel=False, per_tensor=False,
-                    finetune_iterations=None, adapter_form=None, target_bits=None, allocation=None)
+                    finetune_iterations=None, adapter_form=None, target_bits=None, allocation=None,
+                    reconstruct_iterations=None)
         return argparse.Namespace(**{**base, **kw})
 
     assert quantize_config(args()) == CoRaConfig.recommended(4)
@@ -220,3 +221,4 @@ def test_quantize_defaults_to_the_recommended_config_and_options_override_it():
     assert quantize_config(args(bits=2, allocation="bits")).search.budget == MIXED_BUDGET
     plain = quantize_config(args(finetune_iterations=0, adapter_form="parallel"))
     assert (plain.refine.finetune_iterations, plain.adapter.form) == (0, "parallel")
+    assert quantize_config(args(reconstruct_iterations=50)).reconstruct.iterations == 50

@@ -163,8 +163,10 @@ def test_frontier_rows_compare_with_the_base_and_check_the_targets(tmp_path):
             "joint @3.5": row("joint", 3.5, 3.49, 77.0, [-0.02, -0.03, -0.01]),
             "base @3.5": row("base", 3.5, 3.5, 75.0),
             "joint @2.5": row("joint", 2.5, 2.49, 60.0, [-0.02, -0.05, 0.01]),
+            "recon @2.5": row("recon", 2.5, 2.5, 61.0),
             "_meta": {"families": {"base": "no adapters", "joint": "planned jointly"}}}
-    assert [k for k, _ in report.frontier_rows(data)] == ["joint @2.5", "base @3.5", "joint @3.5"]
+    assert [k for k, _ in report.frontier_rows(data)] == ["joint @2.5", "recon @2.5", "base @3.5", "joint @3.5"]
+    assert [report.recommended_family(n) for n in (2, 3, 4)] == ["recon", "joint", "joint"]  # as the config says
     table = report.frontier_table(data)
     assert "| 3.5 | joint | +1.00 (-0.50, +1.50) | **+1.00 (+0.50, +1.50)** | **-0.020 (-0.030, -0.010)** |" in table
     assert "| 2.5 | joint | +1.00 (-0.50, +1.50) | **+1.00 (+0.50, +1.50)** | -0.020 (-0.050, +0.010) |" in table
@@ -173,10 +175,10 @@ def test_frontier_rows_compare_with_the_base_and_check_the_targets(tmp_path):
     assert met in targets  # joint @2.5's KL interval reaches +0.01: a tie
     assert ("| recommended(3) at <= 3.5 bits: top-1 >= float - 1.5 (77.90) | 77.00 (joint @3.5, 3.490 bits) "
             "| **no** |") in targets
-    assert "| recommended(2) at <= 2.5 bits: top-1 >= float - 10.0 (69.40) | 60.00 (joint @2.5, 2.490" in targets
+    assert "| recommended(2) at <= 2.5 bits: top-1 >= float - 10.0 (69.40) | 61.00 (recon @2.5, 2.500" in targets
     other = "\n".join(report.frontier_targets(data, "EfficientNet-Lite0"))
     assert "bits: top-1 >= float - 3.0 (76.40) | 77.00 (joint @3.5, 3.490 bits) | yes |" in other
-    assert "| recommended(2) at <= 2.5 bits: measured | 60.00 (19.40 below float) | yes |" in other
+    assert "| recommended(2) at <= 2.5 bits: measured | 61.00 (18.40 below float) | yes |" in other
     peer = {**row("brevitas", 3.0, 3.6, 70.0), "vs_joint": {"row": "joint @3.5", "hit": [-7.0, -9.0, -5.0],
                                                             "agree": [-1.0, -2.0, 0.5], "kl": [0.1, 0.05, 0.2]}}
     with_peer = report.frontier_table({**data, "brevitas @3.0": peer})

@@ -40,8 +40,9 @@ class BatchCycle:
     ``position`` is the index of the last batch within its pass; ``repeats`` is True when every pass
     yields the same batches (a list or tuple), so results per position can be reused."""
 
-    def __init__(self, batches: Iterable) -> None:
+    def __init__(self, batches: Iterable, caller: str = "search_ranks") -> None:
         self.batches = batches
+        self.caller = caller
         self.iterator = iter(batches)
         self.one_shot = self.iterator is batches
         self.repeats = isinstance(batches, (list, tuple))
@@ -58,7 +59,7 @@ class BatchCycle:
                 return batch
             except StopIteration:
                 if self.seen == 0:
-                    raise CoRaError("search_ranks: the calibration batches are empty") from None
+                    raise CoRaError(f"{self.caller}: the calibration batches are empty") from None
                 if self.one_shot or attempt:
                     return None
                 self.iterator = iter(self.batches)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -75,13 +75,15 @@ class QuantizedWeightMixin:
     """Holds [W]_n as codes + affine parameters and the dequantized float32 copy.
 
     ``channel_factor`` (buffer, ``None`` unless `finetune` trained one) multiplies the scales
-    per output channel; ``tuning_factor`` is the trainable one while `finetune` runs. ``weight``
+    per output channel; ``tuning_factor`` is the trainable one while `finetune` runs, ``learning_weight`` the
+    weight of the rounding being learned while `reconstruct` runs (neither is registered). ``weight``
     stays the untouched [W]_n, so [W]_n + residual is still the float W (the teacher).
     """
 
     weight: torch.Tensor
     channel_factor: Optional[torch.Tensor]
     tuning_factor: Optional[torch.Tensor] = None
+    learning_weight: Optional[Callable[[], torch.Tensor]] = None
 
     def _init_quantized(self, qw: QuantizedWeight, bias: Optional[torch.Tensor]) -> None:
         self.set_quantized(qw)
@@ -98,11 +100,13 @@ class QuantizedWeightMixin:
         return load_quantized(self, "weight", self.bits)  # type: ignore[arg-type]
 
     def effective_weight(self) -> torch.Tensor:
-        """[W]_n with the scales times the channel factor being tuned or kept (if any)."""
+        """[W]_n (or, while `reconstruct` learns its rounding, ``learning_weight()``) with the scales times the
+        channel factor being tuned or kept (if any)."""
+        weight = self.weight if self.learning_weight is None else self.learning_weight()
         factor = self.tuning_factor if self.tuning_factor is not None else self.channel_factor
         if factor is None:
-            return self.weight
-        return self.weight * factor.reshape(-1, *[1] * (self.weight.dim() - 1))
+            return weight
+        return weight * factor.reshape(-1, *[1] * (weight.dim() - 1))
 
     def deployed_weight(self) -> QuantizedWeight:
         """The codes and affine parameters `convert_cora` stores (channel factor folded into the scale)."""

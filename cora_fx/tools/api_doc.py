@@ -18,11 +18,12 @@ from typing import Any
 #: Sections of the reference, in order: title -> public names.
 SECTIONS: dict[str, tuple[str, ...]] = {
     "Configuration": ("CoRaConfig", "QuantConfig", "AdapterConfig", "RoundingConfig", "SearchConfig",
-                      "RefineConfig", "ActivationConfig", "NormalObserver"),
+                      "RefineConfig", "ReconstructConfig", "ActivationConfig", "NormalObserver"),
     "Workflow": ("prepare_cora", "calibrate_activations", "calibrate_rounding", "search_ranks", "set_ranks",
-                 "correct_batchnorm", "finetune", "convert_cora", "run_pipeline", "quantize_cora", "plan_target",
-                 "STEPS"),
-    "Results and reports": ("PipelineResult", "RankSearchResult", "SearchHistory", "FinetuneResult", "summary",
+                 "reconstruct", "correct_batchnorm", "finetune", "convert_cora", "run_pipeline", "quantize_cora",
+                 "plan_target", "STEPS"),
+    "Results and reports": ("PipelineResult", "RankSearchResult", "SearchHistory", "FinetuneResult",
+                            "ReconstructResult", "summary",
                             "CoRaSummary", "LayerInfo", "plot_ranks", "plot_search"),
     "Artifacts": ("save", "load", "read_summary", "export_onnx"),
     "Several processes": ("distributed",),

@@ -316,7 +316,7 @@ def quantize_config(args: argparse.Namespace) -> "CoRaConfig":
     base = CoRaConfig.recommended(args.bits) if args.config == "recommended" else CoRaConfig().replace(bits=args.bits)
     changes: dict[str, Any] = {"seed": args.seed}
     for option in ("adapter_bits", "budget", "clipping", "depthwise", "loss", "iterations", "finetune_iterations",
-                   "adapter_form", "act_bits", "allocation", "target_bits"):
+                   "reconstruct_iterations", "adapter_form", "act_bits", "allocation", "target_bits"):
         if getattr(args, option, None) is not None:
             changes[option] = getattr(args, option)
     if changes.get("target_bits") == NO_TARGET:
@@ -406,6 +406,10 @@ def _quantize(args: argparse.Namespace, device: torch.device) -> int:
     extra["steps"] = steps.steps
     if steps.finetune is not None:
         extra["finetune"] = {"iterations": steps.finetune.iterations, "seconds": steps.finetune.seconds}
+    if steps.reconstruct is not None:
+        extra["reconstruct"] = {"blocks": steps.reconstruct.blocks, "kept": steps.reconstruct.kept,
+                                "changed_codes": steps.reconstruct.changed_codes,
+                                "seconds": steps.reconstruct.seconds}
     if result is not None:
         extra["search"] = {"iterations": result.iterations, "seconds": result.seconds,
                            "soft_budget": result.soft_budget}
@@ -540,6 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--iterations", type=_int_in(0, 1 << 30), help="rank search iterations (default 250)")
     q.add_argument("--finetune-iterations", type=_int_in(0, 1 << 30),
                    help="fine-tuning steps of adapters and channel scales after the ranks are set (default 0: none)")
+    q.add_argument("--reconstruct-iterations", type=_int_in(0, 1 << 30),
+                   help="block-wise reconstruction steps per block after the ranks are set (0: none; default: "
+                        "what --config gives for --bits)")
     q.add_argument("--adapter-form", choices=("parallel", "folded"),
                    help="lowered adapter: a parallel two-conv branch (paper) or folded into the conv weight "
                         "(recommended)")
