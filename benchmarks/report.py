@@ -745,15 +745,15 @@ def speed_section(folder: Path) -> list[str]:
         return []
     parts = ["## Calibration time", wrap(
         "`recommended(n)` on MobileNetV2 through the public API (prepare_cora -> run_pipeline -> convert_cora) on "
-        "the 1,600 calibration images at batch 32, 2 threads, each step timed: the joint plan (`plan_target`), "
-        "the GPTQ rounding of the planned model, its ranks (set from the plan, or searched) and, where the recipe "
-        "has it, block-wise reconstruction (`reconstruct`); the ratio divides "
+        "the 1,600 calibration images at batch 32, 2 threads, each step timed in seconds: the joint plan "
+        "(`plan_target`), the GPTQ rounding of the planned model, its ranks (set from the plan, or searched) and, "
+        "where the recipe has it, block-wise reconstruction (`reconstruct`); the ratio divides "
         "the total by 250 float forward+backward steps at batch 32 measured in the same process before and after "
         "the row. `uniform-250` and `start-budget-200` are the uniform recipe (`target_bits=None`, 250 search steps; "
         "then every rank started on the budget and 200 steps), measured by earlier releases when it was what "
         "`recommended(n)` returned (recommended(4) took 256 s then, a ratio of 0.27 to that run's float steps)."),
         "```bash\n" + "\n".join(map(module_command, data["_meta"]["commands"])) + "\n```"]
-    lines = ["| row | prep. s | plan s | round. s | ranks s | recon. s | conv. s | total s | float s | ratio "
+    lines = ["| row | prep. | plan | round. | ranks | recon. | conv. | total s | float s | ratio "
              "| top-1 % (95% CI) | tiny64 | bits |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in data.items():
         if name.startswith("recommended"):
@@ -762,7 +762,7 @@ def speed_section(folder: Path) -> list[str]:
             plan = f"{t['plan_target']:.0f}" if "plan_target" in t else "-"
             ranks = t.get("search_ranks", t.get("set_ranks", 0.0))
             recon = f"{t['reconstruct']:.0f}" if "reconstruct" in t else "-"
-            lines.append(f"| {label} | {t['prepare_cora']:.1f} | {plan} | {t['calibrate_rounding']:.1f} | "
+            lines.append(f"| {label} | {t['prepare_cora']:.1f} | {plan} | {t['calibrate_rounding']:.0f} | "
                          f"{ranks:.0f} | {recon} | {t['convert_cora']:.1f} | {t['total']:.0f} | "
                          f"{r['float_step_seconds']:.2f} | {r['ratio_to_250_float_steps']:.2f} | {top1_ci(r)} | "
                          f"{r['tiny_agreement']:.1f} | {r['equivalent_bits']:.2f} |")
